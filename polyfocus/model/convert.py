@@ -1,0 +1,292 @@
+"""Load and convert checkpoints: polyfocus, llava-hf (both key layouts), original LLaVA-1.5, and a
+stage-1 projector (`mm_projector.bin`) on top of a base LLM.
+
+Every path goes through transformers' `from_pretrained` with a `key_mapping`, so sharding, .bin
+(`weights_only=True`) vs safetensors, dtype and device_map behave as users of transformers expect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig
+
+from polyfocus.config import LLAVA_IMAGE_TOKEN_INDEX, PolyfocusConfig
+from polyfocus.model.modeling import PolyfocusForConditionalGeneration
+
+# llava-hf keys → ours, for the current layout (model.*) and the one before transformers 4.52.
+HF_TO_POLYFOCUS = {
+    r"^model\.language_model\.": "language_model.model.",
+    r"^model\.vision_tower\.": "vision_tower.",
+    r"^(model\.)?multi_modal_projector\.linear_1\.": "mm_projector.0.",
+    r"^(model\.)?multi_modal_projector\.linear_2\.": "mm_projector.2.",
+    r"^lm_head\.": "language_model.lm_head.",
+}
+POLYFOCUS_TO_HF = {
+    "language_model.model.": "model.language_model.",
+    "vision_tower.": "model.vision_tower.",
+    "mm_projector.0.": "model.multi_modal_projector.linear_1.",
+    "mm_projector.2.": "model.multi_modal_projector.linear_2.",
+    "language_model.lm_head.": "lm_head.",
+}
+# Original LLaVA (LlavaLlamaForCausalLM) keys → ours.
+LLAVA_TO_POLYFOCUS = {
+    r"^model\.mm_projector\.": "mm_projector.",
+    r"^model\.vision_tower\.vision_tower\.": "vision_tower.",
+    r"^model\.": "language_model.model.",
+    r"^lm_head\.": "language_model.lm_head.",
+}
+# Original LLaVA config model_type → the text model it wraps.
+LLAVA_TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+LLAVA_ONLY_FIELDS = (
+    "mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
+    "mm_patch_merge_type", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr", "use_mm_proj",
+    "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "image_aspect_ratio", "image_grid_pinpoints",
+    "tokenizer_padding_side", "tokenizer_model_max_length", "mm_vision_tower_lr", "unfreeze_mm_vision_tower",
+    "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+)
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """'polyfocus' | 'llava-hf' | 'llava' (original LLaVA-1.5) | 'projector' (stage-1 mm_projector.bin only)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; is this a model directory?")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "polyfocus":
+        return "polyfocus"
+    if model_type == "llava":
+        return "llava-hf"
+    if model_type in LLAVA_TEXT_MODEL_TYPES:
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        return "llava" if has_weights else "projector"
+    raise ValueError(f"{config_file}: model_type {model_type!r} is not a polyfocus, llava-hf or LLaVA checkpoint")
+
+
+def load_model(
+    path: str | Path,
+    model_base: str | Path | None = None,
+    vision_tower: str | Path | None = None,
+    **from_pretrained_kwargs,
+) -> PolyfocusForConditionalGeneration:
+    """Load any supported checkpoint directory as a polyfocus model.
+
+    model_base: the base LLM directory, for a stage-1 projector-only checkpoint.
+    vision_tower: overrides the vision tower path recorded in an original LLaVA config.
+    """
+    fmt = checkpoint_format(path)
+    if fmt == "polyfocus":
+        return PolyfocusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+    if fmt == "llava-hf":
+        config = config_from_llava_hf(LlavaConfig.from_pretrained(path))
+        return PolyfocusForConditionalGeneration.from_pretrained(
+            path, config=config, key_mapping=HF_TO_POLYFOCUS, **from_pretrained_kwargs
+        )
+    return load_llava_original(path, model_base, vision_tower, **from_pretrained_kwargs)
+
+
+# ---- llava-hf ---------------------------------------------------------------------------------
+
+
+def config_from_llava_hf(config: LlavaConfig) -> PolyfocusConfig:
+    has_cls = config.vision_config.model_type == "clip_vision_model"
+    full = config.vision_feature_select_strategy == "full"
+    if not config.multimodal_projector_bias or config.projector_hidden_act != "gelu":
+        raise ValueError("only LLaVA's projector (bias, exact GELU) converts; got "
+                         f"bias={config.multimodal_projector_bias}, act={config.projector_hidden_act}")
+    if not has_cls and not full:
+        raise ValueError(f"{config.vision_config.model_type} has no CLS token, yet the strategy 'default' drops one")
+    return PolyfocusConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        mm_vision_select_layer=config.vision_feature_layer,
+        mm_vision_select_feature="cls_patch" if full and has_cls else "patch",
+        mm_projector_type="mlp2x_gelu",
+    )
+
+
+def llava_hf_config(config: PolyfocusConfig) -> LlavaConfig:
+    if config.mm_projector_type != "mlp2x_gelu":
+        raise ValueError(f"transformers' Llava has an mlp2x_gelu projector only; this model has {config.mm_projector_type}")
+    drops_cls = config.vision_has_cls and config.mm_vision_select_feature == "patch"
+    return LlavaConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        vision_feature_layer=config.mm_vision_select_layer,
+        vision_feature_select_strategy="default" if drops_cls else "full",
+        image_seq_length=config.num_image_tokens,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def to_llava_hf(model: PolyfocusForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """The same weights in transformers' `LlavaForConditionalGeneration` (current key layout)."""
+    if not 0 <= model.config.image_token_id < model.config.text_config.vocab_size:
+        raise ValueError(f"image_token_id {model.config.image_token_id} is not in the vocabulary; transformers' "
+                         "Llava looks it up: add an <image> token first (add_image_token)")
+    hf = LlavaForConditionalGeneration(llava_hf_config(model.config)).to(model.dtype)
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = next(p for p in POLYFOCUS_TO_HF if key.startswith(p))
+        state[POLYFOCUS_TO_HF[prefix] + key[len(prefix):]] = value
+    hf.load_state_dict(state, strict=True)
+    return hf.eval() if not model.training else hf
+
+
+def add_image_token(model: PolyfocusForConditionalGeneration, tokenizer) -> None:
+    """Give a model whose image token is a sentinel (LLaVA's -200) a real `<image>` (and `<pad>`) token, as
+    transformers' LLaVA conversion does: new rows drawn around the mean embedding, vocab padded to ×64."""
+    new = {"additional_special_tokens": ["<image>"]} if "<image>" not in tokenizer.get_vocab() else {}
+    if tokenizer.pad_token is None:
+        new["pad_token"] = "<pad>"
+    if new:
+        tokenizer.add_special_tokens(new)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+
+def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path, src_dir: str | Path | None = None):
+    """Write `out_dir` loadable by plain transformers (`LlavaForConditionalGeneration`, `AutoProcessor`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src_dir) if src_dir and _has_tokenizer(src_dir) else None
+    if not 0 <= model.config.image_token_id < model.config.text_config.vocab_size:
+        if tokenizer is None:
+            raise ValueError(f"{src_dir}: a tokenizer is needed to add the <image> token for transformers")
+        add_image_token(model, tokenizer)
+    to_llava_hf(model).save_pretrained(out_dir)
+    if tokenizer is not None:
+        _save_llava_processor(model.config, tokenizer, out_dir)
+
+
+def _save_llava_processor(config: PolyfocusConfig, tokenizer, out_dir: str | Path) -> None:
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    side = config.vision_config.image_size
+    image_processor = LlavaImageProcessorPil(
+        do_pad=config.image_aspect_ratio == "pad",
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default" if config.mm_vision_select_feature == "patch" and config.vision_has_cls else "full",
+        num_additional_image_tokens=1 if config.vision_has_cls else 0,
+        chat_template=tokenizer.chat_template,
+        image_token=tokenizer.convert_ids_to_tokens(config.image_token_id),
+    )
+    processor.save_pretrained(out_dir)
+
+
+def _has_tokenizer(path: str | Path) -> bool:
+    path = Path(path)
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "added_tokens.json", "preprocessor_config.json"):
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+# ---- original LLaVA-1.5 -----------------------------------------------------------------------
+
+
+def config_from_llava_original(path: str | Path, vision_tower: str | Path | None = None) -> PolyfocusConfig:
+    """LLaVA's config.json is the LLM's config plus mm_* fields; the tower comes from `mm_vision_tower`."""
+    config_file = Path(path) / "config.json"
+    raw = json.loads(config_file.read_text())
+    text_type = LLAVA_TEXT_MODEL_TYPES[raw["model_type"]]
+    text_config = AutoConfig.for_model(text_type, **{k: v for k, v in raw.items() if k not in LLAVA_ONLY_FIELDS})
+    tower_path = Path(vision_tower or raw.get("mm_vision_tower") or "")
+    if not (tower_path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{config_file}: mm_vision_tower {raw.get('mm_vision_tower')!r} is not a local directory with a "
+            "config.json; pass the CLIP tower's local path (vision_tower=... / --vision-tower)"
+        )
+    aspect = raw.get("image_aspect_ratio") or "square"
+    if aspect not in ("pad", "square", "resize"):
+        raise ValueError(f"{config_file}: image_aspect_ratio {aspect!r} (LLaVA-1.6 anyres) is not supported")
+    return PolyfocusConfig(
+        vision_config=_vision_config(tower_path).to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=LLAVA_IMAGE_TOKEN_INDEX,
+        mm_vision_select_layer=raw.get("mm_vision_select_layer", -2),
+        mm_vision_select_feature=raw.get("mm_vision_select_feature", "patch"),
+        mm_projector_type=raw.get("mm_projector_type", "linear"),
+        image_aspect_ratio=aspect,
+        tokenizer_padding_side=raw.get("tokenizer_padding_side", "right"),
+        tokenizer_model_max_length=raw.get("tokenizer_model_max_length"),
+        mm_vision_tower=str(tower_path),
+    )
+
+
+def _vision_config(tower_path: Path) -> PreTrainedConfig:
+    """A tower directory holds either a vision config or a full CLIP/SigLIP one (take its vision part)."""
+    config = AutoConfig.from_pretrained(tower_path)
+    return getattr(config, "vision_config", config)
+
+
+def load_llava_original(
+    path: str | Path,
+    model_base: str | Path | None = None,
+    vision_tower: str | Path | None = None,
+    **from_pretrained_kwargs,
+) -> PolyfocusForConditionalGeneration:
+    """An original LLaVA-1.5 checkpoint (full, or projector-only on top of `model_base`).
+
+    The image token stays LLaVA's sentinel -200 (never embedded), so the vocabulary is untouched.
+    """
+    path = Path(path)
+    config = config_from_llava_original(path, vision_tower)
+    projector_only = checkpoint_format(path) == "projector"
+    if projector_only and model_base is None:
+        raise ValueError(f"{path} holds only a projector (mm_projector.bin): pass the base LLM (model_base=...)")
+    weights_dir = model_base if projector_only else path
+    model, info = PolyfocusForConditionalGeneration.from_pretrained(
+        weights_dir, config=config, key_mapping=LLAVA_TO_POLYFOCUS, output_loading_info=True, **from_pretrained_kwargs
+    )
+    if projector_only:
+        _load_projector(model, path / "mm_projector.bin")
+    if any(k.startswith("vision_tower.") for k in info["missing_keys"]):
+        # LLaVA delay-loads the tower from mm_vision_tower rather than from its own checkpoint.
+        tower = AutoModel.from_pretrained(config.mm_vision_tower, dtype=model.dtype)
+        model.vision_tower.load_state_dict(_vision_state(tower), strict=True)
+    expected_missing = ("vision_tower.", "mm_projector.") if projector_only else ("vision_tower.",)
+    missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing)]
+    if missing:
+        raise ValueError(f"{weights_dir}: checkpoint is missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return model
+
+
+def _vision_state(tower) -> dict[str, torch.Tensor]:
+    """State dict of a loaded tower in the layout of our vision tower (a CLIPModel's vision part, or itself)."""
+    vision = getattr(tower, "vision_model", None)
+    if vision is not None and not hasattr(tower, "text_model"):
+        return tower.state_dict()  # already a *VisionModel
+    return {"vision_model." + k: v for k, v in tower.vision_model.state_dict().items()}
+
+
+def _load_projector(model: PolyfocusForConditionalGeneration, file: Path) -> None:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no projector weights")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    prefix = "model.mm_projector."
+    projector = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not projector:
+        raise ValueError(f"{file}: no keys starting with {prefix!r} (found {list(state)[:3]})")
+    model.mm_projector.load_state_dict(projector, strict=True)
