@@ -20,7 +20,7 @@ from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 # llava-hf keys → ours, for the current layout (model.*) and the one before transformers 4.52.
 HF_TO_POLYFOCUS = {
     r"^model\.language_model\.": "language_model.model.",
-    r"^model\.vision_tower\.": "vision_tower.",
+    r"^(model\.)?vision_tower\.(vision_model\.)?": "vision_tower.",  # transformers 5 dropped "vision_model."
     r"^(model\.)?multi_modal_projector\.linear_1\.": "mm_projector.0.",
     r"^(model\.)?multi_modal_projector\.linear_2\.": "mm_projector.2.",
     r"^lm_head\.": "language_model.lm_head.",
@@ -35,7 +35,7 @@ POLYFOCUS_TO_HF = {
 # Original LLaVA (LlavaLlamaForCausalLM) keys → ours.
 LLAVA_TO_POLYFOCUS = {
     r"^model\.mm_projector\.": "mm_projector.",
-    r"^model\.vision_tower\.vision_tower\.": "vision_tower.",
+    r"^model\.vision_tower\.vision_tower\.(vision_model\.)?": "vision_tower.",
     r"^model\.": "language_model.model.",
     r"^lm_head\.": "language_model.lm_head.",
 }
@@ -274,11 +274,8 @@ def load_llava_original(
 
 
 def _vision_state(tower) -> dict[str, torch.Tensor]:
-    """State dict of a loaded tower in the layout of our vision tower (a CLIPModel's vision part, or itself)."""
-    vision = getattr(tower, "vision_model", None)
-    if vision is not None and not hasattr(tower, "text_model"):
-        return tower.state_dict()  # already a *VisionModel
-    return {"vision_model." + k: v for k, v in tower.vision_model.state_dict().items()}
+    """State dict of a loaded tower in our tower's layout: a whole CLIP/SigLIP model gives its vision part."""
+    return (tower.vision_model if hasattr(tower, "text_model") else tower).state_dict()
 
 
 def _load_projector(model: PolyfocusForConditionalGeneration, file: Path) -> None:

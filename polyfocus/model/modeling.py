@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from polyfocus.config import IGNORE_INDEX, PolyfocusConfig
@@ -119,3 +119,7 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+
+# `AutoModelForImageTextToText.from_pretrained(dir)` finds us once polyfocus is imported.
+AutoModelForImageTextToText.register(PolyfocusConfig, PolyfocusForConditionalGeneration)

@@ -1,0 +1,187 @@
+"""Loading and converting checkpoints, each written here in its real on-disk layout."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+from polyfocus import PolyfocusForConditionalGeneration
+from polyfocus.model.convert import checkpoint_format, load_model, save_llava_hf
+from polyfocus.model.presets import tiny_config
+
+IMG = 4
+
+
+def make_model(vision_config_seed=None, **overrides):
+    torch.manual_seed(0)
+    model = PolyfocusForConditionalGeneration(tiny_config(**overrides)).eval()
+    if vision_config_seed is not None:  # same LLM and projector, another tower
+        torch.manual_seed(vision_config_seed)
+        for p in model.vision_tower.parameters():
+            p.data.normal_(std=0.02)
+    return model
+
+
+def logits(model, image_token_id=IMG):
+    torch.manual_seed(5)
+    ids = torch.tensor([[1, 9, *[image_token_id] * 16, 7, 8], [0, 1, *[image_token_id] * 16, 11, 12]])
+    mask = torch.tensor([[1] * 20, [0] + [1] * 19])
+    return model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 56, 56)).logits[mask.bool()]
+
+
+def test_llava_hf_export_loads_in_plain_transformers_and_back(tmp_path):
+    model = make_model()
+    save_llava_hf(model, tmp_path)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert (logits(hf) - logits(model)).abs().max() <= 1e-5
+    assert checkpoint_format(tmp_path) == "llava-hf"
+    back = load_model(tmp_path).eval()
+    assert isinstance(back, PolyfocusForConditionalGeneration)
+    assert torch.equal(logits(back), logits(model))
+
+
+def test_llava_hf_old_key_layout(tmp_path):
+    """Before transformers 4.52: language_model.model.*, language_model.lm_head, multi_modal_projector.*."""
+    model = make_model()
+    save_llava_hf(model, tmp_path / "new")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "new")
+    old = {}
+    for key, value in hf.state_dict().items():
+        key = key.replace("model.language_model.", "language_model.model.").replace("lm_head.", "language_model.lm_head.")
+        old[key.replace("model.vision_tower.", "vision_tower.vision_model.").replace("model.multi_modal_projector.", "multi_modal_projector.")] = value
+    assert any(k.startswith("language_model.model.layers.") for k in old)
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    assert torch.equal(logits(load_model(tmp_path / "old").eval()), logits(model))
+
+
+def write_clip_tower(model, path, full_clip=False):
+    """The vision tower as its own checkpoint directory, as LLaVA's `mm_vision_tower` points at."""
+    vision_config = model.config.vision_config
+    if full_clip:  # a whole CLIPModel (openai/clip-vit-large-patch14-336's layout)
+        clip = CLIPModel(CLIPConfig(vision_config=vision_config.to_dict(),
+                                    text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                 "num_attention_heads": 4}))
+        clip.vision_model.load_state_dict(model.vision_tower.state_dict())
+        clip.save_pretrained(path)
+    else:
+        tower = CLIPVisionModel(vision_config)
+        tower.load_state_dict(model.vision_tower.state_dict())
+        tower.save_pretrained(path)
+
+
+def llava_config(model, tower_path, **extra):
+    """config.json of an original LLaVA-1.5 checkpoint: the Llama config plus LLaVA's mm_* fields."""
+    text = model.config.text_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "dtype"):
+        text.pop(key, None)
+    return {**text, "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+            "mm_vision_tower": str(tower_path), "mm_hidden_size": 32, "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu", "image_aspect_ratio": "pad",
+            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
+            "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "use_mm_proj": True,
+            "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False, **extra}
+
+
+def llava_state_dict(model, with_tower):
+    """Our weights under LLaVA's LlavaLlamaForCausalLM key names."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vision_tower."):
+            if with_tower:
+                state["model.vision_tower.vision_tower.vision_model." + key[len("vision_tower."):]] = value
+        elif key.startswith("mm_projector."):
+            state["model." + key] = value
+        elif key.startswith("language_model.model."):
+            state[key[len("language_model."):]] = value
+        else:
+            state[key[len("language_model."):]] = value  # lm_head.weight
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old checkpoints carry these; dropped
+    return state
+
+
+def write_shards(state, path, fmt):
+    """Two shards plus the index, as `save_pretrained` of transformers 4.37 wrote them (.bin or .safetensors)."""
+    keys = sorted(state)
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, half in enumerate(halves, 1):
+        if fmt == "bin":
+            name = f"pytorch_model-0000{i}-of-00002.bin"
+            torch.save({k: state[k].clone() for k in half}, path / name)
+        else:
+            name = f"model-0000{i}-of-00002.safetensors"
+            save_file({k: state[k].contiguous() for k in half}, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in half})
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    (path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("fmt,with_tower,full_clip", [("bin", False, True), ("safetensors", True, False)])
+def test_original_llava_checkpoint(tmp_path, fmt, with_tower, full_clip):
+    model = make_model()
+    # A checkpoint that carries its tower is read from it (it may have been tuned); else from mm_vision_tower.
+    tower_source = make_model(vision_config_seed=1) if with_tower else model
+    write_clip_tower(tower_source, tmp_path / "clip", full_clip)
+    ckpt = tmp_path / "llava-v1.5-tiny"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(llava_config(model, tmp_path / "clip")))
+    write_shards(llava_state_dict(model, with_tower), ckpt, fmt)
+    assert checkpoint_format(ckpt) == "llava"
+    loaded = load_model(ckpt).eval()
+    assert loaded.config.image_token_id == -200 and loaded.config.image_aspect_ratio == "pad"
+    assert torch.equal(logits(loaded, image_token_id=-200), logits(model))
+
+
+def test_original_llava_missing_tower_names_the_path(tmp_path):
+    model = make_model()
+    ckpt = tmp_path / "llava"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(llava_config(model, "openai/clip-vit-large-patch14-336")))
+    write_shards(llava_state_dict(model, True), ckpt, "safetensors")
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14-336"):
+        load_model(ckpt)
+    write_clip_tower(model, tmp_path / "elsewhere")
+    assert torch.equal(logits(load_model(ckpt, vision_tower=tmp_path / "elsewhere").eval(), -200), logits(model))
+
+
+def test_stage1_projector_on_top_of_base_llm(tmp_path):
+    model = make_model()
+    write_clip_tower(model, tmp_path / "clip")
+    base = LlamaForCausalLM(model.config.text_config)
+    base.load_state_dict(model.language_model.state_dict())
+    base.save_pretrained(tmp_path / "vicuna")
+    stage1 = tmp_path / "llava-v1.5-tiny-pretrain"
+    stage1.mkdir()
+    (stage1 / "config.json").write_text(json.dumps(llava_config(model, tmp_path / "clip", tune_mm_mlp_adapter=True)))
+    torch.save({"model." + k: v for k, v in model.state_dict().items() if k.startswith("mm_projector.")},
+               stage1 / "mm_projector.bin")
+    assert checkpoint_format(stage1) == "projector"
+    with pytest.raises(ValueError, match="model_base"):
+        load_model(stage1)
+    loaded = load_model(stage1, model_base=tmp_path / "vicuna").eval()
+    assert torch.equal(logits(loaded, -200), logits(model))
+
+
+def test_sentinel_image_token_exports_with_a_real_token(tmp_path):
+    """An original-LLaVA model (image id -200) gets <image>/<pad> tokens on export, and the same outputs."""
+    from polyfocus.data.tokenizer import default_tokenizer
+    from polyfocus.model.convert import copy_tokenizer_files
+
+    model = make_model(image_token_id=-200)
+    tokenizer = default_tokenizer()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    # A tokenizer without <image> (LLaVA's Vicuna tokenizer has none).
+    tokenizer.save_pretrained(src)
+    copy_tokenizer_files(src, src)
+    save_llava_hf(model, tmp_path / "hf", src_dir=src)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image_id = hf.config.image_token_id
+    assert 0 <= image_id < hf.config.text_config.vocab_size
+    assert hf.config.text_config.vocab_size % 64 == 0
+    ours = make_model(image_token_id=-200)
+    assert (logits(hf, image_id)[:, :2048] - logits(ours, -200)).abs().max() <= 1e-5
