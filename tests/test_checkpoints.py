@@ -134,6 +134,9 @@ def test_original_llava_checkpoint(tmp_path, fmt, with_tower, full_clip):
     loaded = load_model(ckpt).eval()
     assert loaded.config.image_token_id == -200 and loaded.config.image_aspect_ratio == "pad"
     assert torch.equal(logits(loaded, image_token_id=-200), logits(model))
+    loaded.save_pretrained(tmp_path / "ours")  # and it saves in polyfocus's own layout
+    assert checkpoint_format(tmp_path / "ours") == "polyfocus"
+    assert torch.equal(logits(load_model(tmp_path / "ours").eval(), image_token_id=-200), logits(model))
 
 
 def test_original_llava_missing_tower_names_the_path(tmp_path):
@@ -185,3 +188,16 @@ def test_sentinel_image_token_exports_with_a_real_token(tmp_path):
     assert hf.config.text_config.vocab_size % 64 == 0
     ours = make_model(image_token_id=-200)
     assert (logits(hf, image_id)[:, :2048] - logits(ours, -200)).abs().max() <= 1e-5
+
+
+def test_cli_convert_to_hf_and_back(tmp_path):
+    from polyfocus.cli import main
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "ours")
+    main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llava"
+    main(["convert", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "back")])
+    assert torch.equal(logits(PolyfocusForConditionalGeneration.from_pretrained(tmp_path / "back").eval()), logits(model))
+    with pytest.raises(SystemExit, match="--from hf but the directory holds a polyfocus checkpoint"):
+        main(["convert", "--from", "hf", str(tmp_path / "ours"), str(tmp_path / "x")])

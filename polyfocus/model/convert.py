@@ -83,10 +83,19 @@ def load_model(
         return PolyfocusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
     if fmt == "llava-hf":
         config = config_from_llava_hf(LlavaConfig.from_pretrained(path))
-        return PolyfocusForConditionalGeneration.from_pretrained(
-            path, config=config, key_mapping=HF_TO_POLYFOCUS, **from_pretrained_kwargs
-        )
+        model, _ = _load_renamed(path, config, HF_TO_POLYFOCUS, **from_pretrained_kwargs)
+        return model
     return load_llava_original(path, model_base, vision_tower, **from_pretrained_kwargs)
+
+
+def _load_renamed(path, config: PolyfocusConfig, key_mapping: dict[str, str], **from_pretrained_kwargs):
+    """from_pretrained with renamed keys; returns (model, loading info). The model forgets the renaming so that
+    `save_pretrained` writes polyfocus keys rather than reverting to the source layout."""
+    model, info = PolyfocusForConditionalGeneration.from_pretrained(
+        path, config=config, key_mapping=key_mapping, output_loading_info=True, **from_pretrained_kwargs
+    )
+    model._weight_conversions = None
+    return model, info
 
 
 # ---- llava-hf ---------------------------------------------------------------------------------
@@ -257,9 +266,7 @@ def load_llava_original(
     if projector_only and model_base is None:
         raise ValueError(f"{path} holds only a projector (mm_projector.bin): pass the base LLM (model_base=...)")
     weights_dir = model_base if projector_only else path
-    model, info = PolyfocusForConditionalGeneration.from_pretrained(
-        weights_dir, config=config, key_mapping=LLAVA_TO_POLYFOCUS, output_loading_info=True, **from_pretrained_kwargs
-    )
+    model, info = _load_renamed(weights_dir, config, LLAVA_TO_POLYFOCUS, **from_pretrained_kwargs)
     if projector_only:
         _load_projector(model, path / "mm_projector.bin")
     if any(k.startswith("vision_tower.") for k in info["missing_keys"]):
