@@ -1,0 +1,382 @@
+"""Questions about synthworld scenes: each task family turns a Scene into a question, an answer
+and the evidence boxes a model has to look at.
+
+Families (FAMILIES): colour, shape, count, existence (POPE), text (read the code), spatial,
+mc (multiple choice A-D), grounding (box answer), caption (short), dense_caption.
+
+Prompts follow LLaVA-1.5: short-answer VQA ends with SHORT_ANSWER, multiple choice with
+MC_ANSWER, grounding uses LLaVA's RefCOCO prompt and answers "[x1, y1, x2, y2]" normalised to
+[0, 1] with two decimals (spec/dualfocus.md §2.1, the same text DualFocus parses). Answers are
+lower case except codes; counts are digits.
+
+Every question is unambiguous: an object is named by the shortest phrase of its size, colour and
+shape that matches it alone in the scene ("the star", "the large red star"); when no such phrase
+exists (or the family has nothing to ask) the family returns None for that scene.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import permutations
+
+from polyfocus.data.synthworld import COLOURS, SHAPES, Scene, SceneObject, make_scene
+
+FAMILIES = ("colour", "shape", "count", "existence", "text", "spatial", "mc", "grounding",
+            "caption", "dense_caption")
+POPE_STRATEGIES = ("random", "popular", "adversarial")
+KINDS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # every possible "red star"
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+MC_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
+CAPTION_PROMPTS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Give a short and clear explanation of the image.",
+    "Summarize the visual content of the image.",
+    "Write a terse but informative summary of the picture.",
+)
+DENSE_CAPTION_PROMPTS = (
+    "Describe the image in detail.",
+    "Describe every object in the image, with its attributes and where it is.",
+    "Give a detailed description of the image, object by object.",
+)
+TOP_K = 3  # POPE draws popular / adversarial negatives from the top three candidates
+
+
+@dataclass
+class Task:
+    family: str
+    question: str     # the bare question
+    prompt: str       # what the user says (question + answer-format instruction), without <image>
+    answer: str
+    boxes: list       # evidence boxes, normalised (x1, y1, x2, y2)
+    meta: dict = field(default_factory=dict)  # family specifics: targets, options, strategy, ...
+
+
+def make_task(scene: Scene, family: str, rng: random.Random | None = None,
+              stats: WorldStats | None = None) -> Task | None:
+    """One question of `family` about `scene`, or None if the scene offers no unambiguous one.
+    Without rng the choice is seeded by (scene.seed, family), so it is reproducible."""
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown synthworld family {family!r}; known: {list(FAMILIES)}")
+    rng = rng or random.Random(f"{scene.seed}/{family}")
+    if family == "existence":
+        return existence_task(scene, rng, stats)
+    return _BUILDERS[family](scene, rng)
+
+
+# ----------------------------------------------------------------------------- naming objects
+
+_REF_ATTRS = [("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape"),
+              ("colour",), ("size", "colour"), ("size",)]
+
+
+def refer(scene: Scene, obj: SceneObject, without: str | None = None) -> str | None:
+    """Shortest phrase ('the red star') that picks out obj alone, not using attribute `without`."""
+    for attrs in _REF_ATTRS:
+        if without in attrs:
+            continue
+        same = [o for o in scene.objects if all(getattr(o, a) == getattr(obj, a) for a in attrs)]
+        if len(same) == 1:
+            words = [getattr(obj, a) for a in ("size", "colour") if a in attrs]
+            words.append(obj.shape if "shape" in attrs else "object")
+            return "the " + " ".join(words)
+    return None
+
+
+def _referable(scene: Scene, without: str | None = None, objects=None) -> list[tuple[int, str]]:
+    """(index, phrase) of every object that can be named unambiguously."""
+    out = []
+    for i, obj in enumerate(scene.objects):
+        if objects is None or obj in objects:
+            phrase = refer(scene, obj, without)
+            if phrase is not None:
+                out.append((i, phrase))
+    return out
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def box_text(box) -> str:
+    """A normalised box as DualFocus / LLaVA write it: '[0.12, 0.34, 0.56, 0.78]'."""
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+
+
+def _question(family, question, answer, boxes, prompt_suffix=SHORT_ANSWER, **meta) -> Task:
+    return Task(family, question, question + prompt_suffix, answer, boxes, meta)
+
+
+# ----------------------------------------------------------------------------- attribute questions
+
+
+def colour_task(scene: Scene, rng: random.Random) -> Task | None:
+    named = _referable(scene, without="colour")
+    if not named:
+        return None
+    i, phrase = rng.choice(named)
+    obj = scene.objects[i]
+    return _question("colour", f"What colour is {phrase}?", obj.colour, [scene.norm(obj.box)],
+                     targets=[i], refs=[phrase])
+
+
+def shape_task(scene: Scene, rng: random.Random) -> Task | None:
+    named = _referable(scene, without="shape")
+    if not named:
+        return None
+    i, phrase = rng.choice(named)
+    obj = scene.objects[i]
+    return _question("shape", f"What shape is {phrase}?", obj.shape, [scene.norm(obj.box)],
+                     targets=[i], refs=[phrase])
+
+
+def count_task(scene: Scene, rng: random.Random) -> Task | None:
+    """How many objects share a colour, a shape, or both (always at least one: every count
+    question has evidence)."""
+    filters = sorted({f for o in scene.objects for f in
+                      (("colour", o.colour), ("shape", o.shape), ("kind", o.kind))})
+    if not filters:
+        return None
+    attr, value = rng.choice(filters)
+    matching = [o for o in scene.objects if getattr(o, attr) == value]
+    if attr == "colour":
+        question = f"How many {value} objects are there?"
+    else:
+        *colour, shape = value.split()
+        question = f"How many {' '.join(colour + [_plural(shape)])} are there?"
+    return _question("count", question, str(len(matching)), [scene.norm(o.box) for o in matching],
+                     filter={attr: value})
+
+
+def text_task(scene: Scene, rng: random.Random) -> Task | None:
+    named = _referable(scene, objects=[o for o in scene.objects if o.code is not None])
+    if not named:
+        return None
+    i, phrase = rng.choice(named)
+    obj = scene.objects[i]
+    return _question("text", f"What is the code written on {phrase}?", obj.code,
+                     [scene.norm(obj.box)], targets=[i], refs=[phrase],
+                     code_box=list(scene.norm(obj.code_box)))
+
+
+# ----------------------------------------------------------------------------- existence (POPE)
+
+
+@dataclass
+class WorldStats:
+    """Per-dataset statistics behind POPE's negatives: in how many scenes each kind appears
+    (popular) and how often two kinds appear in the same scene (adversarial)."""
+    n_scenes: int
+    frequency: Counter
+    cooccurrence: dict  # kind -> Counter of kinds seen in the same scenes
+
+    @classmethod
+    def from_scenes(cls, scenes) -> WorldStats:
+        frequency, cooccurrence, n = Counter(), {k: Counter() for k in KINDS}, 0
+        for scene in scenes:
+            kinds = sorted({o.kind for o in scene.objects})
+            frequency.update(kinds)
+            for a, b in permutations(kinds, 2):
+                cooccurrence[a][b] += 1
+            n += 1
+        return cls(n, frequency, cooccurrence)
+
+    def cooccurrence_with(self, kind: str, present) -> int:
+        return sum(self.cooccurrence[kind][p] for p in present)
+
+
+@lru_cache(maxsize=1)
+def default_stats() -> WorldStats:
+    """Statistics of the world at large (2000 reference scenes), for single scenes."""
+    return WorldStats.from_scenes(make_scene(f"stats/{i}") for i in range(2000))
+
+
+def existence_task(scene: Scene, rng: random.Random, stats: WorldStats | None = None,
+                   strategy: str | None = None) -> Task | None:
+    """'Is there a red star in the image?' Half the questions are positives; negatives are drawn
+    as in POPE: random (any absent kind), popular (among the TOP_K most frequent absent kinds),
+    adversarial (among the TOP_K absent kinds that co-occur most with the kinds present)."""
+    stats = stats or default_stats()
+    if strategy is None:
+        strategy = "positive" if rng.random() < 0.5 else rng.choice(POPE_STRATEGIES)
+    present = sorted({o.kind for o in scene.objects})
+    absent = [k for k in KINDS if k not in present]
+
+    if strategy == "positive":
+        if not present:
+            return None
+        kind = rng.choice(present)
+        evidence = [o for o in scene.objects if o.kind == kind]
+    else:
+        if strategy == "random":
+            kind = rng.choice(absent)
+        elif strategy == "popular":
+            kind = _pick_top(absent, lambda k: stats.frequency[k], rng)
+        elif strategy == "adversarial":
+            kind = _pick_top(absent, lambda k: stats.cooccurrence_with(k, present), rng)
+        else:
+            raise ValueError(f"unknown POPE strategy {strategy!r}; known: {POPE_STRATEGIES}")
+        # The evidence for "no" is the near misses: objects of the same colour or shape.
+        colour, shape = kind.split()
+        evidence = [o for o in scene.objects if o.colour == colour or o.shape == shape]
+
+    boxes = [scene.norm(o.box) for o in evidence] or [(0.0, 0.0, 1.0, 1.0)]  # else: look everywhere
+    return _question("existence", f"Is there {_a(kind)} in the image?",
+                     "yes" if strategy == "positive" else "no", boxes, strategy=strategy, kind=kind)
+
+
+def _pick_top(candidates: list[str], score, rng: random.Random) -> str:
+    ranked = sorted(candidates, key=lambda k: (-score(k), k))
+    return rng.choice(ranked[:TOP_K])
+
+
+# ----------------------------------------------------------------------------- relations
+
+
+def relation(a: SceneObject, b: SceneObject, axis: str | None = None) -> str | None:
+    """Where a is relative to b ('left', 'right', 'above', 'below'), judged on boxes that do not
+    overlap along that axis; None when they do."""
+    if axis in (None, "x"):
+        if a.box[2] <= b.box[0]:
+            return "left"
+        if a.box[0] >= b.box[2]:
+            return "right"
+    if axis in (None, "y"):
+        if a.box[3] <= b.box[1]:
+            return "above"
+        if a.box[1] >= b.box[3]:
+            return "below"
+    return None
+
+
+def spatial_task(scene: Scene, rng: random.Random) -> Task | None:
+    named = _referable(scene)
+    pairs = [(a, b, axis) for a, b in permutations(named, 2) for axis in ("x", "y")
+             if relation(scene.objects[a[0]], scene.objects[b[0]], axis)]
+    if not pairs:
+        return None
+    (i, phrase_a), (j, phrase_b), axis = rng.choice(pairs)
+    answer = relation(scene.objects[i], scene.objects[j], axis)
+    if axis == "x":
+        question = f"Is {phrase_a} to the left or to the right of {phrase_b}?"
+    else:
+        question = f"Is {phrase_a} above or below {phrase_b}?"
+    boxes = [scene.norm(scene.objects[i].box), scene.norm(scene.objects[j].box)]
+    return _question("spatial", question, answer, boxes, targets=[i, j], refs=[phrase_a, phrase_b])
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def mc_task(scene: Scene, rng: random.Random) -> Task | None:
+    """A colour, shape or count question with four options, answered by the option's letter."""
+    asks = rng.choice(("colour", "shape", "count"))
+    base = {"colour": colour_task, "shape": shape_task, "count": count_task}[asks](scene, rng)
+    if base is None:
+        return None
+    vocabulary = {"colour": list(COLOURS), "shape": list(SHAPES),
+                  "count": [str(k) for k in range(1, max(8, len(scene.objects) + 4))]}[asks]
+    options = rng.sample([v for v in vocabulary if v != base.answer], 3) + [base.answer]
+    rng.shuffle(options)
+    letter = "ABCD"[options.index(base.answer)]
+    prompt = base.question + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", options)) + MC_ANSWER
+    return Task("mc", base.question, prompt, letter, base.boxes,
+                {**base.meta, "asks": asks, "options": options, "answer_text": base.answer})
+
+
+# ----------------------------------------------------------------------------- grounding
+
+
+def grounding_task(scene: Scene, rng: random.Random) -> Task | None:
+    named = _referable(scene)
+    if not named:
+        return None
+    i, phrase = rng.choice(named)
+    box = scene.norm(scene.objects[i].box)
+    return Task("grounding", phrase, GROUNDING_PROMPT + phrase, box_text(box), [box],
+                {"targets": [i], "refs": [phrase]})
+
+
+# ----------------------------------------------------------------------------- captions
+
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_LOCATIONS = (("at the top left", "at the top", "at the top right"),
+              ("on the left", "in the centre", "on the right"),
+              ("at the bottom left", "at the bottom", "at the bottom right"))
+_TEXTURE_WORDS = {"plain": "plain {}", "gradient": "softly shaded {}", "mottled": "lightly mottled {}"}
+
+
+def _reading_order(scene: Scene) -> list[SceneObject]:
+    """Top band first, left to right within a band (bands are thirds of the image)."""
+    third = scene.image_size / 3
+    return sorted(scene.objects, key=lambda o: (int((o.box[1] + o.box[3]) / 2 // third),
+                                                o.box[0] + o.box[2]))
+
+
+def _count_words(n: int) -> str:
+    return _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+
+
+def short_caption(scene: Scene) -> str:
+    """'A red star, two blue circles and a green ring on a beige background.'"""
+    groups = Counter(o.kind for o in _reading_order(scene))  # keeps first-seen order
+    parts = [_a(kind) if n == 1 else f"{_count_words(n)} {kind.rsplit(' ', 1)[0]} "
+             f"{_plural(kind.rsplit(' ', 1)[1])}" for kind, n in groups.items()]
+    things = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = f"{things} on {_a(scene.background)} background." if parts else \
+        f"An empty {scene.background} background."
+    return text[0].upper() + text[1:]
+
+
+def dense_caption(scene: Scene) -> str:
+    """Every object with its size, colour, shape, code, place in the image and position
+    relative to the object described before it."""
+    objects = _reading_order(scene)
+    n = len(objects)
+    background = _TEXTURE_WORDS[scene.texture].format(scene.background)
+    sentences = [f"The image shows {_count_words(n)} object{'s' if n != 1 else ''} "
+                 f"on {_a(background)} background."]
+    third = scene.image_size / 3
+    previous = None
+    for obj in objects:
+        row = min(2, int((obj.box[1] + obj.box[3]) / 2 // third))
+        col = min(2, int((obj.box[0] + obj.box[2]) / 2 // third))
+        text = f"{_LOCATIONS[row][col]} there is {_a(f'{obj.size} {obj.colour} {obj.shape}')}"
+        if obj.code is not None:
+            text += f' with a label reading "{obj.code}"'
+        if previous is not None:
+            where = relation(obj, previous)
+            if where is not None:  # always, for generated scenes: their boxes never overlap
+                ref = refer(scene, previous) or f"the {previous.size} {previous.kind}"
+                text += f", {where if where in ('above', 'below') else f'to the {where} of'} {ref}"
+        sentences.append(text[0].upper() + text[1:] + ".")
+        previous = obj
+    return " ".join(sentences)
+
+
+def caption_task(scene: Scene, rng: random.Random) -> Task:
+    prompt = rng.choice(CAPTION_PROMPTS)
+    return Task("caption", prompt, prompt, short_caption(scene),
+                [scene.norm(o.box) for o in scene.objects] or [(0.0, 0.0, 1.0, 1.0)])
+
+
+def dense_caption_task(scene: Scene, rng: random.Random) -> Task:
+    prompt = rng.choice(DENSE_CAPTION_PROMPTS)
+    return Task("dense_caption", prompt, prompt, dense_caption(scene),
+                [scene.norm(o.box) for o in scene.objects] or [(0.0, 0.0, 1.0, 1.0)])
+
+
+_BUILDERS = {
+    "colour": colour_task, "shape": shape_task, "count": count_task, "existence": existence_task,
+    "text": text_task, "spatial": spatial_task, "mc": mc_task, "grounding": grounding_task,
+    "caption": caption_task, "dense_caption": dense_caption_task,
+}
