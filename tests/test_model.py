@@ -170,3 +170,17 @@ def test_projector_types(projector, n_linear):
 def test_unknown_projector_is_rejected():
     with pytest.raises(ValueError, match="unknown mm_projector_type"):
         make_model(mm_projector_type="mlp2x_relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bf16_cuda_matches_transformers_llava(attn):
+    """Same weights in bf16 on a GPU: ours and transformers' Llava give the same greedy tokens."""
+    model = make_model()
+    hf = to_llava_hf(model)
+    model.config._attn_implementation = hf.config._attn_implementation = attn
+    model, hf = model.to("cuda", torch.bfloat16), hf.to("cuda", torch.bfloat16)
+    ids, mask, pixels = (t.cuda() for t in padded_batch(model.config.num_image_tokens, "left"))
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                  pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(**kwargs), hf.generate(**kwargs))
