@@ -170,24 +170,25 @@ def test_stage1_projector_on_top_of_base_llm(tmp_path):
 
 
 def test_sentinel_image_token_exports_with_a_real_token(tmp_path):
-    """An original-LLaVA model (image id -200) gets <image>/<pad> tokens on export, and the same outputs."""
-    from polyfocus.data.tokenizer import default_tokenizer
-    from polyfocus.model.convert import copy_tokenizer_files
+    """An original-LLaVA model (image id -200, a tokenizer without <image> or <pad>, as Vicuna's) gets both
+    tokens on export, new rows padded to a multiple of 64, and the same outputs over the old vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 2048)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     model = make_model(image_token_id=-200)
-    tokenizer = default_tokenizer()
-    src = tmp_path / "src"
-    model.save_pretrained(src)
-    # A tokenizer without <image> (LLaVA's Vicuna tokenizer has none).
-    tokenizer.save_pretrained(src)
-    copy_tokenizer_files(src, src)
-    save_llava_hf(model, tmp_path / "hf", src_dir=src)
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    save_llava_hf(model, tmp_path / "hf", src_dir=tmp_path / "src")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
-    image_id = hf.config.image_token_id
-    assert 0 <= image_id < hf.config.text_config.vocab_size
-    assert hf.config.text_config.vocab_size % 64 == 0
-    ours = make_model(image_token_id=-200)
-    assert (logits(hf, image_id)[:, :2048] - logits(ours, -200)).abs().max() <= 1e-5
+    assert hf.config.image_token_id == 2048 and hf.config.text_config.vocab_size == 2112
+    assert (logits(hf, 2048)[:, :2048] - logits(make_model(image_token_id=-200), -200)).abs().max() <= 1e-5
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == 2048
 
 
 def test_cli_convert_to_hf_and_back(tmp_path):

@@ -153,12 +153,12 @@ def to_llava_hf(model: PolyfocusForConditionalGeneration) -> LlavaForConditional
 def add_image_token(model: PolyfocusForConditionalGeneration, tokenizer) -> None:
     """Give a model whose image token is a sentinel (LLaVA's -200) a real `<image>` (and `<pad>`) token, as
     transformers' LLaVA conversion does: new rows drawn around the mean embedding, vocab padded to ×64."""
-    new = {"additional_special_tokens": ["<image>"]} if "<image>" not in tokenizer.get_vocab() else {}
+    if "<image>" not in tokenizer.get_vocab():  # <image> first, then <pad>: transformers' ids 32000, 32001
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if tokenizer.pad_token is None:
-        new["pad_token"] = "<pad>"
-    if new:
-        tokenizer.add_special_tokens(new)
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # grow only: ids past len(tokenizer) may be in use
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
     model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
 
