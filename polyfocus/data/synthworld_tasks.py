@@ -119,24 +119,23 @@ def _question(family, question, answer, boxes, prompt_suffix=SHORT_ANSWER, **met
 # ----------------------------------------------------------------------------- attribute questions
 
 
-def colour_task(scene: Scene, rng: random.Random) -> Task | None:
-    named = _referable(scene, without="colour")
+def attribute_task(scene: Scene, rng: random.Random, attribute: str) -> Task | None:
+    """"What colour/shape is <phrase>?", where the phrase names one object without giving the answer away."""
+    named = _referable(scene, without=attribute)
     if not named:
         return None
     i, phrase = rng.choice(named)
     obj = scene.objects[i]
-    return _question("colour", f"What colour is {phrase}?", obj.colour, [scene.norm(obj.box)],
+    return _question(attribute, f"What {attribute} is {phrase}?", getattr(obj, attribute), [scene.norm(obj.box)],
                      targets=[i], refs=[phrase])
+
+
+def colour_task(scene: Scene, rng: random.Random) -> Task | None:
+    return attribute_task(scene, rng, "colour")
 
 
 def shape_task(scene: Scene, rng: random.Random) -> Task | None:
-    named = _referable(scene, without="shape")
-    if not named:
-        return None
-    i, phrase = rng.choice(named)
-    obj = scene.objects[i]
-    return _question("shape", f"What shape is {phrase}?", obj.shape, [scene.norm(obj.box)],
-                     targets=[i], refs=[phrase])
+    return attribute_task(scene, rng, "shape")
 
 
 def count_task(scene: Scene, rng: random.Random) -> Task | None:
