@@ -41,7 +41,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from polyfocus.config import IGNORE_INDEX  # one definition, shared with the model
+
 IMAGE_TOKEN = "<image>"
 
 # The anchor put in front of a piece for tokenizers with a SentencePiece "dummy prefix", see _tokenize.
