@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=384)
-    p.add_argument("--split", default="train", help="train | val | test | pretrain (captions only)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test", "pretrain"],
+                   help="pretrain = short captions only, for stage 1")
     p.add_argument("--families", default=None, help="comma-separated task families (default: all)")
     p.set_defaults(func=cmd_synth)
 

@@ -66,8 +66,15 @@ class PolyfocusConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.mm_vision_select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {self.mm_vision_select_feature!r}")
+        for field, allowed in (("mm_vision_select_feature", ("patch", "cls_patch")),
+                               ("image_aspect_ratio", ("pad", "square", "resize")),
+                               ("tokenizer_padding_side", ("right", "left"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        n_states = self.vision_config.num_hidden_layers + 1  # embeddings + every layer
+        if not self.select_layers or not all(-n_states <= i < n_states for i in self.select_layers):
+            raise ValueError(f"mm_vision_select_layer {self.mm_vision_select_layer!r}: the tower has {n_states} "
+                             f"hidden states (indices {-n_states}..{n_states - 1})")
         if self.mm_vision_select_feature == "cls_patch" and not self.vision_has_cls:
             raise ValueError(f"mm_vision_select_feature='cls_patch' needs a tower with a CLS token; "
                              f"{self.vision_config.model_type} has none")

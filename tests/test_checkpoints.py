@@ -202,3 +202,58 @@ def test_cli_convert_to_hf_and_back(tmp_path):
     assert torch.equal(logits(PolyfocusForConditionalGeneration.from_pretrained(tmp_path / "back").eval()), logits(model))
     with pytest.raises(SystemExit, match="--from hf but the directory holds a polyfocus checkpoint"):
         main(["convert", "--from", "hf", str(tmp_path / "ours"), str(tmp_path / "x")])
+
+
+def test_llava_hf_with_missing_weights_is_refused(tmp_path):
+    model = make_model()
+    save_llava_hf(model, tmp_path / "hf")
+    from safetensors.torch import load_file
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    dropped = next(k for k in state if "down_proj" in k)
+    del state[dropped]
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing weights"):
+        load_model(tmp_path / "hf")
+
+
+def test_partial_vision_tower_in_checkpoint_is_refused(tmp_path):
+    model = make_model()
+    write_clip_tower(model, tmp_path / "clip")
+    ckpt = tmp_path / "llava"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(llava_config(model, tmp_path / "clip")))
+    state = llava_state_dict(model, with_tower=True)
+    del state["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"]
+    write_shards(state, ckpt, "safetensors")
+    with pytest.raises(ValueError, match="part of the vision tower"):
+        load_model(ckpt)
+
+
+def test_saved_keys_are_polyfocus_keys_after_loading_a_foreign_layout(tmp_path):
+    from safetensors import safe_open
+
+    model = make_model()
+    save_llava_hf(model, tmp_path / "hf")
+    load_model(tmp_path / "hf").save_pretrained(tmp_path / "ours")
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"vision_tower", "mm_projector", "language_model"}
+
+
+@pytest.mark.parametrize("aspect", ["pad", "square", "resize"])
+def test_hf_export_keeps_image_settings(tmp_path, aspect):
+    """The exported processor uses the source's own mean/std (SigLIP's 0.5) and the model's aspect ratio,
+    and converting back recovers the aspect ratio."""
+    from transformers import AutoProcessor
+    from polyfocus.data.images import ImageProcessor
+    from polyfocus.data.tokenizer import default_tokenizer
+
+    model = make_model(vision="siglip", image_aspect_ratio=aspect)
+    model.save_pretrained(tmp_path / "src")
+    default_tokenizer().save_pretrained(tmp_path / "src")
+    ImageProcessor(image_size=56, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                   aspect_ratio=aspect).save_pretrained(tmp_path / "src")
+    save_llava_hf(model, tmp_path / "hf", src_dir=tmp_path / "src")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
+    assert load_model(tmp_path / "hf").config.image_aspect_ratio == aspect

@@ -184,3 +184,27 @@ def test_bf16_cuda_matches_transformers_llava(attn):
     kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False,
                   pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(**kwargs), hf.generate(**kwargs))
+
+
+@pytest.mark.parametrize("bad", [dict(image_aspect_ratio="anyres"), dict(tokenizer_padding_side="middle"),
+                                 dict(mm_vision_select_layer=7), dict(mm_vision_select_layer=[])])
+def test_bad_config_values_are_rejected_at_build_time(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        tiny_config(**bad)
+
+
+def test_fp32_tower_with_bf16_projector_and_llm():
+    model = make_model()
+    model.mm_projector.to(torch.bfloat16), model.language_model.to(torch.bfloat16)
+    ids = torch.tensor([[1, *[IMG] * 16, 5]])
+    assert model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits.dtype == torch.bfloat16
+
+
+def test_generate_with_out_of_vocab_image_id_and_a_repetition_penalty():
+    """LLaVA's -200 sentinel gives the same tokens as an in-vocab id, also with processors that index input_ids."""
+    ids, mask, pixels = padded_batch(16, "left")
+    kwargs = dict(attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, repetition_penalty=1.3)
+    sentinel = make_model(image_token_id=-200).generate(input_ids=ids.masked_fill(ids == IMG, -200), **kwargs)
+    in_vocab = make_model().generate(input_ids=ids, **kwargs)
+    assert torch.equal(sentinel[:, -8:], in_vocab[:, -8:])

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig
 
-from polyfocus.config import LLAVA_IMAGE_TOKEN_INDEX, PolyfocusConfig
+from polyfocus.config import LLAVA_IMAGE_TOKEN_INDEX, TOWERS_WITH_CLS, PolyfocusConfig
+from polyfocus.data.images import ImageProcessor
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 
-# llava-hf keys → ours, for the current layout (model.*) and the one before transformers 4.52.
+# llava-hf keys → ours: the in-memory layout of transformers ≥ 4.52 (model.*) and the on-disk one that
+# older checkpoints have (and that transformers 5 still writes: language_model.model.*, vision_tower.*).
 HF_TO_POLYFOCUS = {
     r"^model\.language_model\.": "language_model.model.",
     r"^(model\.)?vision_tower\.(vision_model\.)?": "vision_tower.",  # transformers 5 dropped "vision_model."
@@ -83,26 +85,46 @@ def load_model(
         return PolyfocusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
     if fmt == "llava-hf":
         config = config_from_llava_hf(LlavaConfig.from_pretrained(path))
-        model, _ = _load_renamed(path, config, HF_TO_POLYFOCUS, **from_pretrained_kwargs)
-        return model
-    return load_llava_original(path, model_base, vision_tower, **from_pretrained_kwargs)
+        image_fields = _hf_image_processor_fields(path)
+        if image_fields:  # pad vs crop lives in the image processor's file, not in the model config
+            config.image_aspect_ratio = ImageProcessor.from_hf_dict(image_fields).aspect_ratio
+        return _load_renamed(path, config, HF_TO_POLYFOCUS, **from_pretrained_kwargs)
+    return load_llava_original(path, model_base, vision_tower, fmt == "projector", **from_pretrained_kwargs)
 
 
-def _load_renamed(path, config: PolyfocusConfig, key_mapping: dict[str, str], **from_pretrained_kwargs):
-    """from_pretrained with renamed keys; returns (model, loading info). The model forgets the renaming so that
-    `save_pretrained` writes polyfocus keys rather than reverting to the source layout."""
+def _hf_image_processor_fields(path: str | Path) -> dict | None:
+    """The image processor's fields: preprocessor_config.json, or (transformers 5) processor_config.json."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        file = Path(path) / name
+        if file.is_file():
+            fields = json.loads(file.read_text())
+            fields = fields.get(key) if key else fields
+            if fields:
+                return fields
+    return None
+
+
+def _load_renamed(path, config: PolyfocusConfig, key_mapping: dict[str, str], may_miss: tuple[str, ...] = (),
+                  **from_pretrained_kwargs) -> PolyfocusForConditionalGeneration:
+    """from_pretrained with renamed keys. Missing weights are an error (transformers would initialise them
+    randomly), except under the prefixes in `may_miss`, which the caller fills. The model forgets the renaming
+    so that `save_pretrained` writes polyfocus keys rather than reverting to the source layout."""
     model, info = PolyfocusForConditionalGeneration.from_pretrained(
         path, config=config, key_mapping=key_mapping, output_loading_info=True, **from_pretrained_kwargs
     )
+    missing = [k for k in info["missing_keys"] if not k.startswith(may_miss)]
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model._weight_conversions = None
-    return model, info
+    model.missing_keys = set(info["missing_keys"])
+    return model
 
 
 # ---- llava-hf ---------------------------------------------------------------------------------
 
 
 def config_from_llava_hf(config: LlavaConfig) -> PolyfocusConfig:
-    has_cls = config.vision_config.model_type == "clip_vision_model"
+    has_cls = config.vision_config.model_type in TOWERS_WITH_CLS
     full = config.vision_feature_select_strategy == "full"
     if not config.multimodal_projector_bias or config.projector_hidden_act != "gelu":
         raise ValueError("only LLaVA's projector (bias, exact GELU) converts; got "
@@ -141,13 +163,19 @@ def to_llava_hf(model: PolyfocusForConditionalGeneration) -> LlavaForConditional
     if not 0 <= model.config.image_token_id < model.config.text_config.vocab_size:
         raise ValueError(f"image_token_id {model.config.image_token_id} is not in the vocabulary; transformers' "
                          "Llava looks it up: add an <image> token first (add_image_token)")
-    hf = LlavaForConditionalGeneration(llava_hf_config(model.config)).to(model.dtype)
-    state = {}
-    for key, value in model.state_dict().items():
-        prefix = next(p for p in POLYFOCUS_TO_HF if key.startswith(p))
-        state[POLYFOCUS_TO_HF[prefix] + key[len(prefix):]] = value
-    hf.load_state_dict(state, strict=True)
-    return hf.eval() if not model.training else hf
+    with torch.device("meta"):  # no random init, no second copy: the weights are assigned below
+        hf = LlavaForConditionalGeneration(llava_hf_config(model.config))
+    hf.load_state_dict({_hf_key(k): v for k, v in model.state_dict().items()}, strict=True, assign=True)
+    for name, buffer in model.named_buffers():  # non-persistent ones (rotary inv_freq, ...) are not in the state dict
+        module_name, _, attr = _hf_key(name).rpartition(".")
+        setattr(hf.get_submodule(module_name), attr, buffer)
+    hf.tie_weights()
+    return hf.train(model.training)
+
+
+def _hf_key(key: str) -> str:
+    prefix = next(p for p in POLYFOCUS_TO_HF if key.startswith(p))
+    return POLYFOCUS_TO_HF[prefix] + key[len(prefix):]
 
 
 def add_image_token(model: PolyfocusForConditionalGeneration, tokenizer) -> None:
@@ -163,7 +191,11 @@ def add_image_token(model: PolyfocusForConditionalGeneration, tokenizer) -> None
 
 
 def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path, src_dir: str | Path | None = None):
-    """Write `out_dir` loadable by plain transformers (`LlavaForConditionalGeneration`, `AutoProcessor`)."""
+    """Write `out_dir` loadable by plain transformers (`LlavaForConditionalGeneration`, `AutoProcessor`).
+
+    A model whose image id is outside the vocabulary (an original LLaVA checkpoint's -200) is given an
+    `<image>` token first: this resizes `model`'s embeddings and changes its `config.image_token_id` in place.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src_dir) if src_dir and _has_tokenizer(src_dir) else None
@@ -173,26 +205,24 @@ def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path,
         add_image_token(model, tokenizer)
     to_llava_hf(model).save_pretrained(out_dir)
     if tokenizer is not None:
-        _save_llava_processor(model.config, tokenizer, out_dir)
+        _save_llava_processor(model.config, tokenizer, out_dir, src_dir)
 
 
-def _save_llava_processor(config: PolyfocusConfig, tokenizer, out_dir: str | Path) -> None:
+def _save_llava_processor(config: PolyfocusConfig, tokenizer, out_dir: str | Path, src_dir: str | Path) -> None:
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    side = config.vision_config.image_size
-    image_processor = LlavaImageProcessorPil(
-        do_pad=config.image_aspect_ratio == "pad",
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
+    # The source's own image settings (mean/std of its tower, e.g. SigLIP's 0.5), with the model's aspect ratio.
+    if (Path(src_dir) / "preprocessor_config.json").is_file():
+        images = ImageProcessor.from_pretrained(src_dir, aspect_ratio=config.image_aspect_ratio)
+    else:
+        images = ImageProcessor(image_size=config.vision_config.image_size, aspect_ratio=config.image_aspect_ratio)
+    hf_fields = {k: v for k, v in images.to_hf_dict().items() if k != "image_processor_type"}
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=LlavaImageProcessorPil(**hf_fields),
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy="default" if config.mm_vision_select_feature == "patch" and config.vision_has_cls else "full",
+        vision_feature_select_strategy=llava_hf_config(config).vision_feature_select_strategy,
         num_additional_image_tokens=1 if config.vision_has_cls else 0,
         chat_template=tokenizer.chat_template,
         image_token=tokenizer.convert_ids_to_tokens(config.image_token_id),
@@ -221,8 +251,9 @@ def config_from_llava_original(path: str | Path, vision_tower: str | Path | None
     raw = json.loads(config_file.read_text())
     text_type = LLAVA_TEXT_MODEL_TYPES[raw["model_type"]]
     text_config = AutoConfig.for_model(text_type, **{k: v for k, v in raw.items() if k not in LLAVA_ONLY_FIELDS})
-    tower_path = Path(vision_tower or raw.get("mm_vision_tower") or "")
-    if not (tower_path / "config.json").is_file():
+    tower = vision_tower or raw.get("mm_vision_tower")
+    tower_path = Path(tower) if tower else None
+    if tower_path is None or not (tower_path / "config.json").is_file():
         raise FileNotFoundError(
             f"{config_file}: mm_vision_tower {raw.get('mm_vision_tower')!r} is not a local directory with a "
             "config.json; pass the CLIP tower's local path (vision_tower=... / --vision-tower)"
@@ -254,6 +285,7 @@ def load_llava_original(
     path: str | Path,
     model_base: str | Path | None = None,
     vision_tower: str | Path | None = None,
+    projector_only: bool = False,
     **from_pretrained_kwargs,
 ) -> PolyfocusForConditionalGeneration:
     """An original LLaVA-1.5 checkpoint (full, or projector-only on top of `model_base`).
@@ -262,21 +294,21 @@ def load_llava_original(
     """
     path = Path(path)
     config = config_from_llava_original(path, vision_tower)
-    projector_only = checkpoint_format(path) == "projector"
     if projector_only and model_base is None:
         raise ValueError(f"{path} holds only a projector (mm_projector.bin): pass the base LLM (model_base=...)")
-    weights_dir = model_base if projector_only else path
-    model, info = _load_renamed(weights_dir, config, LLAVA_TO_POLYFOCUS, **from_pretrained_kwargs)
+    may_miss = ("vision_tower.", "mm_projector.") if projector_only else ("vision_tower.",)
+    model = _load_renamed(model_base if projector_only else path, config, LLAVA_TO_POLYFOCUS, may_miss,
+                          **from_pretrained_kwargs)
     if projector_only:
         _load_projector(model, path / "mm_projector.bin")
-    if any(k.startswith("vision_tower.") for k in info["missing_keys"]):
+    tower_keys = {"vision_tower." + k for k in model.vision_tower.state_dict()}
+    missing_tower = tower_keys & model.missing_keys
+    if missing_tower == tower_keys:
         # LLaVA delay-loads the tower from mm_vision_tower rather than from its own checkpoint.
         tower = AutoModel.from_pretrained(config.mm_vision_tower, dtype=model.dtype)
         model.vision_tower.load_state_dict(_vision_state(tower), strict=True)
-    expected_missing = ("vision_tower.", "mm_projector.") if projector_only else ("vision_tower.",)
-    missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing)]
-    if missing:
-        raise ValueError(f"{weights_dir}: checkpoint is missing weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    elif missing_tower:  # a partial tower: neither source is right
+        raise ValueError(f"{path}: the checkpoint holds part of the vision tower; missing {sorted(missing_tower)[:5]}")
     return model
 
 

@@ -66,7 +66,9 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         """[n_images, 3, H, W] → [n_images, N, D]."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
-        return self.mm_projector(select_features(self.config, out.hidden_states))
+        features = select_features(self.config, out.hidden_states)
+        projector_dtype = next(self.mm_projector.parameters(), features).dtype  # identity has no parameters
+        return self.mm_projector(features.to(projector_dtype))
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features scattered, in order, into the image-token positions."""
@@ -119,6 +121,17 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def generate(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None, **kwargs):
+        """transformers' generate. With an image id outside the vocabulary (LLaVA's -200), logits processors that
+        index the vocabulary with input_ids (repetition penalty, ...) would fail, so the prompt goes in as
+        embeddings and image positions show id 0 in the returned sequences."""
+        image_id = self.config.image_token_id
+        out_of_vocab = not 0 <= image_id < self.get_input_embeddings().num_embeddings
+        if input_ids is not None and pixel_values is not None and out_of_vocab:
+            kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values)
+            input_ids, pixel_values = input_ids.masked_fill(input_ids == image_id, 0), None
+        return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 
 
 # `AutoModelForImageTextToText.from_pretrained(dir)` finds us once polyfocus is imported.

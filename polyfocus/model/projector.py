@@ -16,7 +16,7 @@ def build_projector(projector_type: str, in_features: int, out_features: int) ->
         if in_features != out_features:
             raise ValueError(f"identity projector needs equal widths, got vision {in_features} vs text {out_features}")
         return nn.Identity()
-    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    match = re.fullmatch(r"mlp([1-9]\d*)x_gelu", projector_type)
     if match is None:
         raise ValueError(f"unknown mm_projector_type {projector_type!r}: use linear, mlpNx_gelu or identity")
     layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
