@@ -17,7 +17,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from polyfocus.model.convert import checkpoint_format, copy_tokenizer_files, load_model, save_llava_hf
+    from polyfocus.model.convert import checkpoint_format, copy_processor_files, load_model, save_llava_hf
 
     found = checkpoint_format(args.src)
     wanted = {"hf": "llava-hf", "llava": ("llava", "projector"), "polyfocus": "polyfocus"}.get(args.from_format)
@@ -29,7 +29,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         save_llava_hf(model, out, src_dir=args.src)
     else:
         model.save_pretrained(out)
-        copy_tokenizer_files(args.src, out)
+        copy_processor_files(args.src, out)
     print(f"{args.src} ({found}) -> {out} ({args.to})")
 
 

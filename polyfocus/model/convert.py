@@ -235,7 +235,8 @@ def _has_tokenizer(path: str | Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+def copy_processor_files(src: str | Path, dst: str | Path) -> None:
+    """Tokenizer, chat template and image-processor files: what a model directory needs besides weights."""
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja", "added_tokens.json", "preprocessor_config.json"):
         if (Path(src) / name).is_file():
