@@ -33,6 +33,59 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"{args.src} ({found}) -> {out} ({args.to})")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from polyfocus.data.images import ImageLoadError, load_image
+    from polyfocus.infer.pipeline import Pipeline
+
+    try:
+        image = load_image(args.image)  # once, as LLaVA's CLI; a bad path is a usage error
+    except ImageLoadError as e:
+        raise SystemExit(str(e)) from None
+    pipe = Pipeline.from_pretrained(args.model, template=args.template, device=args.device)
+    gen = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+    if args.prompt is not None:
+        print(pipe.chat(image, args.prompt, **gen))
+        return
+    history: list[dict] = []  # the image goes in the first turn only
+    while True:
+        try:
+            question = input("USER: ")
+        except EOFError:
+            print()
+            break
+        if not question.strip():  # an empty line ends the chat
+            break
+        print("ASSISTANT: ", end="", flush=True)
+        for piece in pipe.chat(image, question, history, stream=True, **gen):
+            print(piece, end="", flush=True)
+        print()
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from polyfocus.train.lora import base_of, merge_lora
+
+    try:
+        base = base_of(args.adapter_dir, args.model_base)
+    except FileNotFoundError as e:  # a wrong path is a usage error: the message, not a traceback
+        raise SystemExit(str(e)) from None
+    merge_lora(args.adapter_dir, args.out, model_base=base)
+    print(f"{args.adapter_dir} (lora) + {base} -> {args.out} (polyfocus)")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from polyfocus.train.run import train
+
+    train(args.config, overrides)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from polyfocus.demo import run
+
+    model_config = json.loads(args.model_config) if args.model_config else None
+    run(args.out, args.train_scenes, args.test_scenes, (args.pretrain_steps, args.finetune_steps), args.image_size,
+        args.batch_size, model_config, args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyfocus", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -57,10 +110,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-base", default=None, help="base LLM directory, for a stage-1 mm_projector.bin checkpoint")
     p.add_argument("--vision-tower", default=None, help="local CLIP/SigLIP directory (overrides mm_vision_tower)")
     p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("chat", help="chat about an image (interactive, streaming; --prompt for one answer)")
+    p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--image", required=True, help="image file; it goes in the first user turn")
+    p.add_argument("--prompt", default=None, help="ask this one question, print the answer and exit")
+    p.add_argument("--template", default=None,
+                   help="conversation template name (default: the tokenizer's chat_template)")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("merge", help="merge a LoRA adapter into its base: a plain polyfocus checkpoint")
+    p.add_argument("adapter_dir", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--model-base", default=None,
+                   help="base checkpoint directory (default: base_model_name_or_path in adapter_config.json)")
+    p.set_defaults(func=cmd_merge)
+
+    p = verbs.add_parser("demo", help="the whole pipeline on synthworld: data, 2-stage training, eval, a question")
+    p.add_argument("--out", default="polyfocus_demo", help="run directory (data, both stages, the model)")
+    p.add_argument("--train-scenes", type=int, default=1500)
+    p.add_argument("--test-scenes", type=int, default=100)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=600)
+    p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--model-config", default=None,
+                   help='JSON keywords of polyfocus.model.presets.tiny_config, e.g. \'{"text": "qwen2", "hidden_size": 256}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("train", help="train one stage (transformers Trainer; works under torchrun / accelerate)",
+                         description="Any ModelArguments / DataArguments / TrainingArguments field can follow as "
+                                     "--key value and overrides the YAML, e.g. --learning_rate 2e-5 --max_steps 10")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe (see configs/)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [a for a in argv if not a.startswith("--local_rank=")]  # the deepspeed launcher's; LOCAL_RANK is set too
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+        # Everything after the YAML is --key value overrides, typed by the training arguments' own parser.
+        has_config = len(argv) > 1 and not argv[1].startswith("-")
+        return cmd_train(argparse.Namespace(config=argv[1] if has_config else None), argv[2 if has_config else 1:])
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -53,17 +53,25 @@ LLAVA_ONLY_FIELDS = (
 
 
 def checkpoint_format(path: str | Path) -> str:
-    """'polyfocus' | 'llava-hf' | 'llava' (original LLaVA-1.5) | 'projector' (stage-1 mm_projector.bin only)."""
+    """'polyfocus' | 'llava-hf' | 'llava' (original LLaVA-1.5) | 'projector' (stage-1 mm_projector.bin only)
+    | 'lora' (a peft adapter directory from polyfocus.train.lora)."""
     path = Path(path)
     config_file = path / "config.json"
+    adapter = (path / "adapter_config.json").is_file()
+    if adapter and not config_file.is_file():
+        return "lora"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is this a model directory?")
     model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "polyfocus":
-        return "polyfocus"
+    if model_type == "polyfocus":  # an adapter may be saved with its model's config.json, but no model weights
+        has_weights = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        return "lora" if adapter and not has_weights else "polyfocus"
     if model_type == "llava":
         return "llava-hf"
     if model_type in LLAVA_TEXT_MODEL_TYPES:
+        if adapter:  # its adapter keys are in LLaVA's layout, not ours
+            raise ValueError(f"{path}: an original LLaVA LoRA checkpoint; merge it with LLaVA's "
+                             "scripts/merge_lora_weights.py, then load the merged directory")
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
         return "llava" if has_weights else "projector"
     raise ValueError(f"{config_file}: model_type {model_type!r} is not a polyfocus, llava-hf or LLaVA checkpoint")
@@ -77,10 +85,15 @@ def load_model(
 ) -> PolyfocusForConditionalGeneration:
     """Load any supported checkpoint directory as a polyfocus model.
 
-    model_base: the base LLM directory, for a stage-1 projector-only checkpoint.
+    model_base: the base LLM directory, for a stage-1 projector-only checkpoint; for a LoRA adapter, overrides
+        the base recorded in adapter_config.json (the adapter is merged into it on the fly).
     vision_tower: overrides the vision tower path recorded in an original LLaVA config.
     """
     fmt = checkpoint_format(path)
+    if fmt == "lora":
+        from polyfocus.train.lora import load_adapter  # lazy: polyfocus.train.lora imports this module
+
+        return load_adapter(path, model_base, vision_tower=vision_tower, **from_pretrained_kwargs).merge_and_unload()
     if fmt == "polyfocus":
         return PolyfocusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
     if fmt == "llava-hf":

@@ -79,7 +79,11 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             if not in_vocab and is_image.any():
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image-token positions "
                                  f"(id {self.config.image_token_id}) but no pixel_values were given")
-            return self.get_input_embeddings()(input_ids)
+            embeds = self.get_input_embeddings()(input_ids)
+            if self.training:  # keep the projector in the graph (zero gradient): DDP/ZeRO expect every parameter
+                empty = embeds.new_zeros(0, self.config.mm_hidden_size)
+                embeds = embeds + self.mm_projector(empty.to(next(self.mm_projector.parameters(), empty).dtype)).sum()
+            return embeds
         # Image positions are overwritten below, so an out-of-vocabulary id (LLaVA's -200) is never looked up.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, L, D]
         features = self.get_image_features(pixel_values)  # [n_images, N, D]
@@ -132,6 +136,13 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values)
             input_ids, pixel_values = input_ids.masked_fill(input_ids == image_id, 0), None
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+    def chat(self, image, question: str, tokenizer=None, **kwargs):
+        """`model.chat(image, question)`: one chat turn, with the tokenizer and image processor of the directory
+        the model was loaded from. See `polyfocus.infer.pipeline.Pipeline.chat` (history=, stream=, ...)."""
+        from polyfocus.infer.pipeline import model_chat  # lazy: the pipeline imports this module
+
+        return model_chat(self, image, question, tokenizer=tokenizer, **kwargs)
 
 
 # `AutoModelForImageTextToText.from_pretrained(dir)` finds us once polyfocus is imported.

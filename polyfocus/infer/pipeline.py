@@ -1,0 +1,317 @@
+"""Chat and batched generation: one `Pipeline` object holding model, tokenizer, image processor and template.
+
+    pipe = Pipeline.from_pretrained("runs/demo")
+    pipe.generate([(["a.png"], "What colour is the star?"), ([], "Say hi.")])      # batched, left-padded
+    history = []
+    pipe.chat("a.png", "What is in the image?", history)                           # multi-turn
+    for piece in pipe.chat("a.png", "And where?", history, stream=True): print(piece, end="")
+
+As LLaVA's CLI (spec llava_base.md §5): the image goes in the first user turn only ("<image>\\n" + question)
+and every turn re-encodes the whole conversation, so the second prompt starts with the first turn's ids.
+Unlike LLaVA's CLI and worker (batch size 1), requests are batched: each `<image>` is already expanded to
+`num_image_tokens` ids at tokenization, so prompts are left-padded like any LM's and `generate` is
+transformers' own. Generation stops at the tokenizer's EOS and at the template's stop string, which is
+stripped from the answer (the worker trims it too).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from threading import Thread
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, TextIteratorStreamer
+
+from polyfocus.data.images import CONFIG_NAME, ImageProcessor, load_image
+from polyfocus.data.templates import (
+    AUTO_NAMES, IMAGE_TOKEN, TEMPLATES, Template, TemplateError, TokenizerTemplate, encode, get_template,
+)
+
+ImageInput = str | os.PathLike | Image.Image
+# A request: (images, messages). messages is a chat ([{"role", "content"}, ...] with one "<image>" per image)
+# or a plain question string, to which the images are prepended as "<image>\n" when it names none.
+Request = tuple[Sequence[ImageInput] | ImageInput | None, Sequence[dict] | str]
+
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
+
+
+class Pipeline:
+    """Model + tokenizer + image processor + conversation template; `generate` (batched) and `chat`."""
+
+    def __init__(self, model, tokenizer, image_processor: ImageProcessor,
+                 template: str | Template | TokenizerTemplate | None = None):
+        self.model = model  # from_pretrained gives it in eval mode
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = resolve_template(template, tokenizer)
+        self.stop = stop_string(self.template)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, template: str | None = None, device: str | None = None,
+                        dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """Model (any checkpoint `load_model` reads), tokenizer and image processor from one directory.
+
+        template: a built-in template name; default "auto" = the tokenizer's chat_template (a training run
+        saves the tokenizer with its template's Jinja as chat_template).
+        """
+        from polyfocus.model.convert import load_model
+
+        model = load_model(path, **({"dtype": dtype} if dtype is not None else {}))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(path)
+        return cls(model.to(device), tokenizer, load_image_processor(path, model.config), template)
+
+    # ---- batched generation ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request], max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, batch_size: int = 16, **gen_kwargs) -> list[str]:
+        """Answer every request; batches of `batch_size`, left-padded. Greedy when temperature <= 0.001.
+
+        gen_kwargs go to transformers' `generate` (num_beams, repetition_penalty, logits_processor, ...).
+        """
+        answers = []
+        for start in range(0, len(requests), batch_size):
+            inputs = self.prepare(requests[start:start + batch_size], first_index=start)
+            kwargs = self._generation_kwargs(inputs, max_new_tokens, temperature, top_p, gen_kwargs)
+            new_tokens = self.model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1]:]
+            answers += [self.decode(ids) for ids in new_tokens]
+        return answers
+
+    def prepare(self, requests: Sequence[Request], first_index: int = 0) -> dict[str, torch.Tensor]:
+        """Requests -> input_ids / attention_mask [B, L] (left-padded) and pixel_values [n_images, 3, S, S]
+        holding every request's images in order (the model fills image positions row by row)."""
+        encoded, images = [], []
+        for i, (request_images, messages) in enumerate(requests, start=first_index):
+            request_images, messages = normalize_request(request_images, messages, i)
+            images += [load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in request_images]
+            encoded.append(self.encode(messages, len(request_images)))
+        length = max(len(ids) for ids in encoded)
+        pad = self.pad_token_id
+        input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded])
+        attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded])
+        device = self.model.device
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if images:
+            inputs["pixel_values"] = self.image_processor(images).to(device)
+        return inputs
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def encode(self, messages: Sequence[dict], n_images: int, add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of one conversation, each <image> expanded to num_image_tokens image ids."""
+        config = self.model.config
+        return encode(messages, self.tokenizer, self.template, config.image_token_id,
+                      [config.num_image_tokens] * n_images, add_generation_prompt=add_generation_prompt).input_ids
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """New tokens -> answer: special tokens (EOS, padding) dropped, cut at the stop string, stripped."""
+        return answer_text(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop)
+
+    def _generation_kwargs(self, inputs: dict, max_new_tokens: int, temperature: float, top_p: float,
+                           extra: dict) -> dict:
+        prompt_len = inputs["input_ids"].shape[1]
+        context = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if context is not None:  # as LLaVA's worker: never ask for more than the context holds
+            if prompt_len >= context:
+                raise ValueError(f"prompt of {prompt_len} tokens exceeds the model's context of {context} tokens")
+            max_new_tokens = min(max_new_tokens, context - prompt_len)
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0.001,
+                  "pad_token_id": self.pad_token_id, **self._stop_kwargs()}
+        if kwargs["do_sample"]:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        return {**kwargs, **extra}
+
+    def _stop_kwargs(self) -> dict:
+        """EOS ids (the tokenizer's, plus the stop string when it is a single token) and, for a stop string that
+        is ordinary text (plain's "\\n"), transformers' stop_strings, which also catch it inside a longer token."""
+        eos = [self.tokenizer.eos_token_id]
+        if not self.stop:
+            return {"eos_token_id": eos}
+        stop_ids = self.tokenizer.encode(self.stop, add_special_tokens=False)
+        if len(stop_ids) == 1 and stop_ids[0] not in eos:
+            eos.append(stop_ids[0])
+        if self.stop in {t.content for t in self.tokenizer.added_tokens_decoder.values()}:  # never merges
+            return {"eos_token_id": eos}
+        return {"eos_token_id": eos, "stop_strings": [self.stop], "tokenizer": self.tokenizer}
+
+    # ---- chat ----------------------------------------------------------------------------------------
+
+    def chat(self, image: ImageInput | None, question: str, history: list[dict] | None = None, stream: bool = False,
+             max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+             **gen_kwargs) -> str | Iterator[str]:
+        """One turn about `image`. `history` (a list of messages, start with []) is extended in place with the
+        question and the answer; pass it back for the next turn. The image is put in the first user turn only
+        and is re-encoded every turn, as in LLaVA's CLI.
+
+        stream=False: the answer. stream=True: an iterator of text pieces (generation runs in a thread);
+        their concatenation is the answer, and `history` is extended once the iterator is exhausted.
+        """
+        history = [] if history is None else history
+        user = {"role": "user", "content": question}
+        if image is not None and not any(m["role"] == "user" for m in history):
+            user["content"] = IMAGE_TOKEN + "\n" + question
+        messages = [*history, user]
+        images = [] if image is None else [image]
+        if stream:  # prepared here, so that a bad image fails at the call rather than at the first piece
+            inputs = self.prepare([(images, messages)])
+            kwargs = self._generation_kwargs(inputs, max_new_tokens, temperature, top_p, gen_kwargs)
+            return self._stream(inputs, kwargs, user, history)
+        answer = self.generate([(images, messages)], max_new_tokens, temperature, top_p, **gen_kwargs)[0]
+        history += [user, {"role": "assistant", "content": answer}]
+        return answer
+
+    def _stream(self, inputs: dict, kwargs: dict, user: dict, history: list[dict]) -> Iterator[str]:
+        # The streamer decodes as `decode` does, so the pieces add up to the non-streamed answer.
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pieces = []
+        for piece in until_stop(generate_in_thread(self.model, streamer, {**inputs, **kwargs}), self.stop):
+            pieces.append(piece)
+            yield piece
+        history += [user, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def model_chat(model, image: ImageInput | None, question: str, tokenizer=None, image_processor=None,
+               template: str | None = None, history: list[dict] | None = None, stream: bool = False, **gen_kwargs):
+    """`PolyfocusForConditionalGeneration.chat`: a Pipeline around `model`, with the tokenizer and image
+    processor of the directory it was loaded from (`model.name_or_path`) unless given."""
+    path = model.name_or_path
+    if tokenizer is None:
+        if not path or not Path(path).is_dir():
+            raise ValueError("model.chat: the model was not loaded from a local directory "
+                             f"(name_or_path={path!r}); pass tokenizer=")
+        tokenizer = load_tokenizer(path)
+    if image_processor is None:
+        image_processor = load_image_processor(path, model.config)
+    pipe = Pipeline(model, tokenizer, image_processor, template)
+    return pipe.chat(image, question, history, stream=stream, **gen_kwargs)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike):
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(path))
+    except (OSError, ValueError) as e:
+        raise OSError(f"{path}: cannot load a tokenizer from this directory ({e})") from e
+
+
+def load_image_processor(path: str | os.PathLike | None, config) -> ImageProcessor:
+    """The directory's preprocessor_config.json, else one built from the model config (tower input size, the
+    config's aspect ratio; SigLIP's 0.5 mean/std for SigLIP towers, CLIP's otherwise)."""
+    if path and (Path(path) / CONFIG_NAME).is_file():
+        return ImageProcessor.from_pretrained(path)
+    vision = config.vision_config
+    norm = {"image_mean": SIGLIP_MEAN_STD, "image_std": SIGLIP_MEAN_STD} if "siglip" in vision.model_type else {}
+    return ImageProcessor(image_size=vision.image_size, aspect_ratio=config.image_aspect_ratio, **norm)
+
+
+def resolve_template(template, tokenizer) -> Template | TokenizerTemplate:
+    """A template name (default "auto": the tokenizer's chat_template) or template object."""
+    if template is None or isinstance(template, str):
+        name = template or "auto"
+        if name in AUTO_NAMES and not getattr(tokenizer, "chat_template", None):
+            where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise TemplateError(f"{where}: the tokenizer has no chat_template; pass a template name "
+                                f"({', '.join(TEMPLATES)})")
+        return get_template(name, tokenizer)
+    return template
+
+
+def stop_string(template: Template | TokenizerTemplate) -> str:
+    """What closes a reply: Template.stop, or for a tokenizer's chat_template, the supervised text after a
+    probe reply (the same rule: the end token, stripped of surrounding whitespace)."""
+    if isinstance(template, Template):
+        return template.stop
+    probe = "PROBE"
+    segments = template.segments([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    reply = "".join(text for text, supervised in segments if supervised)
+    after = reply.split(probe, 1)[1] if probe in reply else ""
+    return after.strip() or after
+
+
+def normalize_request(images, messages, index: int) -> tuple[list[ImageInput], list[dict]]:
+    """(images, messages) with images as a list and messages as a chat; the <image> count must match."""
+    if images is None:
+        images = []
+    elif isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    images = list(images)
+    if isinstance(messages, str):
+        content = messages if IMAGE_TOKEN in messages else (IMAGE_TOKEN + "\n") * len(images) + messages
+        messages = [{"role": "user", "content": content}]
+    n_tags = sum(m.get("content", "").count(IMAGE_TOKEN) for m in messages if isinstance(m, dict))
+    if n_tags != len(images):
+        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"<{type(x).__name__}>" for x in images]
+        raise ValueError(f"request {index}: the messages hold {n_tags} {IMAGE_TOKEN} tag(s) but {len(images)} "
+                         f"image(s) were given {names}")
+    return images, list(messages)
+
+
+# ---- streaming -------------------------------------------------------------------------------------------
+
+
+def generate_in_thread(model, streamer: TextIteratorStreamer, kwargs: dict) -> Iterator[str]:
+    """Run model.generate in a thread and yield the streamer's text; an error in the thread is re-raised here
+    (after ending the stream, so the loop never waits on a queue that nothing will fill)."""
+    errors = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs, streamer=streamer)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            errors.append(e)
+            streamer.end()
+
+    thread = Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
+    """Stream `answer_text("".join(pieces), stop)`: the text up to the first `stop`, without surrounding whitespace.
+    A tail that may be the start of `stop` or trailing whitespace is held back until the next piece decides it.
+    Pieces after the stop are still consumed, so the producer finishes."""
+    held, started, stopped = "", False, False
+    for piece in pieces:
+        if stopped:
+            continue
+        held += piece
+        if stop and stop in held:
+            held, stopped, keep = held[: held.index(stop)].rstrip(), True, 0
+        else:
+            keep = _prefix_overlap(held, stop)
+            head = held[: len(held) - keep]
+            keep += len(head) - len(head.rstrip())  # whitespace before it may turn out to be trailing
+        if not started:  # leading whitespace is dropped
+            held = held.lstrip()
+            started = bool(held)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep:]
+    if held.strip() and not stopped:
+        yield held.rstrip()
+
+
+def answer_text(text: str, stop: str) -> str:
+    """The decoded new tokens up to the stop string, stripped (as LLaVA's CLI strips its outputs)."""
+    return (text[: text.index(stop)] if stop and stop in text else text).strip()
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

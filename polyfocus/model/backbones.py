@@ -1,0 +1,45 @@
+"""A new polyfocus model from a pretrained LLM directory and a pretrained vision-tower directory (LLaVA's stage-1
+starting point: Vicuna + CLIP-L/336, projector freshly initialised)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from polyfocus.config import PolyfocusConfig
+from polyfocus.model.convert import _vision_config, _vision_state
+from polyfocus.model.modeling import PolyfocusForConditionalGeneration
+from polyfocus.model.projector import build_projector
+from polyfocus.model.vision import build_vision_tower
+
+
+def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id: int, dtype: torch.dtype | None = None,
+                   attn_implementation: str | None = None, **config_fields) -> PolyfocusForConditionalGeneration:
+    """config_fields: any PolyfocusConfig field (mm_vision_select_layer, mm_projector_type, ...)."""
+    for path, what in ((llm_path, "LLM"), (tower_path, "vision tower")):
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; the {what} must be a local model directory")
+    config = PolyfocusConfig(
+        vision_config=_vision_config(Path(tower_path)).to_dict(),
+        text_config=AutoConfig.from_pretrained(llm_path).to_dict(),
+        image_token_id=image_token_id,
+        mm_vision_tower=str(tower_path),
+        **config_fields,
+    )
+    # Build on the meta device, then put the pretrained parts in: no random init of billions of weights.
+    with torch.device("meta"):
+        model = PolyfocusForConditionalGeneration(config)
+    model.language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype,
+                                                                attn_implementation=attn_implementation)
+    # The tower and projector are rebuilt for real (to_empty would leave non-persistent buffers such as CLIP's
+    # position_ids uninitialised).
+    model.vision_tower = build_vision_tower(config)
+    model.vision_tower.load_state_dict(_vision_state(AutoModel.from_pretrained(tower_path)), strict=True)
+    model.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.text_config.hidden_size)
+    model.mm_projector.apply(model._init_weights)
+    if dtype is not None:
+        model.to(dtype)
+    model.config.text_config = model.language_model.config
+    return model

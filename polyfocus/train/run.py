@@ -1,0 +1,247 @@
+"""`polyfocus train CONFIG.yaml [--key value ...]`: one training stage, from arguments to a saved model.
+
+Runs unchanged under `python`, `torchrun` and `accelerate launch` (the Trainer reads the launcher's environment).
+The output directory is a loadable polyfocus checkpoint (weights, config, tokenizer with the training template as
+its chat_template, image processor), plus the resolved arguments (`train_args.yaml`), the metrics
+(`trainer_state.json`) and `loss.png`. A run whose output directory already holds checkpoints resumes from the
+last one, as LLaVA's train.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from polyfocus.data.dataset import DataCollator, SupervisedDataset
+from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
+from polyfocus.data.images import ImageProcessor
+from polyfocus.data.templates import AUTO_NAMES, get_template
+from polyfocus.train.args import parse_args, resolved_config
+from polyfocus.train.freeze import configure_trainable, parameter_summary, trainable_parts
+from polyfocus.train.trainer import PolyfocusTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PolyfocusTrainer:
+    model_args, data_args, training_args = parse_args(config, overrides)
+    if not training_args.output_dir:
+        raise ValueError("output_dir is required (in the YAML or --output_dir)")
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args)
+    model = build_model(model_args, data_args, training_args, tokenizer)
+    image_processor = build_image_processor(model_args, model, data_args.image_aspect_ratio)
+    template = get_template(model_args.version, tokenizer)
+    dataset = build_dataset(data_args, training_args, model, tokenizer, template, image_processor)
+
+    model = set_trainable(model, model_args, training_args.output_dir)
+    if training_args.activation_checkpointing and not model.get_input_embeddings().weight.requires_grad:
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input (LLaVA does this)
+    collator = DataCollator(tokenizer.pad_token_id, "right", training_args.model_max_length)
+    trainer = PolyfocusTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                               processing_class=tokenizer)
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        args_file = Path(training_args.output_dir) / "train_args.yaml"
+        args_file.write_text(yaml.safe_dump(resolved_config(model_args, data_args, training_args), sort_keys=False))
+        print(f"trainable parameters:\n{parameter_summary(model)}", flush=True)
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(training_args.output_dir):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume:
+            logger.warning("resuming from %s (the output directory already holds checkpoints)", resume)
+    trainer.train(resume_from_checkpoint=resume)
+
+    save_final(trainer, tokenizer, template, image_processor, data_args, training_args)
+    return trainer
+
+
+# ---- parts of a run ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_args):
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if source is None:
+        raise ValueError("no tokenizer: give tokenizer_name_or_path (or model_name_or_path)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:  # LLaVA pads with <unk> for Llama-family tokenizers
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(model_args, data_args, training_args, tokenizer):
+    """Start from a checkpoint, from an LLM + vision tower, or from a fresh `model_config`."""
+    from polyfocus.model.convert import checkpoint_format, load_model
+
+    dtype = torch.bfloat16 if training_args.bf16 else None
+    overrides = {k: getattr(model_args, k) for k in ("mm_vision_select_layer", "mm_vision_select_feature",
+                                                     "mm_projector_type") if getattr(model_args, k) is not None}
+    path = model_args.model_name_or_path
+    if path and _is_multimodal_checkpoint(path):
+        if overrides:
+            raise ValueError(f"{path} is a multimodal checkpoint; its {sorted(overrides)} cannot be changed")
+        kwargs = {"model_base": model_args.model_base, "vision_tower": model_args.vision_tower, "dtype": dtype,
+                  "attn_implementation": model_args.attn_implementation}
+        if model_args.lora_enable and model_args.bits in (4, 8):  # QLoRA: the LLM is loaded quantized (CUDA)
+            from polyfocus.train.lora import load_quantized
+
+            model = load_quantized(path, bits=model_args.bits, **kwargs)
+        else:
+            model = load_model(path, **kwargs)
+        print(f"loaded {checkpoint_format(path)} checkpoint {path}")
+    elif path:
+        from polyfocus.model.backbones import from_backbones
+
+        if not model_args.vision_tower:
+            raise ValueError(f"{path} is a plain LLM: give vision_tower (a local CLIP/SigLIP directory)")
+        add_token = "<image>" not in tokenizer.get_vocab()
+        if add_token:
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        model = from_backbones(path, model_args.vision_tower, tokenizer.convert_tokens_to_ids("<image>"), dtype=dtype,
+                               attn_implementation=model_args.attn_implementation, **overrides)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    elif model_args.model_config is not None:
+        from polyfocus.model.presets import tiny_config
+        from polyfocus.model.modeling import PolyfocusForConditionalGeneration
+
+        kwargs = model_args.model_config
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids("<image>"))
+        model = PolyfocusForConditionalGeneration(tiny_config(**kwargs, **overrides))
+        model.config._attn_implementation = model_args.attn_implementation
+    else:
+        raise ValueError("nothing to start from: give model_name_or_path or model_config")
+
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    model.config.tokenizer_padding_side = "right"
+    model.config.tokenizer_model_max_length = training_args.model_max_length
+    model.config.use_cache = False  # training; generation turns it back on
+    return model
+
+
+def _is_multimodal_checkpoint(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return (Path(path) / "adapter_config.json").is_file()
+    model_type = json.loads(config.read_text()).get("model_type", "")
+    return model_type in ("polyfocus", "llava") or model_type.startswith("llava_")
+
+
+def load_projector(model, file: str) -> None:
+    """Projector weights of a stage-1 run: LLaVA's mm_projector.bin (keys model.mm_projector.*) or ours."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: no projector weights (pretrain_mm_mlp_adapter)")
+    state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
+    projector = {}
+    for key, value in state.items():
+        for prefix in ("model.mm_projector.", "mm_projector."):
+            if key.startswith(prefix):
+                projector[key[len(prefix):]] = value
+    if not projector:
+        raise ValueError(f"{file}: no mm_projector weights (keys: {list(state)[:3]})")
+    model.mm_projector.load_state_dict(projector, strict=True)
+
+
+def build_image_processor(model_args, model, aspect_ratio: str) -> ImageProcessor:
+    """The tower's own normalisation (e.g. SigLIP's 0.5/0.5) when a preprocessor file is found, else CLIP's."""
+    for source in (model_args.model_name_or_path, model_args.vision_tower):
+        if source and (Path(source) / IMAGE_PROCESSOR_FILE).is_file():
+            return ImageProcessor.from_pretrained(source, aspect_ratio=aspect_ratio)
+    return ImageProcessor(image_size=model.config.vision_config.image_size, aspect_ratio=aspect_ratio)
+
+
+def build_dataset(data_args, training_args, model, tokenizer, template, image_processor):
+    if not data_args.data_path:
+        raise ValueError("data_path is required (one or more LLaVA JSON files)")
+    parts = []
+    for path in data_args.data_path:
+        dataset = SupervisedDataset(path, data_args.image_folder, tokenizer, template, image_processor,
+                                    model.config.image_token_id, model.config.num_image_tokens,
+                                    training_args.model_max_length, strict=data_args.strict_data)
+        if data_args.validate_data:
+            dataset.validate()
+        if dataset.skipped:
+            logger.warning("%s: skipped %s", path, {r: len(n) for r, n in dataset.skipped.items()})
+        parts.append(dataset)
+    return parts[0] if len(parts) == 1 else ConcatSupervised(parts)
+
+
+class ConcatSupervised(torch.utils.data.ConcatDataset):
+    """Several annotation files as one dataset; keeps `modality_lengths` for the grouped sampler."""
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        return [n for d in self.datasets for n in d.modality_lengths]
+
+
+def set_trainable(model, model_args, output_dir: str):
+    parts = trainable_parts(model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
+                            model_args.freeze_mm_mlp_adapter)
+    if model_args.lora_enable:
+        from polyfocus.train.lora import apply_lora, lora_config
+
+        if not _is_multimodal_checkpoint(model_args.model_name_or_path or ""):
+            model = _save_base(model, Path(output_dir) / "base")  # the adapter needs a base directory to merge into
+        config = lora_config(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                             target_modules=model_args.lora_target_modules, bias=model_args.lora_bias)
+        model = apply_lora(model, config, bits=model_args.bits)
+        parts -= {"language_model"}  # the LLM trains through its adapters
+    configure_trainable(model, parts, model_args.unfreeze_vision_layers, model_args.freeze_modules)
+    return model
+
+
+def _save_base(model, base: Path):
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        model.save_pretrained(base)
+    state.wait_for_everyone()
+    model.name_or_path = str(base.resolve())
+    return model
+
+
+def save_final(trainer, tokenizer, template, image_processor, data_args, training_args) -> None:
+    out = training_args.output_dir
+    trainer.save_model(out)
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+    if getattr(template, "name", None) not in AUTO_NAMES and hasattr(template, "to_jinja"):
+        tokenizer.chat_template = template.to_jinja()  # chat/serve/export then use the training template
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    if training_args.plot_loss:
+        plot_loss(trainer.state.log_history, Path(out) / "loss.png")
+
+
+def plot_loss(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(*zip(*points), linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title=path.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

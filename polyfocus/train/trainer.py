@@ -1,0 +1,124 @@
+"""transformers' Trainer, subclassed only where LLaVA-style training needs it:
+
+- optimizer parameter groups per model part (projector / fusion / vision tower / LLM learning rates),
+  each split into decay and no-decay, as LLaVATrainer.create_optimizer does;
+- the modality-length grouped sampler (`group_by_modality_length`);
+- checkpoints written atomically: into `<output_dir>/.staging/checkpoint-N`, renamed to `checkpoint-N` only once
+  every rank has finished, so a crash mid-save never leaves a `checkpoint-N` that loads half-written;
+- checkpoints that hold only the trainable weights (`save_trainable_only`; LLaVA stage 1 saves only the
+  projector) — resume loads them over the frozen weights, which the run rebuilds from its starting model;
+
+Everything else (DDP/FSDP/DeepSpeed, resume of optimizer/scheduler/RNG/data position, logging, report_to)
+is the library's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from transformers import Trainer
+
+from polyfocus.data.sampler import LengthGroupedSampler
+from polyfocus.train.freeze import part_of
+
+STAGING = ".staging"
+
+
+class PolyfocusTrainer(Trainer):
+    def part_learning_rates(self) -> dict[str, float]:
+        a = self.args
+        lrs = {"projector": a.mm_projector_lr, "fusion": a.mm_fusion_lr, "vision_tower": a.mm_vision_tower_lr}
+        return {part: lr for part, lr in lrs.items() if lr is not None}
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        lrs = self.part_learning_rates()
+        groups: dict[tuple[str, bool], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                part = part_of(name) if "lora_" not in name else "language_model"
+                groups.setdefault((part if part in lrs else "", name in decay), []).append(param)
+        param_groups = []
+        for (part, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if part:
+                group["lr"] = lrs[part]
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        # One megabatch = one optimizer step over all ranks (LLaVA passes world_size x grad_accum).
+        world = self.args.world_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(dataset.modality_lengths, self.args.train_batch_size, world, seed=self.args.seed)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):  # left over by a crash: never half-reuse it
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)  # atomic on one filesystem
+            _fsync_dir(run_dir)
+            self._rotate_checkpoints_in(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate_checkpoints_in(self, run_dir: str) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Inside a checkpoint of a partly frozen model, write the trainable weights only.
+        # (A peft model already saves only its adapters and modules_to_save.)
+        partial = getattr(self, "_staging", False) and self.args.save_trainable_only and state_dict is None
+        if partial and not hasattr(self.model, "peft_config"):
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if len(trainable) < sum(1 for _ in self.model.parameters()):
+                state_dict = {k: v for k, v in self.model.state_dict().items() if k in trainable}
+        super()._save(output_dir, state_dict)
+
+    def _issue_warnings_after_load(self, load_result):
+        # A trainable-only checkpoint misses the frozen weights by design; anything else missing is an error.
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        missing = [k for k in load_result.missing_keys if k not in frozen]
+        if missing or load_result.unexpected_keys:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                             f"unexpected {list(load_result.unexpected_keys)[:5]}")
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

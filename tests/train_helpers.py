@@ -1,0 +1,73 @@
+"""Helpers for tests/test_train.py.
+
+As a script: `python tests/train_helpers.py JOBS_JSON` runs training jobs (`polyfocus.train.run.train`), each in
+a forked child that SIGKILLs itself at the end of a given optimizer step, and prints the children's exit codes
+(-9 each when all went as planned) as a JSON list. JOBS_JSON is a list of
+{"config": YAML path, "overrides": [...], "kill_at_step": N}. The heavy imports happen once, in the parent, before
+any torch computation (so forking is safe); each child then trains exactly as `polyfocus train` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+from transformers import TrainerCallback
+
+
+class KillAtStep(TrainerCallback):
+    """SIGKILL this process at the end of optimizer step `step` (before that step's checkpoint, if any)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trainer_with(base, callbacks=(), on_init=None):
+    """A subclass of the trainer class `base` that adds `callbacks` and calls `on_init(trainer)` after __init__."""
+
+    class Patched(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for callback in callbacks:
+                self.add_callback(callback)
+            if on_init is not None:
+                on_init(self)
+
+    return Patched
+
+
+def main(argv: list[str]) -> int:
+    jobs = json.loads(argv[0])
+    from polyfocus.train import run  # every heavy import, once, before forking
+
+    codes = []
+    for job in jobs:
+        pid = os.fork()
+        if pid == 0:  # child: train until the callback kills it
+            code = 3  # reaching the end means the kill never happened
+            try:
+                run.PolyfocusTrainer = trainer_with(run.PolyfocusTrainer, [KillAtStep(job["kill_at_step"])])
+                run.train(job["config"], job["overrides"])
+            except BaseException:
+                traceback.print_exc()
+                code = 4
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+    print(json.dumps(codes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
