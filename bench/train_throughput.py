@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from common import emit
 from polyfocus import PolyfocusForConditionalGeneration
@@ -28,15 +28,10 @@ from polyfocus.data.synthworld import export
 from polyfocus.data.tokenizer import default_tokenizer
 from polyfocus.model.convert import to_llava_hf
 from polyfocus.model.presets import tiny_config
+from polyfocus.train.args import TrainingArguments
 from polyfocus.train.trainer import PolyfocusTrainer
 
 STEPS, BATCH = 12, 16
-
-
-class Arguments(TrainingArguments):  # the two fields PolyfocusTrainer reads beyond transformers' own
-    group_by_modality_length: bool = False
-    save_trainable_only: bool = True
-    mm_projector_lr = mm_fusion_lr = mm_vision_tower_lr = None
 
 
 def make_dataset(root: Path, tokenizer, image_token_id: int, num_image_tokens: int):
@@ -48,7 +43,7 @@ def make_dataset(root: Path, tokenizer, image_token_id: int, num_image_tokens: i
 
 def run(trainer_cls, model, dataset, collator, out: str, grouped: bool) -> float:
     """Non-padding tokens per second over STEPS optimizer steps (after one warm-up step)."""
-    args = Arguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=STEPS + 1, learning_rate=1e-4,
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=STEPS + 1, learning_rate=1e-4,
                      save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
                      dataloader_pin_memory=False, seed=0, group_by_modality_length=grouped, logging_strategy="no")
     tokens, start = [0], [0.0]

@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     model_config = json.loads(args.model_config) if args.model_config else None
     run(args.out, args.train_scenes, args.test_scenes, (args.pretrain_steps, args.finetune_steps), args.image_size,
-        args.batch_size, model_config, args.seed)
+        args.batch_size, model_config, args.max_objects, args.families.split(",") if args.families else None, args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the whole pipeline on synthworld: data, 2-stage training, eval, a question")
     p.add_argument("--out", default="polyfocus_demo", help="run directory (data, both stages, the model)")
-    p.add_argument("--train-scenes", type=int, default=1500)
+    p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--test-scenes", type=int, default=100)
     p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=600)
-    p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes")
+    p.add_argument("--finetune-steps", type=int, default=2000)
+    p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes and of the tower's input")
+    p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
+    p.add_argument("--families", default=None,
+                   help="stage-2 task families, comma-separated (default colour,shape,count,existence,spatial,mc; or count, existence, "
+                        "spatial, text, grounding, caption, ... too)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model-config", default=None,
                    help='JSON keywords of polyfocus.model.presets.tiny_config, e.g. \'{"text": "qwen2", "hidden_size": 256}\'')

@@ -31,6 +31,7 @@ def default_recipe(out: Path, train_scenes: int, steps: tuple[int, int], model_c
         "per_device_train_batch_size": batch_size,
         "tune_mm_mlp_adapter": False,  # random weights: train everything (see the module docstring)
         "unfreeze_vision_layers": -1,
+        "mm_vision_tower_lr": 1.0e-4,  # at the LLM's rate the random tower collapses to image-independent features
         "mm_projector_lr": None,
         "weight_decay": 0.0,
         "save_strategy": "no",
@@ -60,14 +61,15 @@ def default_recipe(out: Path, train_scenes: int, steps: tuple[int, int], model_c
     return {"stage1": stage1, "stage2": stage2}
 
 
-def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, seed: int) -> None:
+def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, max_objects: int, families: list[str],
+              seed: int) -> None:
     from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
 
     data = out / "data"
-    export(str(data), train_scenes, seed=seed, image_size=image_size, families=["dense_caption"], split="pretrain")
-    export(str(data), train_scenes, seed=seed, image_size=image_size, families=VQA_FAMILIES, split="train")
-    export(str(data), test_scenes, seed=seed, image_size=image_size, families=VQA_FAMILIES, split="test")
+    for split, n, families in (("pretrain", train_scenes, ["dense_caption"]), ("train", train_scenes, families),
+                               ("test", test_scenes, families)):
+        export(str(data), n, seed=seed, image_size=image_size, families=families, split=split, max_objects=max_objects)
     build_tokenizer(save_dir=out / "tokenizer")
 
 
@@ -85,14 +87,14 @@ def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32) -> tuple[s
     return format_table(results, baseline), results, baseline
 
 
-def ask_fresh_image(model_dir: Path, out: Path, image_size: int, seed: int) -> str:
+def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: int, seed: int) -> str:
     from polyfocus.data.synthworld import make_scene, render
     from polyfocus.data.synthworld_tasks import make_task
     from polyfocus.infer.pipeline import Pipeline
 
     task, i = None, 0
     while task is None:  # the first fresh scene that has an unambiguous colour question
-        scene, i = make_scene(f"{seed}/fresh/{i}", image_size, scene_id="fresh"), i + 1
+        scene, i = make_scene(f"{seed}/fresh/{i}", image_size, max_objects, scene_id="fresh"), i + 1
         task = make_task(scene, "colour")
     image_path = out / "fresh.png"
     render(scene).save(image_path)
@@ -101,16 +103,19 @@ def ask_fresh_image(model_dir: Path, out: Path, image_size: int, seed: int) -> s
     return f"image: {image_path}\nQ: {question}\nA: {answer}   (truth: {task.answer})"
 
 
-def run(out: str = "polyfocus_demo", train_scenes: int = 1500, test_scenes: int = 100, steps: tuple[int, int] = (300, 600),
-        image_size: int = 112, batch_size: int = 16, model_config: dict | None = None, seed: int = 0) -> dict:
+def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
+        steps: tuple[int, int] = (300, 2000), image_size: int = 112, batch_size: int = 16,
+        model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
+        seed: int = 0) -> dict:
     from polyfocus.train.run import train
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_config = {"hidden_size": 128, "image_size": 56, **(model_config or {})}
+    # The tower sees the scenes at their rendered size: 64 patches of 14 px (at 56 px shapes are a few pixels wide).
+    model_config = {"hidden_size": 128, "image_size": image_size, "patch_size": 14, **(model_config or {})}
     timings = {}
     t0 = time.perf_counter()
-    make_data(out_dir, train_scenes, test_scenes, image_size, seed)
+    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed)
     timings["data_s"] = time.perf_counter() - t0
     recipe = default_recipe(out_dir, train_scenes, steps, model_config, batch_size)
     for stage, args in recipe.items():
@@ -124,7 +129,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 1500, test_scenes: int 
     table, results, baseline = evaluate_model(out_dir / "stage2", out_dir / "data")
     timings["eval_s"] = time.perf_counter() - t
     print("\n== held-out scenes (accuracy, %):\n" + table)
-    print("\n== a fresh image:\n" + ask_fresh_image(out_dir / "stage2", out_dir, image_size, seed))
+    print("\n== a fresh image:\n" + ask_fresh_image(out_dir / "stage2", out_dir, image_size, max_objects, seed))
     timings["total_s"] = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "peak_rss_mb": round(peak_mb),

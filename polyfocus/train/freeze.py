@@ -40,13 +40,13 @@ def trainable_parts(tune_mm_mlp_adapter: bool, freeze_backbone: bool, freeze_mm_
 
 def configure_trainable(model: nn.Module, parts: set[str], unfreeze_vision_layers: int = 0,
                         freeze_modules: list[str] = ()) -> None:
-    """Set requires_grad: the given parts train, the tower's top `unfreeze_vision_layers` layers (-1: all of it)
-    train, then anything matching a `freeze_modules` regex is frozen."""
-    vision_layers = _top_vision_layers(model, unfreeze_vision_layers)
+    """Set requires_grad: the given parts train, the tower's top `unfreeze_vision_layers` layers train (-1: every
+    tower weight that feeds the selected features), then anything matching a `freeze_modules` regex is frozen."""
+    tower_trains = _vision_filter(model.config, unfreeze_vision_layers)
     patterns = [re.compile(p) for p in freeze_modules]
     for name, param in model.named_parameters():
         part = part_of(name)
-        trains = part in parts or (part == "vision_tower" and _in_layers(name, vision_layers, unfreeze_vision_layers))
+        trains = part in parts or (part == "vision_tower" and tower_trains(name))
         if "lora_" in name:  # peft adapters always train; peft's frozen copy of a fully trained module never does
             trains = True
         elif ".original_module." in name:
@@ -54,20 +54,26 @@ def configure_trainable(model: nn.Module, parts: set[str], unfreeze_vision_layer
         param.requires_grad_(trains and not any(p.search(name) for p in patterns))
 
 
-def _top_vision_layers(model: nn.Module, n: int) -> set[int]:
-    if n == 0 or n == -1:
-        return set()
-    layers = model.config.vision_config.num_hidden_layers
-    if n < -1 or n > layers:
-        raise ValueError(f"unfreeze_vision_layers={n}: the vision tower has {layers} layers (use 0..{layers} or -1)")
-    return set(range(layers - n, layers))
+def _vision_filter(config, n: int):
+    """name -> trains, for the vision tower. "Top" counts down from the deepest layer the features are read from:
+    with LLaVA's mm_vision_select_layer -2 the last layer (and post_layernorm) is unused, so training it would
+    only waste memory and, under DDP, fail for parameters that get no gradient."""
+    n_states = config.vision_config.num_hidden_layers + 1  # hidden states: embeddings, then one per layer
+    used = max(i % n_states for i in config.select_layers)  # layers 0..used-1 feed the features
+    if n < -1 or n > used:
+        raise ValueError(f"unfreeze_vision_layers={n}: the selected features come from the first {used} layers "
+                         f"of the vision tower (use 0..{used} or -1)")
+    first = 0 if n == -1 else used - n
 
+    def trains(name: str) -> bool:
+        if n == 0:
+            return False
+        match = re.search(r"\.layers\.(\d+)\.", name)
+        if match:
+            return first <= int(match.group(1)) < used
+        return n == -1 and "post_layernorm" not in name and ".head." not in name  # embeddings, pre-LN
 
-def _in_layers(name: str, layers: set[int], n: int) -> bool:
-    if n == -1:
-        return True
-    match = re.search(r"\.layers\.(\d+)\.", name)
-    return bool(match) and int(match.group(1)) in layers
+    return trains
 
 
 def parameter_summary(model: nn.Module) -> str:

@@ -45,6 +45,9 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
     if training_args.activation_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input (LLaVA does this)
     collator = DataCollator(tokenizer.pad_token_id, "right", training_args.model_max_length)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and training_args.world_size == 1:
+        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but the Trainer is not distributed "
+                           "(on a CPU-only machine pass --use_cpu true); refusing to train one copy per process")
     trainer = PolyfocusTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer)
     if trainer.is_world_process_zero():
