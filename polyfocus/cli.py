@@ -82,8 +82,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from polyfocus.demo import run
 
     model_config = json.loads(args.model_config) if args.model_config else None
+    families = args.families.split(",") if args.families else None
     run(args.out, args.train_scenes, args.test_scenes, (args.pretrain_steps, args.finetune_steps), args.image_size,
-        args.batch_size, model_config, args.max_objects, args.families.split(",") if args.families else None, args.seed)
+        args.batch_size, model_config, args.max_objects, families, args.tower_lr, args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--split", default="train", choices=["train", "val", "test", "pretrain"],
                    help="pretrain = short captions only, for stage 1")
+    p.add_argument("--tower-lr", type=float, default=1e-4, help="learning rate of the vision tower; 0 freezes it")
     p.add_argument("--families", default=None, help="comma-separated task families (default: all)")
     p.set_defaults(func=cmd_synth)
 
@@ -137,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=2000)
     p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes and of the tower's input")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
+    p.add_argument("--tower-lr", type=float, default=1e-4, help="learning rate of the vision tower; 0 freezes it")
     p.add_argument("--families", default=None,
                    help="stage-2 task families, comma-separated (default colour,shape,count,existence,spatial,mc; or count, existence, "
                         "spatial, text, grounding, caption, ... too)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model-config", default=None,
-                   help='JSON keywords of polyfocus.model.presets.tiny_config, e.g. \'{"text": "qwen2", "hidden_size": 256}\'')
+                   help='JSON keywords of polyfocus.model.presets.tiny_config, e.g. '
+                        '\'{"text": "qwen2", "hidden_size": 256, "vision_hidden_size": 128}\'')
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 

@@ -25,13 +25,14 @@ import yaml
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
 
 
-def default_recipe(out: Path, train_scenes: int, steps: tuple[int, int], model_config: dict, batch_size: int) -> dict:
+def default_recipe(out: Path, train_scenes: int, steps: tuple[int, int], model_config: dict, batch_size: int,
+                   tower_lr: float | None = 1.0e-4) -> dict:
     common = {
         "tokenizer_name_or_path": str(out / "tokenizer"),
         "per_device_train_batch_size": batch_size,
         "tune_mm_mlp_adapter": False,  # random weights: train everything (see the module docstring)
-        "unfreeze_vision_layers": -1,
-        "mm_vision_tower_lr": 1.0e-4,  # at the LLM's rate the random tower collapses to image-independent features
+        "unfreeze_vision_layers": -1 if tower_lr else 0,
+        "mm_vision_tower_lr": tower_lr,  # at the LLM's rate the random tower collapses to image-independent features
         "mm_projector_lr": None,
         "weight_decay": 0.0,
         "save_strategy": "no",
@@ -106,7 +107,7 @@ def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: in
 def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
         steps: tuple[int, int] = (300, 2000), image_size: int = 112, batch_size: int = 16,
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
-        seed: int = 0) -> dict:
+        tower_lr: float = 1.0e-4, seed: int = 0) -> dict:
     from polyfocus.train.run import train
 
     out_dir = Path(out)
@@ -117,7 +118,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     t0 = time.perf_counter()
     make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed)
     timings["data_s"] = time.perf_counter() - t0
-    recipe = default_recipe(out_dir, train_scenes, steps, model_config, batch_size)
+    recipe = default_recipe(out_dir, train_scenes, steps, model_config, batch_size, tower_lr or None)
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))

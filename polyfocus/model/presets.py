@@ -24,15 +24,18 @@ def tiny_config(
     hidden_size: int = 64,
     image_size: int = 56,
     patch_size: int = 14,
+    vision_hidden_size: int = 32,
+    text_layers: int = 2,
     **overrides,
 ) -> PolyfocusConfig:
     """A few-layer model that runs in milliseconds on a CPU; same code paths as the real sizes."""
     text_config = dict(
         TINY_TEXT[text], vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
     )
     vision_config = dict(
-        TINY_VISION[vision], hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        TINY_VISION[vision], hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=3, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size,
     )
     return PolyfocusConfig(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id, **overrides)
