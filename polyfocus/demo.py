@@ -25,7 +25,7 @@ import yaml
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
 
 
-def default_recipe(out: Path, train_scenes: int, steps: tuple[int, int], model_config: dict, batch_size: int,
+def default_recipe(out: Path, steps: tuple[int, int], model_config: dict, batch_size: int,
                    tower_lr: float | None = 1.0e-4) -> dict:
     common = {
         "tokenizer_name_or_path": str(out / "tokenizer"),
@@ -118,7 +118,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     t0 = time.perf_counter()
     make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed)
     timings["data_s"] = time.perf_counter() - t0
-    recipe = default_recipe(out_dir, train_scenes, steps, model_config, batch_size, tower_lr or None)
+    recipe = default_recipe(out_dir, steps, model_config, batch_size, tower_lr or None)
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))

@@ -1,6 +1,6 @@
 """Chat and batched generation: one `Pipeline` object holding model, tokenizer, image processor and template.
 
-    pipe = Pipeline.from_pretrained("runs/demo")
+    pipe = Pipeline.from_pretrained("./polyfocus_demo/stage2")  # a local directory
     pipe.generate([(["a.png"], "What colour is the star?"), ([], "Say hi.")])      # batched, left-padded
     history = []
     pipe.chat("a.png", "What is in the image?", history)                           # multi-turn
