@@ -61,6 +61,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from polyfocus.infer.server import ServeSettings, serve
+
+    settings = ServeSettings(
+        model_name=args.served_model_name or Path(args.model).resolve().name, max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms, max_model_len=args.max_model_len,
+        default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb * 2**20,
+        max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+        allowed_local_media_path=args.allowed_local_media_path, allow_remote_images=args.allow_remote_images,
+    )
+    serve(args.model, args.host, args.port, template=args.template, device=args.device, settings=settings)
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from polyfocus.train.lora import base_of, merge_lora
 
@@ -84,7 +97,48 @@ def cmd_demo(args: argparse.Namespace) -> None:
     model_config = json.loads(args.model_config) if args.model_config else None
     families = args.families.split(",") if args.families else None
     run(args.out, args.train_scenes, args.test_scenes, (args.pretrain_steps, args.finetune_steps), args.image_size,
-        args.batch_size, model_config, args.max_objects, families, args.tower_lr, args.seed)
+        args.batch_size, model_config, args.max_objects, families, args.tower_steps, args.seed)
+
+
+def _option_value(text: str):
+    """--option values: JSON where it parses (true, 3, "x"), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from polyfocus.eval.benchmarks import BENCHMARKS, EvalDataError
+    from polyfocus.eval.judge import JudgeError
+    from polyfocus.eval.runner import EvalRunError, evaluate, summary_table
+
+    if args.list:
+        print("\n".join(BENCHMARKS))
+        return
+    if args.summary:
+        print(summary_table(args.summary))
+        return
+    if not (args.model and args.benchmark and args.data):
+        raise SystemExit("polyfocus eval: --model, --benchmark and --data are required (or --summary DIR / --list)")
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = _option_value(value)
+    judge = {k: v for k, v in (("base_url", args.judge_base_url), ("model", args.judge_model),
+                               ("api_key", args.judge_api_key)) if v is not None}
+    try:
+        results = evaluate(args.model, args.benchmark, args.data, out=args.out, batch_size=args.batch_size,
+                           limit=args.limit, max_new_tokens=args.max_new_tokens, template=args.template,
+                           device=args.device, dtype=args.dtype, num_chunks=args.num_chunks, chunk_idx=args.chunk_idx,
+                           options=options, judge=judge)
+    except (EvalDataError, EvalRunError, JudgeError, ValueError) as e:  # bad files, settings, judge: the message
+        raise SystemExit(f"polyfocus eval: {e}") from None
+    if results is not None:
+        print(json.dumps({"benchmark": results["benchmark"], results["main_metric"]: results["main"],
+                          "scores": results["scores"]}, indent=2, ensure_ascii=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--split", default="train", choices=["train", "val", "test", "pretrain"],
                    help="pretrain = short captions only, for stage 1")
-    p.add_argument("--tower-lr", type=float, default=1e-4, help="learning rate of the vision tower; 0 freezes it")
+    p.add_argument("--tower-steps", type=int, default=1500,
+                   help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None, help="comma-separated task families (default: all)")
     p.set_defaults(func=cmd_synth)
 
@@ -124,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=cmd_chat)
 
+    p = verbs.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) and a web page at /")
+    p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the `model` requests name (default: the directory name)")
+    p.add_argument("--template", default=None,
+                   help="conversation template name (default: the tokenizer's chat_template)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests per batched forward; 1 = one at a time")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to wait for more requests to batch")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens (default: the LLM's max_position_embeddings)")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="for requests that name no max_tokens")
+    p.add_argument("--max-body-mb", type=int, default=32, help="largest request body, MiB")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="directory from which image_url may name local files (file:// or a path); off by default")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let image_url be http(s): the server fetches what clients name (off by default)")
+    p.set_defaults(func=cmd_serve)
+
     p = verbs.add_parser("merge", help="merge a LoRA adapter into its base: a plain polyfocus checkpoint")
     p.add_argument("adapter_dir", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output directory")
@@ -139,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=2000)
     p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes and of the tower's input")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
-    p.add_argument("--tower-lr", type=float, default=1e-4, help="learning rate of the vision tower; 0 freezes it")
+    p.add_argument("--tower-steps", type=int, default=1500,
+                   help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None,
                    help="stage-2 task families, comma-separated (default colour,shape,count,existence,spatial,mc; or count, existence, "
                         "spatial, text, grounding, caption, ... too)")
@@ -149,6 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
                         '\'{"text": "qwen2", "hidden_size": 256, "vision_hidden_size": 128}\'')
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("eval", help="run a benchmark (VQAv2, GQA, POPE, MME, MMBench, ..., synthworld) and score it",
+                         description="Answers, per-sample scores and results.json go to OUT/<benchmark>/; a rerun "
+                                     "resumes. Data-parallel under torchrun/accelerate or with --num-chunks/--chunk-idx. "
+                                     "See docs/evaluation.md for each benchmark's files.")
+    p.add_argument("--model", help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--benchmark", help="benchmark name (--list shows them)")
+    p.add_argument("--data", help="the benchmark's directory (LLaVA's playground/data/eval/<bench> layout)")
+    p.add_argument("--out", default=None, help="output root (default eval_results/<model name>)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the reference's (128 or 1024)")
+    p.add_argument("--template", default=None, help="conversation template (default: the tokenizer's chat_template)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: the checkpoint's)")
+    p.add_argument("--num-chunks", type=int, default=None, help="LLaVA-style sharding: number of chunks")
+    p.add_argument("--chunk-idx", type=int, default=None, help="LLaVA-style sharding: this process's chunk")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a benchmark option, e.g. circular=true, split=testA, question_file=x.jsonl (repeatable)")
+    p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for GPT-judged benchmarks "
+                                                          "(default $OPENAI_BASE_URL or api.openai.com)")
+    p.add_argument("--judge-model", default=None, help="default: the reference's (gpt-4-0613 MM-Vet, gpt-4-0314 LLaVA-W)")
+    p.add_argument("--judge-api-key", default=None, help="default $OPENAI_API_KEY")
+    p.add_argument("--summary", default=None, metavar="DIR", help="print a table of every results.json under DIR")
+    p.add_argument("--list", action="store_true", help="list the benchmarks")
+    p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("train", help="train one stage (transformers Trainer; works under torchrun / accelerate)",
                          description="Any ModelArguments / DataArguments / TrainingArguments field can follow as "

@@ -2,14 +2,16 @@
 
 1. data: synthworld train scenes (dense captions for stage 1; the VQA families for stage 2) and held-out test
    scenes; a tokenizer trained on the built-in corpus;
-2. stage 1 (pretrain) and stage 2 (finetune) of a tiny model, through `polyfocus train` with YAML recipes
-   written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
-3. evaluation on the held-out scenes: per-family accuracy next to the majority-answer baseline;
-4. a question about a fresh image.
+2. the backbones LLaVA would download: a vision tower pretrained here on the stage-1 scenes' object labels
+   (polyfocus/train/tower.py: the stand-in for CLIP) and a randomly initialised tiny LLM, each saved as a
+   transformers checkpoint directory;
+3. stage 1 (pretrain) and stage 2 (finetune) from those two directories, through `polyfocus train` with YAML
+   recipes written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
+4. evaluation on the held-out scenes: per-family accuracy next to the majority-answer baseline;
+5. a question about a fresh image.
 
-The tiny model starts from random weights, so unlike LLaVA's stage 1 (frozen pretrained LLM and CLIP) the demo
-trains every part in both stages: a random LLM knows no language and a random tower sees nothing useful. The
-stage presets still set the templates, image handling and learning-rate schedule.
+As in LLaVA the tower stays frozen in both stages. Unlike LLaVA's stage 1, the LLM trains in stage 1 too: a
+random LLM knows no language. The stage presets still set the templates, image handling and schedules.
 """
 
 from __future__ import annotations
@@ -20,20 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
 
 
-def default_recipe(out: Path, steps: tuple[int, int], model_config: dict, batch_size: int,
-                   tower_lr: float | None = 1.0e-4) -> dict:
+def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
     common = {
         "tokenizer_name_or_path": str(out / "tokenizer"),
         "per_device_train_batch_size": batch_size,
-        "tune_mm_mlp_adapter": False,  # random weights: train everything (see the module docstring)
-        "unfreeze_vision_layers": -1 if tower_lr else 0,
-        "mm_vision_tower_lr": tower_lr,  # at the LLM's rate the random tower collapses to image-independent features
-        "mm_projector_lr": None,
+        "tune_mm_mlp_adapter": False,  # the LLM is random: it trains in stage 1 too (see the module docstring)
         "weight_decay": 0.0,
         "save_strategy": "no",
         "logging_steps": 10,
@@ -44,7 +43,8 @@ def default_recipe(out: Path, steps: tuple[int, int], model_config: dict, batch_
     }
     stage1 = {
         "stage": "pretrain", **common,
-        "model_config": model_config,
+        "model_name_or_path": str(out / "llm"),
+        "vision_tower": str(out / "tower"),
         "data_path": [str(out / "data" / "pretrain.json")],
         "image_aspect_ratio": "pad",
         "output_dir": str(out / "stage1"),
@@ -72,6 +72,28 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
                                ("test", test_scenes, families)):
         export(str(data), n, seed=seed, image_size=image_size, families=families, split=split, max_objects=max_objects)
     build_tokenizer(save_dir=out / "tokenizer")
+
+
+def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: int, seed: int) -> dict[str, float]:
+    """out/tower: a vision tower pretrained on the stage-1 scenes' objects; out/llm: a random LLM. Returns the
+    tower's held-out object accuracy per attribute (empty when tower_steps is 0: the tower stays random)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from polyfocus.data.images import ImageProcessor
+    from polyfocus.model.presets import tiny_config
+    from polyfocus.train.tower import pretrain_tower
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    config = tiny_config(vocab_size=len(tokenizer), **model_config)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config.text_config).save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+    if tower_steps == 0:
+        AutoModel.from_config(config.vision_config).save_pretrained(out / "tower")
+        ImageProcessor(image_size=config.vision_config.image_size).save_pretrained(out / "tower")
+        return {}
+    return pretrain_tower(config.vision_config, out / "data", out / "tower", steps=tower_steps,
+                          batch_size=2 * batch_size, select_layer=config.mm_vision_select_layer, seed=seed)
 
 
 def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32) -> tuple[str, dict, dict]:
@@ -107,7 +129,7 @@ def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: in
 def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
         steps: tuple[int, int] = (300, 2000), image_size: int = 112, batch_size: int = 16,
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
-        tower_lr: float = 1.0e-4, seed: int = 0) -> dict:
+        tower_steps: int = 1500, seed: int = 0) -> dict:
     from polyfocus.train.run import train
 
     out_dir = Path(out)
@@ -118,7 +140,13 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     t0 = time.perf_counter()
     make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed)
     timings["data_s"] = time.perf_counter() - t0
-    recipe = default_recipe(out_dir, steps, model_config, batch_size, tower_lr or None)
+    print(f"\n== backbones: a vision tower pretrained on object labels ({tower_steps} steps) and a random LLM", flush=True)
+    t = time.perf_counter()
+    tower_accuracy = make_backbones(out_dir, model_config, tower_steps, batch_size, seed)
+    timings["backbones_s"] = time.perf_counter() - t
+    if tower_accuracy:
+        print("   tower, held-out objects: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in tower_accuracy.items()))
+    recipe = default_recipe(out_dir, steps, batch_size)
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))
@@ -134,7 +162,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     timings["total_s"] = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "peak_rss_mb": round(peak_mb),
-               "accuracy": {f: r["accuracy"] for f, r in results.items()}, "majority_baseline": baseline,
+               "tower_object_accuracy": tower_accuracy, "accuracy": {f: r["accuracy"] for f, r in results.items()}, "majority_baseline": baseline,
                "model": str(out_dir / "stage2")}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n== done in {timings['total_s']:.0f} s (peak memory {peak_mb:.0f} MB); model saved in {out_dir / 'stage2'}")

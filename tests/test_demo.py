@@ -2,7 +2,9 @@
 
 import json
 
+import torch
 import yaml
+from transformers import AutoModel
 
 from polyfocus.cli import main
 from polyfocus.data.formats import load_samples
@@ -14,15 +16,17 @@ from polyfocus.train.args import parse_args
 def test_demo_runs_both_stages_and_reports_what_it_measured(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["demo", "--out", str(out), "--train-scenes", "8", "--test-scenes", "4", "--pretrain-steps", "2",
-          "--finetune-steps", "2", "--image-size", "56", "--families", "colour,shape,count", "--batch-size", "4", "--model-config", '{"hidden_size": 32}'])
+          "--finetune-steps", "2", "--tower-steps", "2", "--image-size", "56", "--families", "colour,shape,count", "--batch-size", "4", "--model-config", '{"hidden_size": 32}'])
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo_summary.json").read_text())
 
-    # The recipes are real `polyfocus train` configs: stage 2 starts from stage 1's output.
+    # The recipes are real `polyfocus train` configs: stage 1 starts from the two backbone directories (LLaVA's
+    # LLM + tower start), stage 2 from stage 1's output.
     stage1, stage2 = (yaml.safe_load((out / f"stage{i}.yaml").read_text()) for i in (1, 2))
+    assert (stage1["model_name_or_path"], stage1["vision_tower"]) == (str(out / "llm"), str(out / "tower"))
     assert stage2["model_name_or_path"] == stage1["output_dir"] == str(out / "stage1")
     model_args, _, training_args = parse_args(str(out / "stage1.yaml"))
-    assert training_args.max_steps == 2 and training_args.mm_vision_tower_lr == 1e-4
+    assert training_args.max_steps == 2
     assert model_args.version == "plain" and parse_args(str(out / "stage2.yaml"))[0].version == "v1"
     assert json.loads((out / "stage2" / "trainer_state.json").read_text())["global_step"] == 2
 
@@ -30,6 +34,10 @@ def test_demo_runs_both_stages_and_reports_what_it_measured(tmp_path, capsys):
     test = load_samples(out / "data" / "test.json")
     assert {s.extra["family"] for s in test} <= {"colour", "shape", "count"}
     pipe = Pipeline.from_pretrained(out / "stage2", device="cpu")
+    # The pretrained tower stays frozen through both stages, as LLaVA's CLIP does.
+    tower = AutoModel.from_pretrained(out / "tower").state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in pipe.model.vision_tower.state_dict().items())
+    assert set(summary["tower_object_accuracy"]) == {"colour", "shape"}
     answers = pipe.generate([([str(out / "data" / p) for p in s.images], s.messages[:-1]) for s in test],
                             max_new_tokens=8)
     assert summary["accuracy"] == {f: r["accuracy"] for f, r in evaluate(test, answers).items()}

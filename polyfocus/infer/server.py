@@ -1,0 +1,554 @@
+"""An OpenAI-compatible server (`polyfocus serve`): /v1/chat/completions, /v1/models, /health and a web page at /.
+
+    polyfocus serve --model runs/demo --port 8000
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}'
+
+The request and response shapes are OpenAI's chat completions (what vLLM, SGLang, LLaMA-Factory's api and
+lmms-eval's openai backend speak, spec ecosystem.md §0.4): content parts {"type": "text"} and
+{"type": "image_url", "image_url": {"url": ...}}, streaming as server-sent events of chat.completion.chunk
+objects ending with `data: [DONE]`, errors as {"error": {"message", "type", "param", "code"}}.
+
+A user message's images go first, each as "<image>\\n", then its text parts joined by newlines (as vLLM does for
+LLaVA, and as LLaVA puts the image before the question). Everything about a request is checked before it is
+queued (size, JSON, fields and types, images, token counts), so bad input costs one 4xx and nothing else.
+Concurrent requests are batched by `polyfocus.infer.batcher.Batcher`.
+
+Image URLs: data: (base64) always; local files (file:// or a path) only under --allowed-local-media-path;
+http(s) only with --allow-remote-images (off by default: the server would fetch any URL a client names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import math
+import re
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from polyfocus.data.templates import IMAGE_TOKEN, TemplateError
+from polyfocus.infer.batcher import Batcher, Event, Job
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # an optional extra
+    raise ImportError("polyfocus serve needs FastAPI and uvicorn: pip install 'polyfocus[serve]'") from e
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may try to decode; nothing exotic
+# The image processor pads to a max(w, h) square ("pad") or scales the short side to the input size ("square"):
+# a 1 x 16M-pixel image passes a pixel limit and would then need terabytes. So the aspect ratio is bounded (as
+# Qwen2-VL's processor does) and a side over sqrt(max_image_pixels) is scaled down before the image is queued.
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "polyfocus"  # the `model` that requests must name
+    max_batch_size: int = 16
+    batch_window_ms: float = 10.0  # how long the scheduler waits for more requests after the first
+    max_model_len: int | None = None  # prompt + completion tokens; default: the LLM's max_position_embeddings
+    default_max_tokens: int = 512  # when a request names none (capped by what the context has left)
+    max_body_bytes: int = 32 * 2**20
+    max_images: int = 4  # per request
+    max_image_pixels: int = 4096 * 4096  # checked on the header, before anything is decoded
+    max_image_bytes: int = 20 * 2**20  # local files and downloads (a data: URL is bounded by max_body_bytes)
+    allowed_local_media_path: str | None = None
+    allow_remote_images: bool = False
+    remote_timeout_s: float = 10.0
+
+
+class APIError(Exception):
+    """An error returned to the client in OpenAI's shape."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+# ---- request schema (OpenAI's chat completions; unknown fields are errors, types are strict) ---------------
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ImageURL(Schema):
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted for compatibility; images go in at the model's size
+
+
+class ContentPart(Schema):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _has_its_payload(self):
+        payload = {"text": self.text, "image_url": self.image_url}
+        if any((value is not None) != (name == self.type) for name, value in payload.items()):
+            raise ValueError(f"a {self.type!r} part needs the field {self.type!r}, and no other payload")
+        return self
+
+
+class Message(Schema):
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer name for system
+    content: str | list[ContentPart]
+    name: str | None = None  # OpenAI's participant name: accepted, unused (as vLLM)
+
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class ChatRequest(Schema):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default (LLaVA's CLI and web page use 0.2)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    user: str | None = None  # accepted, unused
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
+    strategy: str = "plain"  # how the answer is produced: see STRATEGIES
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """OpenAI's optional fields are nullable, and null means "the default" (the API and vLLM take
+        {"temperature": null}; the openai client sends null for an explicit None)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULLABLE_FIELDS)}
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("at most 4 stop strings, none empty")
+        return stops
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name):
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; this server knows {sorted(STRATEGIES)}")
+        return name
+
+
+NULLABLE_FIELDS = {"stream", "stream_options", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+                   "seed", "n", "user"}
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    try:
+        return ChatRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+_TYPE_LABEL = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")  # pydantic's union members
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The deepest error, with its field as a dotted path (messages[0].content[1].image_url.url)."""
+    errors = e.errors(include_url=False)
+    if errors[0]["type"] == "json_invalid":
+        return APIError(f"the body is not valid JSON: {errors[0]['msg']}", code="invalid_json")
+
+    def param(err) -> str:
+        loc, path = err["loc"], ""
+        for i, part in enumerate(loc):
+            if isinstance(part, int):
+                path += f"[{part}]"
+            # union labels ("str", "list[ContentPart]") are pydantic's, except an unknown field's own name
+            elif not _TYPE_LABEL.match(part) or (err["type"] == "extra_forbidden" and i == len(loc) - 1):
+                path += ("." if path else "") + part
+        return path
+
+    deepest = max(errors, key=lambda err: len(param(err)))
+    where = param(deepest)
+    if deepest["type"] == "extra_forbidden":
+        return APIError(f"Unrecognized request argument supplied: {where}", param=where, code="unknown_field")
+    # Alternatives of a union (content: a string or a list) fail at the same place: report them together.
+    messages = dict.fromkeys(err["msg"].removeprefix("Value error, ") for err in errors if param(err) == where)
+    return APIError(f"{where or 'body'}: {' or '.join(messages)}", param=where or None, code="invalid_value")
+
+
+# ---- request -> job --------------------------------------------------------------------------------------
+
+
+def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
+    """Check a parsed request against the model and the limits, decode its images: a Job for the batcher."""
+    if chat.model != settings.model_name:
+        raise APIError(f"The model `{chat.model}` does not exist; this server serves `{settings.model_name}`.",
+                       param="model", code="model_not_found", status=404)
+    n_images = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content)
+                   for m in chat.messages)
+    if n_images > settings.max_images:
+        raise APIError(f"{n_images} images in one request; this server accepts at most {settings.max_images}",
+                       param="messages", code="too_many_images")
+    if chat.messages[-1].role != "user":
+        raise APIError("the last message must be the user's", param=f"messages[{len(chat.messages) - 1}].role")
+    messages, images = [], []
+    for i, message in enumerate(chat.messages):
+        text, message_images = message_content(message, f"messages[{i}]", settings)
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
+        images += message_images
+    try:
+        prompt_tokens = len(pipe.encode(messages, len(images)))
+    except TemplateError as e:  # e.g. roles that do not alternate
+        raise APIError(f"messages: {e}", param="messages") from None
+    max_tokens = completion_budget(chat, prompt_tokens, context_length(pipe, settings), settings)
+    return Job(images=images, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+               temperature=chat.temperature, top_p=chat.top_p, stop=chat.stop or [], seed=chat.seed,
+               ignore_eos=chat.ignore_eos)
+
+
+def message_content(message: Message, where: str, settings: ServeSettings) -> tuple[str, list[Image.Image]]:
+    """A message's content as template text ("<image>\\n" per image, then the text parts) and its images."""
+    parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+    texts, images = [], []
+    for j, part in enumerate(parts):
+        at = f"{where}.content" + ("" if isinstance(message.content, str) else f"[{j}]")
+        if part.type == "text":
+            if IMAGE_TOKEN in part.text:  # it would claim image positions that no image fills
+                raise APIError(f"{at}: the text holds {IMAGE_TOKEN}; send images as image_url parts", param=at)
+            texts.append(part.text)
+        elif message.role != "user":
+            raise APIError(f"{at}: images are accepted in user messages only", param=at)
+        else:
+            images.append(load_image_url(part.image_url.url, f"{at}.image_url.url", settings))
+    return (IMAGE_TOKEN + "\n") * len(images) + "\n".join(texts), images
+
+
+def context_length(pipe, settings: ServeSettings) -> int:
+    if settings.max_model_len is not None:
+        return settings.max_model_len
+    return getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
+
+
+def completion_budget(chat: ChatRequest, prompt_tokens: int, context: int, settings: ServeSettings) -> int:
+    """max_tokens of the request (or the default), checked against what the context holds, as vLLM does."""
+    asked = chat.max_completion_tokens or chat.max_tokens
+    param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+    if prompt_tokens >= context:
+        raise APIError(f"This model's maximum context length is {context} tokens; the messages take "
+                       f"{prompt_tokens} tokens (images included).", param="messages", code="context_length_exceeded")
+    if asked is None:
+        return min(settings.default_max_tokens, context - prompt_tokens)
+    if prompt_tokens + asked > context:
+        raise APIError(f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion).",
+                       param=param, code="context_length_exceeded")
+    return asked
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+
+
+def load_image_url(url: str, param: str, settings: ServeSettings) -> Image.Image:
+    if url.startswith("data:"):
+        data = decode_data_url(url, param)
+    elif url.startswith(("http://", "https://")):
+        if not settings.allow_remote_images:
+            raise APIError(f"{param}: remote image URLs are off on this server (start it with --allow-remote-images);"
+                           " send the image as a data: URL", param=param, code="remote_images_disabled")
+        data = fetch_url(url, param, settings)
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url) and not url.startswith("file:"):
+        raise APIError(f"{param}: unsupported URL scheme {url.split(':', 1)[0]!r} (data:, file:, http(s):)",
+                       param=param, code="invalid_image_url")
+    else:
+        data = read_local_file(url, param, settings)
+    return decode_image(data, param, settings.max_image_pixels)
+
+
+def decode_data_url(url: str, param: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise APIError(f"{param}: a data URL must look like data:image/png;base64,<data>", param=param,
+                       code="invalid_image_url")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(f"{param}: invalid base64 ({e})", param=param, code="invalid_base64") from None
+
+
+def read_local_file(url: str, param: str, settings: ServeSettings) -> bytes:
+    """A file:// URL or a path (relative ones under the allowed directory), which must resolve inside it."""
+    if settings.allowed_local_media_path is None:
+        raise APIError(f"{param}: local image files are off on this server (start it with "
+                       "--allowed-local-media-path DIR); send the image as a data: URL", param=param,
+                       code="local_images_disabled")
+    root = Path(settings.allowed_local_media_path).resolve()
+    name = unquote(urlparse(url).path) if url.startswith("file:") else url
+    try:  # a NUL byte, a name too long, a file that cannot be read: the client's path, so a 400
+        path = (root / name).resolve()  # follows symlinks and "..", so neither can leave the directory
+        if not path.is_relative_to(root):
+            raise APIError(f"{param}: {name} is outside the allowed directory", param=param,
+                           code="path_not_allowed", status=403)
+        if not path.is_file():
+            raise APIError(f"{param}: no such file: {name}", param=param, code="image_not_found")
+        if path.stat().st_size > settings.max_image_bytes:
+            raise APIError(f"{param}: {name} is over {settings.max_image_bytes} bytes", param=param,
+                           code="image_too_large")
+        return path.read_bytes()
+    except (OSError, ValueError) as e:
+        raise APIError(f"{param}: cannot read the local file {name[:200]!r}: {type(e).__name__}: "
+                       f"{getattr(e, 'strerror', None) or e}", param=param, code="invalid_image_url") from None
+
+
+def fetch_url(url: str, param: str, settings: ServeSettings) -> bytes:
+    import httpx  # only with --allow-remote-images
+
+    limit = settings.max_image_bytes
+    try:
+        with httpx.stream("GET", url, timeout=settings.remote_timeout_s, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise APIError(f"{param}: fetching the image gave HTTP {response.status_code}", param=param,
+                               code="image_fetch_failed")
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise APIError(f"{param}: the image is over {limit} bytes", param=param, code="image_too_large")
+            return bytes(data)
+    except (httpx.HTTPError, httpx.InvalidURL) as e:  # InvalidURL is not an HTTPError
+        raise APIError(f"{param}: cannot fetch the image ({type(e).__name__}: {e})", param=param,
+                       code="image_fetch_failed") from None
+
+
+def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
+    """Decode to RGB. The size in the header is checked first, so a decompression bomb is never decoded; a side
+    longer than sqrt(max_pixels) is then scaled down, so that the padded square stays within max_pixels too."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+            width, height = image.size
+            if width * height > max_pixels:
+                raise APIError(f"{param}: the image is {width}x{height} = {width * height} "
+                               f"pixels; this server accepts at most {max_pixels}", param=param, code="image_too_large")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise APIError(f"{param}: the image is {width}x{height}; this server accepts an aspect ratio of at "
+                               f"most {MAX_ASPECT_RATIO}:1", param=param, code="image_too_large")
+            image.load()
+            image = image.convert("RGB")
+            side = math.isqrt(max_pixels)
+            if max(width, height) > side:
+                image.thumbnail((side, side), Image.Resampling.BICUBIC)
+            return image
+    except Image.DecompressionBombError as e:
+        raise APIError(f"{param}: {e}", param=param, code="image_too_large") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" or "broken image"
+        raise APIError(f"{param}: not a readable image ({', '.join(IMAGE_FORMATS)}): {type(e).__name__}: {e}",
+                       param=param, code="invalid_image") from None
+
+
+# ---- strategies: how an answer is produced ---------------------------------------------------------------
+
+
+async def run_plain(batcher: Batcher, job: Job) -> AsyncIterator[Event]:
+    """One generation through the batcher; its events as they come."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emit(event: Event) -> None:  # from the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            job.cancelled = True
+
+    job.emit = emit
+    batcher.submit(job)
+    try:
+        while True:
+            event = await events.get()
+            yield event
+            if event.kind != "delta":
+                return
+    finally:
+        job.cancelled = not job.done  # the client went away: free the row at the next step
+
+
+# The hook for other inference strategies (a request's "strategy" field): name -> async generator of Events for
+# one Job. A strategy may submit several jobs to the batcher (e.g. DualFocus: macro answer, box, zoomed micro
+# answer, pick by perplexity, spec dualfocus.md) and emits the events of the answer it returns.
+STRATEGIES: dict[str, Callable[[Batcher, Job], AsyncIterator[Event]]] = {"plain": run_plain}
+
+
+# ---- the app ---------------------------------------------------------------------------------------------
+
+
+def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings()
+    context = context_length(pipe, settings)
+    # Settle the fast tokenizer's padding/truncation state now: transformers changes it on the first call when a
+    # tokenizer.json holds other settings, and such a change racing another thread's call fails ("Already borrowed").
+    pipe.encode([{"role": "user", "content": "Hi"}], 0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = Batcher(pipe, settings.max_batch_size, settings.batch_window_ms / 1000)
+        yield
+        app.state.batcher.close()
+
+    app = FastAPI(title="polyfocus", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return APIError(f"{request.method} {request.url.path}: {e.detail}", code=code, status=e.status_code).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return APIError(f"internal error: {type(e).__name__}: {e}", status=500, type="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "polyfocus", "max_model_len": context}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(resources.files("polyfocus.infer").joinpath("static/index.html").read_text("utf-8"),
+                            headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        chat = parse_request(await read_body(request, settings.max_body_bytes))
+        job = await run_in_threadpool(build_job, chat, pipe, settings)  # image decoding off the event loop
+        events = STRATEGIES[chat.strategy](request.app.state.batcher, job)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(sse_chunks(events, meta, job, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await until_disconnected(request, completion(events, meta, job), job)
+
+    return app
+
+
+async def until_disconnected(request: Request, work, job: Job, poll_s: float = 0.25):
+    """Await `work` (a non-streamed answer); if the client hangs up first (a timeout, a killed eval), cancel it
+    and free the job's row at the next step, as vLLM does, rather than generating to max_tokens for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise APIError("the client closed the connection", code="client_closed", status=499)
+    finally:
+        task.cancel()
+
+
+# The page fetches nothing from elsewhere: its own script and styles, images as data:/blob: URLs.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+               "connect-src 'self'; form-action 'none'; base-uri 'none'")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(f"the request body is over {limit} bytes", code="request_too_large", status=413)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def usage(job: Job, completion_tokens: int) -> dict:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": job.prompt_tokens + completion_tokens}
+
+
+async def completion(events: AsyncIterator[Event], meta: dict, job: Job) -> dict:
+    async for event in events:
+        if event.kind == "error":
+            raise APIError(event.text, status=500, type="server_error")
+        if event.kind == "finish":
+            choice = {"index": 0, "message": {"role": "assistant", "content": event.text}, "logprobs": None,
+                      "finish_reason": event.finish_reason}
+            return {**meta, "object": "chat.completion", "choices": [choice],
+                    "usage": usage(job, event.completion_tokens)}
+    raise APIError("the answer ended without finishing", status=500, type="server_error")
+
+
+async def sse_chunks(events: AsyncIterator[Event], meta: dict, job: Job, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk, content chunks, a chunk with finish_reason, [usage], then [DONE]."""
+    import json
+
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        body = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
+        if include_usage:
+            body.setdefault("usage", None)
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in events:
+        if event.kind == "delta":
+            yield chunk({"content": event.text})
+        elif event.kind == "finish":
+            yield chunk({}, event.finish_reason)
+            if include_usage:
+                body = {**meta, "object": "chat.completion.chunk", "choices": [],
+                        "usage": usage(job, event.completion_tokens)}
+                yield f"data: {json.dumps(body)}\n\n"
+        else:  # an error after the stream began: the status is already sent, so it goes in the stream (as vLLM)
+            error = {"message": event.text, "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, template: str | None = None,
+          device: str | None = None, settings: ServeSettings | None = None, log_level: str = "info") -> None:
+    """Load the checkpoint and serve it until interrupted."""
+    import uvicorn
+
+    from polyfocus.infer.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model, template=template, device=device)
+    settings = settings or ServeSettings(model_name=Path(model).resolve().name)
+    uvicorn.run(create_app(pipe, settings), host=host, port=port, log_level=log_level)
