@@ -152,8 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--split", default="train", choices=["train", "val", "test", "pretrain"],
                    help="pretrain = short captions only, for stage 1")
-    p.add_argument("--tower-steps", type=int, default=1500,
-                   help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None, help="comma-separated task families (default: all)")
     p.set_defaults(func=cmd_synth)
 
@@ -216,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=2000)
     p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes and of the tower's input")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
-    p.add_argument("--tower-steps", type=int, default=1500,
+    p.add_argument("--tower-steps", type=int, default=3000,
                    help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None,
                    help="stage-2 task families, comma-separated (default colour,shape,count,existence,spatial,mc; or count, existence, "

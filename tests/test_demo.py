@@ -34,9 +34,12 @@ def test_demo_runs_both_stages_and_reports_what_it_measured(tmp_path, capsys):
     test = load_samples(out / "data" / "test.json")
     assert {s.extra["family"] for s in test} <= {"colour", "shape", "count"}
     pipe = Pipeline.from_pretrained(out / "stage2", device="cpu")
-    # The pretrained tower stays frozen through both stages, as LLaVA's CLIP does.
+    # The pretrained tower is frozen in stage 1, as LLaVA's CLIP is, and tuned at its own rate in stage 2.
     tower = AutoModel.from_pretrained(out / "tower").state_dict()
-    assert all(torch.equal(v, tower[k]) for k, v in pipe.model.vision_tower.state_dict().items())
+    stage1_tower = Pipeline.from_pretrained(out / "stage1", device="cpu").model.vision_tower.state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in stage1_tower.items())
+    assert any(not torch.equal(v, tower[k]) for k, v in pipe.model.vision_tower.state_dict().items())
+    assert parse_args(str(out / "stage2.yaml"))[2].mm_vision_tower_lr == 1e-4
     assert set(summary["tower_object_accuracy"]) == {"colour", "shape"}
     answers = pipe.generate([([str(out / "data" / p) for p in s.images], s.messages[:-1]) for s in test],
                             max_new_tokens=8)

@@ -1,13 +1,12 @@
 """The demo's tower pretraining: box pooling weights, the object dataset, and a saved tower that loads."""
 
-import pytest
 import torch
 from transformers import AutoModel
 
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import COLOURS, SHAPES, export
+from polyfocus.data.synthworld import COLOURS, SHAPES, make_scene, render
 from polyfocus.model.presets import tiny_config
-from polyfocus.train.tower import ObjectBoxes, ObjectClassifier, box_weights, collate_objects, pretrain_tower
+from polyfocus.train.tower import ObjectClassifier, SceneObjects, box_weights, collate_objects, pretrain_tower
 
 ATTRIBUTES = {"colour": list(COLOURS), "shape": list(SHAPES)}
 
@@ -21,24 +20,17 @@ def test_box_weights_are_the_covered_fraction_of_each_patch():
     torch.testing.assert_close(box_weights(boxes, 28, 14), expected)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    data = tmp_path_factory.mktemp("world")
-    export(str(data), 6, image_size=56, families=["colour"], split="pretrain", max_objects=3)
-    export(str(data), 3, image_size=56, families=["colour"], split="test", max_objects=3)
-    return data
-
-
-def test_objects_carry_their_scene_labels_and_pool_only_their_own_image(world):
-    dataset = ObjectBoxes(world, "pretrain", ImageProcessor(image_size=56), 14, ATTRIBUTES)
-    scene = dataset.scenes[1]
+def test_objects_carry_their_scene_labels_and_pool_only_their_own_image():
+    dataset = SceneObjects(4, ImageProcessor(image_size=56), 14, ATTRIBUTES, max_objects=3, split="t", seed=5)
+    scene = make_scene("5/t/1", 56, 3)
     item = dataset[1]
-    assert [ATTRIBUTES["colour"][i] for i in item["colour"]] == [o["colour"] for o in scene["objects"]]
-    assert [ATTRIBUTES["shape"][i] for i in item["shape"]] == [o["shape"] for o in scene["objects"]]
+    assert torch.equal(item["pixel_values"], ImageProcessor(image_size=56)([render(scene)])[0])
+    assert [ATTRIBUTES["colour"][i] for i in item["colour"]] == [o.colour for o in scene.objects]
+    assert [ATTRIBUTES["shape"][i] for i in item["shape"]] == [o.shape for o in scene.objects]
 
     batch = collate_objects([dataset[0], dataset[1]])
-    n0 = len(dataset.scenes[0]["objects"])
-    assert batch["image_index"].tolist() == [0] * n0 + [1] * len(scene["objects"])
+    n0 = len(dataset[0]["colour"])
+    assert batch["image_index"].tolist() == [0] * n0 + [1] * len(scene.objects)
     # Pooling reads each object's own image: changing image 0 changes only image 0's objects' logits.
     torch.manual_seed(0)
     model = ObjectClassifier(AutoModel.from_config(tiny_config().vision_config), -2, ATTRIBUTES).eval()
@@ -49,17 +41,12 @@ def test_objects_carry_their_scene_labels_and_pool_only_their_own_image(world):
         batch["pixel_values"][0] = 0
         model(**batch)
     changed = (captured[0] - captured[1]).abs().amax(1) > 0
-    assert changed.tolist() == [True] * n0 + [False] * len(scene["objects"])
+    assert changed.tolist() == [True] * n0 + [False] * len(scene.objects)
 
 
-def test_a_scene_rendered_at_another_size_is_refused(world):
-    with pytest.raises(ValueError, match="rendered at 56 px, the tower reads 112 px"):
-        ObjectBoxes(world, "pretrain", ImageProcessor(image_size=112), 14, ATTRIBUTES)[0]
-
-
-def test_pretrained_tower_is_saved_as_a_transformers_checkpoint(world, tmp_path):
+def test_pretrained_tower_is_saved_as_a_transformers_checkpoint(tmp_path):
     config = tiny_config().vision_config
-    accuracy = pretrain_tower(config, world, tmp_path / "tower", steps=3, batch_size=4)
+    accuracy = pretrain_tower(config, tmp_path / "tower", steps=3, batch_size=4, test_scenes=8)
     assert set(accuracy) == {"colour", "shape"} and all(0 <= v <= 1 for v in accuracy.values())
     tower = AutoModel.from_pretrained(tmp_path / "tower")
     torch.manual_seed(0)

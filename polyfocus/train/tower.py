@@ -14,14 +14,13 @@ stages 1 and 2 as LLaVA's CLIP does.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModel, Trainer, TrainingArguments
 
-from polyfocus.data.images import ImageProcessor, load_image
+from polyfocus.data.images import ImageProcessor
 
 
 def box_weights(boxes: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
@@ -41,29 +40,27 @@ def box_weights(boxes: torch.Tensor, image_size: int, patch_size: int) -> torch.
     return cover / cover.sum(1, keepdim=True)
 
 
-class ObjectBoxes(torch.utils.data.Dataset):
-    """Images with labelled object boxes, from a synthworld export (scenes.jsonl + images/)."""
+class SceneObjects(torch.utils.data.Dataset):
+    """Freshly generated synthworld scenes with their objects' boxes and attributes: rendering a scene costs less
+    than a millisecond, so every step sees new images (scene i of `split` is the same for every run)."""
 
-    def __init__(self, data_dir: str | Path, split: str, image_processor: ImageProcessor, patch_size: int,
-                 attributes: dict[str, list[str]]):
-        self.data_dir, self.processor, self.patch_size, self.attributes = Path(data_dir), image_processor, patch_size, attributes
-        with open(self.data_dir / "scenes.jsonl") as f:
-            self.scenes = [s for s in map(json.loads, f) if s["split"] == split]
-        if not self.scenes:
-            raise ValueError(f"{self.data_dir / 'scenes.jsonl'}: no scenes of split {split!r}")
+    def __init__(self, n: int, image_processor: ImageProcessor, patch_size: int, attributes: dict[str, list[str]],
+                 max_objects: int = 3, split: str = "tower", seed: int = 0):
+        self.n, self.processor, self.patch_size, self.attributes = n, image_processor, patch_size, attributes
+        self.max_objects, self.split, self.seed = max_objects, split, seed
 
     def __len__(self) -> int:
-        return len(self.scenes)
+        return self.n
 
     def __getitem__(self, i: int) -> dict:
-        scene = self.scenes[i]
+        from polyfocus.data.synthworld import make_scene, render
+
         size = self.processor.image_size
-        if scene["image_size"] != size:
-            raise ValueError(f"scene {scene['id']}: rendered at {scene['image_size']} px, the tower reads {size} px")
-        item = {"pixel_values": self.processor([load_image(self.data_dir / "images" / f"{scene['id']}.png")])[0],
-                "box_weights": box_weights(torch.tensor([o["box"] for o in scene["objects"]]), size, self.patch_size)}
+        scene = make_scene(f"{self.seed}/{self.split}/{i}", size, self.max_objects)
+        item = {"pixel_values": self.processor([render(scene)])[0],
+                "box_weights": box_weights(torch.tensor([o.box for o in scene.objects]), size, self.patch_size)}
         for name, values in self.attributes.items():
-            item[name] = torch.tensor([values.index(o[name]) for o in scene["objects"]])
+            item[name] = torch.tensor([values.index(getattr(o, name)) for o in scene.objects])
         return item
 
 
@@ -96,7 +93,7 @@ class ObjectClassifier(nn.Module):
 
 
 @torch.no_grad()
-def object_accuracy(model: ObjectClassifier, dataset: ObjectBoxes, batch_size: int = 64) -> dict[str, float]:
+def object_accuracy(model: ObjectClassifier, dataset: SceneObjects, batch_size: int = 64) -> dict[str, float]:
     """Fraction of objects whose attribute the pooled features classify correctly, per attribute."""
     model.eval()
     correct = {name: [] for name in model.heads}
@@ -107,11 +104,11 @@ def object_accuracy(model: ObjectClassifier, dataset: ObjectBoxes, batch_size: i
     return {name: torch.cat(ok).float().mean().item() for name, ok in correct.items()}
 
 
-def pretrain_tower(vision_config, data_dir: str | Path, out_dir: str | Path, steps: int = 1500,
-                   batch_size: int = 32, learning_rate: float = 2e-3, select_layer: int = -2, split: str = "pretrain",
-                   test_split: str | None = "test", seed: int = 0) -> dict[str, float]:
-    """Train a fresh tower of `vision_config` on synthworld's object colours and shapes and save it to out_dir;
-    return its object accuracy on `test_split` (empty without one).
+def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_size: int = 32,
+                   learning_rate: float = 2e-3, select_layer: int = -2, max_objects: int = 3, seed: int = 0,
+                   test_scenes: int = 300) -> dict[str, float]:
+    """Train a fresh tower of `vision_config` on the colours and shapes of fresh synthworld scenes and save it to
+    out_dir; return its object accuracy on `test_scenes` other scenes.
 
     Cosine schedule with warmup through transformers' Trainer (progress bar and logs as in `polyfocus train`).
     """
@@ -121,15 +118,17 @@ def pretrain_tower(vision_config, data_dir: str | Path, out_dir: str | Path, ste
     attributes = {"colour": list(COLOURS), "shape": list(SHAPES)}
     tower = AutoModel.from_config(vision_config)
     processor = ImageProcessor(image_size=vision_config.image_size)
-    dataset = ObjectBoxes(data_dir, split, processor, vision_config.patch_size, attributes)
+
+    def scenes(n, split):
+        return SceneObjects(n, processor, vision_config.patch_size, attributes, max_objects, split, seed)
+
     args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                              learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
                              weight_decay=0.0, logging_steps=50, save_strategy="no", report_to="none",
                              remove_unused_columns=False, dataloader_num_workers=0, seed=seed)
     model = ObjectClassifier(tower, select_layer, attributes)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_objects).train()
+    Trainer(model=model, args=args, train_dataset=scenes(steps * batch_size, "tower"),
+            data_collator=collate_objects).train()
     tower.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    if test_split is None:
-        return {}
-    return object_accuracy(model, ObjectBoxes(data_dir, test_split, processor, vision_config.patch_size, attributes))
+    return object_accuracy(model, scenes(test_scenes, "tower-test"))
