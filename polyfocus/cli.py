@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = ServeSettings(
         model_name=args.served_model_name or Path(args.model).resolve().name, max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms, max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting, batch_window_ms=args.batch_window_ms, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb * 2**20,
         max_images=args.max_images, max_image_pixels=args.max_image_pixels,
         allowed_local_media_path=args.allowed_local_media_path, allow_remote_images=args.allow_remote_images,
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests per batched forward; 1 = one at a time")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to wait for more requests to batch")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests waiting for a batch beyond which new ones get 503 (retry later)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens (default: the LLM's max_position_embeddings)")
     p.add_argument("--default-max-tokens", type=int, default=512, help="for requests that name no max_tokens")

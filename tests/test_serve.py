@@ -509,6 +509,33 @@ def test_a_failed_batch_is_a_500_and_the_next_request_is_served(client, server, 
     assert ask(client, HI, max_tokens=2).usage.completion_tokens == 2
 
 
+def test_an_overloaded_server_refuses_with_503_and_serves_again(client, server, settings, batcher, pipe, monkeypatch):
+    """Backpressure: with the scheduler busy and max_waiting requests queued, the next one is refused at once."""
+    started, release, generate = threading.Event(), threading.Event(), pipe.model.generate
+
+    def held(**kwargs):
+        started.set()
+        release.wait(30)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(pipe.model, "generate", held)
+    monkeypatch.setattr(settings, "max_waiting", 1)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(ask, client, user("First?"), max_tokens=2)
+        assert started.wait(30)  # the first request is inside a batch, the scheduler is busy
+        queued = pool.submit(ask, client, user("Second?"), max_tokens=2)
+        deadline = time.monotonic() + 30
+        while batcher.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = post(server, {"messages": HI, "max_tokens": 2})
+        release.set()
+        assert [f.result().usage.completion_tokens for f in (running, queued)] == [2, 2]
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "overloaded") and "1 requests are waiting" in error["message"]
+    assert ask(client, HI, max_tokens=2).usage.completion_tokens == 2  # serving again
+
+
 # ---- command line ----------------------------------------------------------------------------------------
 
 
@@ -518,8 +545,9 @@ def test_cli_serve_builds_the_app_from_its_flags(ckpt, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
     main(["serve", "--model", str(ckpt), "--port", "8123", "--device", "cpu", "--max-batch-size", "1",
-          "--allowed-local-media-path", str(ckpt / "media"), "--allow-remote-images", "--max-image-pixels", "100"])
+          "--allowed-local-media-path", str(ckpt / "media"), "--allow-remote-images", "--max-image-pixels", "100", "--max-waiting", "7"])
     settings = seen["app"].state.settings
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     assert settings.model_name == ckpt.name and settings.max_batch_size == 1 and settings.max_image_pixels == 100
     assert settings.allowed_local_media_path == str(ckpt / "media") and settings.allow_remote_images
+    assert settings.max_waiting == 7

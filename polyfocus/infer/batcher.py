@@ -86,6 +86,11 @@ class Batcher:
     def submit(self, job: Job) -> None:
         self._queue.put(job)
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()

@@ -62,6 +62,7 @@ MAX_ASPECT_RATIO = 200
 class ServeSettings:
     model_name: str = "polyfocus"  # the `model` that requests must name
     max_batch_size: int = 16
+    max_waiting: int = 256  # requests queued for the next batch; more are refused with 503 (backpressure)
     batch_window_ms: float = 10.0  # how long the scheduler waits for more requests after the first
     max_model_len: int | None = None  # prompt + completion tokens; default: the LLM's max_position_embeddings
     default_max_tokens: int = 512  # when a request names none (capped by what the context has left)
@@ -452,6 +453,10 @@ def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         chat = parse_request(await read_body(request, settings.max_body_bytes))
+        waiting = request.app.state.batcher.waiting
+        if waiting >= settings.max_waiting:  # refuse before decoding images: an overload must not grow memory
+            raise APIError(f"the server is overloaded: {waiting} requests are waiting for a batch; retry later",
+                           code="overloaded", status=503, type="server_error")
         job = await run_in_threadpool(build_job, chat, pipe, settings)  # image decoding off the event loop
         events = STRATEGIES[chat.strategy](request.app.state.batcher, job)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
