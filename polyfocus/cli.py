@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="polyfocus_demo", help="run directory (data, both stages, the model)")
     p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--test-scenes", type=int, default=100)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=2000)
+    p.add_argument("--pretrain-steps", type=int, default=800, help="stage 1: dense captions, which name every object's shape")
+    p.add_argument("--finetune-steps", type=int, default=1500)
     p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes and of the tower's input")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
     p.add_argument("--tower-steps", type=int, default=3000,

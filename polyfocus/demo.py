@@ -132,7 +132,7 @@ def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: in
 
 
 def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
-        steps: tuple[int, int] = (300, 2000), image_size: int = 112, batch_size: int = 16,
+        steps: tuple[int, int] = (800, 1500), image_size: int = 112, batch_size: int = 16,
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
         tower_steps: int = 3000, seed: int = 0) -> dict:
     from polyfocus.train.run import train
