@@ -1,4 +1,4 @@
-"""Shared by the server tests: a tiny saved checkpoint, images as data URLs, a uvicorn server in a thread."""
+"""Shared by the server tests: images as data URLs, a uvicorn server in a thread (and eval_helpers' tiny checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,10 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-import torch
 from PIL import Image
 
-from polyfocus import PolyfocusForConditionalGeneration
-from polyfocus.data.images import ImageProcessor
-from polyfocus.data.tokenizer import build_tokenizer, default_tokenizer
-from polyfocus.model.presets import tiny_config
-
-
-def save_tiny_checkpoint(path: Path) -> Path:
-    """Model (random weights, seed 0) + tokenizer with the vicuna_v1 chat_template + 56 px image processor."""
-    torch.manual_seed(0)
-    image_id = default_tokenizer().convert_tokens_to_ids("<image>")
-    PolyfocusForConditionalGeneration(tiny_config(image_token_id=image_id)).eval().save_pretrained(path)
-    build_tokenizer(save_dir=path)
-    ImageProcessor(image_size=56).save_pretrained(path)
-    return path
+from eval_helpers import save_tiny_checkpoint  # noqa: F401  (re-exported for the server tests)
 
 
 def png_bytes(size=(80, 60), colour=(220, 30, 30)) -> bytes:
