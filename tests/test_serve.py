@@ -223,37 +223,35 @@ def test_stop_strings_and_finish_reasons(client, pipe, monkeypatch):
     assert (ignored.choices[0].finish_reason, ignored.usage.completion_tokens) == ("length", 12)
 
 
-def test_a_client_that_goes_away_frees_its_row(server, client, pipe, monkeypatch):
+@pytest.fixture
+def slow_steps(pipe, monkeypatch) -> list:
+    """The LLM's forward made 10 ms a step (200 steps would take 2 s); returns the list that counts the steps."""
     steps, forward = [], pipe.model.language_model.forward
 
-    def counted_forward(*args, **kwargs):  # 10 ms a step: the 200 steps asked for would take 2 s
+    def counted_forward(*args, **kwargs):
         steps.append(1)
         time.sleep(0.01)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(pipe.model.language_model, "forward", counted_forward)
+    return steps
+
+
+def test_a_client_that_goes_away_frees_its_row(server, client, slow_steps):
     body = {"model": MODEL, "messages": HI, "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # generation has begun; then the client hangs up
     assert ask(client, HI, max_tokens=2).usage.completion_tokens == 2
-    assert len(steps) < 100  # the abandoned row stopped long before its 200 tokens
+    assert len(slow_steps) < 100  # the abandoned row stopped long before its 200 tokens
 
 
-def test_a_non_streaming_client_that_goes_away_frees_its_row(server, client, pipe, monkeypatch):
-    steps, forward = [], pipe.model.language_model.forward
-
-    def counted_forward(*args, **kwargs):  # 10 ms a step: the 200 steps asked for would take 2 s
-        steps.append(1)
-        time.sleep(0.01)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(pipe.model.language_model, "forward", counted_forward)
+def test_a_non_streaming_client_that_goes_away_frees_its_row(server, client, slow_steps):
     body = {"model": MODEL, "messages": HI, "max_tokens": 200, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=0.5)
     assert ask(client, HI, max_tokens=2).usage.completion_tokens == 2
-    assert len(steps) < 150  # the abandoned row stopped long before its 200 tokens
+    assert len(slow_steps) < 150  # the abandoned row stopped long before its 200 tokens
 
 
 def test_visible_text_streams_prefixes_of_the_answer():
