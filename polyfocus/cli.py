@@ -61,6 +61,33 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print()
 
 
+def cmd_visual_words(args: argparse.Namespace) -> None:
+    import torch
+
+    from polyfocus.data.images import ImageLoadError, load_image
+    from polyfocus.infer.pipeline import load_image_processor, load_tokenizer
+    from polyfocus.model.convert import load_model
+    from polyfocus.model.visual_words import draw_visual_words, visual_word_map
+
+    try:
+        image = load_image(args.image)
+    except ImageLoadError as e:
+        raise SystemExit(str(e)) from None
+    model = load_model(args.model).eval()
+    if model.vm_head is None:
+        raise SystemExit(f"{args.model}: the model has no visual-word head (config.visual_words is false); "
+                         "train one with visual_words: true (docs/vw_lmm.md)")
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    word_map = visual_word_map(model, load_tokenizer(args.model), load_image_processor(args.model, model.config),
+                               image, args.topk)
+    draw_visual_words(image, word_map).save(args.out)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"image": args.image, **word_map}, ensure_ascii=False, indent=1))
+    rows, cols = word_map["grid"]
+    print(f"{args.out}: the argmax visual word of each of {rows}x{cols} patches"
+          + (f"; top-{args.topk} per patch in {args.json}" if args.json else ""))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from polyfocus.infer.server import ServeSettings, serve
 
@@ -92,12 +119,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from polyfocus.demo import run
+    from polyfocus.demo import DEFAULT_STEPS, run
 
     model_config = json.loads(args.model_config) if args.model_config else None
     families = args.families.split(",") if args.families else None
-    run(args.out, args.train_scenes, args.test_scenes, (args.pretrain_steps, args.finetune_steps), args.image_size,
-        args.batch_size, model_config, args.max_objects, families, args.tower_steps, args.seed)
+    steps = (args.pretrain_steps or DEFAULT_STEPS[0], args.finetune_steps or DEFAULT_STEPS[1])
+    optional = {k: getattr(args, k) for k in ("image_size", "tower_steps") if getattr(args, k) is not None}
+    run(args.out, args.train_scenes, args.test_scenes, steps, batch_size=args.batch_size, model_config=model_config,
+        max_objects=args.max_objects, families=families, seed=args.seed, **optional)
 
 
 def _option_value(text: str):
@@ -201,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let image_url be http(s): the server fetches what clients name (off by default)")
     p.set_defaults(func=cmd_serve)
 
+    p = verbs.add_parser("visual-words", help="VW-LMM: each patch's argmax visual word drawn on the image (+ top-k JSON)")
+    p.add_argument("--model", required=True, help="checkpoint directory of a visual-word model (with its tokenizer)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--out", required=True, help="PNG to write: the image, its patch grid and one word per patch")
+    p.add_argument("--topk", type=int, default=5, help="words per patch in the JSON")
+    p.add_argument("--json", default=None, help="also write every patch's box and top-k words (id, token, prob) here")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=cmd_visual_words)
+
     p = verbs.add_parser("merge", help="merge a LoRA adapter into its base: a plain polyfocus checkpoint")
     p.add_argument("adapter_dir", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output directory")
@@ -212,11 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="polyfocus_demo", help="run directory (data, both stages, the model)")
     p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--test-scenes", type=int, default=100)
-    p.add_argument("--pretrain-steps", type=int, default=800, help="stage 1: dense captions, which name every object's shape")
-    p.add_argument("--finetune-steps", type=int, default=1500)
-    p.add_argument("--image-size", type=int, default=112, help="size of the rendered scenes and of the tower's input")
+    p.add_argument("--pretrain-steps", type=int, help="stage 1 (dense captions, which name every object's shape)")
+    p.add_argument("--finetune-steps", type=int, help="stage 2 (the VQA families)")
+    p.add_argument("--image-size", type=int, help="size of the rendered scenes and of the tower's input")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
-    p.add_argument("--tower-steps", type=int, default=3000,
+    p.add_argument("--tower-steps", type=int,
                    help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None,
                    help="stage-2 task families, comma-separated (default colour,shape,count,existence,spatial,mc; or count, existence, "

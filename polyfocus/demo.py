@@ -27,6 +27,9 @@ import torch
 import yaml
 
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
+DEFAULT_STEPS = (800, 1500)  # stage 1, stage 2
+DEFAULT_TOWER_STEPS = 3000
+DEFAULT_IMAGE_SIZE = 112
 
 
 def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
@@ -78,27 +81,45 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
     build_tokenizer(save_dir=out / "tokenizer")
 
 
+def demo_model_config(image_size: int = DEFAULT_IMAGE_SIZE, overrides: dict | None = None) -> dict:
+    """The demo model's `tiny_config` keywords. The tower sees the scenes at their rendered size: 64 patches of
+    14 px at 112 px (at 56 px shapes are a few pixels wide)."""
+    return {"hidden_size": 128, "vision_hidden_size": 64, "image_size": image_size, "patch_size": 14,
+            **(overrides or {})}
+
+
+def make_llm(out: Path, tokenizer_dir: Path, model_config: dict, seed: int) -> None:
+    """out/llm: a randomly initialised LLM of the demo's size, saved with the tokenizer it was sized for."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from polyfocus.model.presets import tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_config(vocab_size=len(tokenizer), **model_config).text_config
+                                     ).save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+
+
 def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: int, max_objects: int,
                    seed: int) -> dict[str, float]:
     """out/tower: a vision tower pretrained on the objects of fresh scenes; out/llm: a random LLM. Returns the
     tower's held-out object accuracy per attribute (empty when tower_steps is 0: the tower stays random)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel
 
     from polyfocus.data.images import ImageProcessor
     from polyfocus.model.presets import tiny_config
     from polyfocus.train.tower import pretrain_tower
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
-    config = tiny_config(vocab_size=len(tokenizer), **model_config)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config.text_config).save_pretrained(out / "llm")
-    tokenizer.save_pretrained(out / "llm")
+    make_llm(out, out / "tokenizer", model_config, seed)
+    vision_config = tiny_config(**model_config).vision_config
     if tower_steps == 0:
-        AutoModel.from_config(config.vision_config).save_pretrained(out / "tower")
-        ImageProcessor(image_size=config.vision_config.image_size).save_pretrained(out / "tower")
+        AutoModel.from_config(vision_config).save_pretrained(out / "tower")
+        ImageProcessor(image_size=vision_config.image_size).save_pretrained(out / "tower")
         return {}
-    return pretrain_tower(config.vision_config, out / "tower", steps=tower_steps, batch_size=2 * batch_size,
-                          select_layer=config.mm_vision_select_layer, max_objects=max_objects, seed=seed)
+    select_layer = tiny_config(**model_config).mm_vision_select_layer
+    return pretrain_tower(vision_config, out / "tower", steps=tower_steps, batch_size=2 * batch_size,
+                          select_layer=select_layer, max_objects=max_objects, seed=seed)
 
 
 def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32) -> tuple[str, dict, dict]:
@@ -132,16 +153,14 @@ def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: in
 
 
 def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
-        steps: tuple[int, int] = (800, 1500), image_size: int = 112, batch_size: int = 16,
+        steps: tuple[int, int] = DEFAULT_STEPS, image_size: int = DEFAULT_IMAGE_SIZE, batch_size: int = 16,
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
-        tower_steps: int = 3000, seed: int = 0) -> dict:
-    from polyfocus.train.run import train
+        tower_steps: int = DEFAULT_TOWER_STEPS, seed: int = 0) -> dict:
+    from polyfocus.train.run import ARCHITECTURE_FIELDS, VISUAL_WORD_FIELDS, train
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The tower sees the scenes at their rendered size: 64 patches of 14 px (at 56 px shapes are a few pixels wide).
-    model_config = {"hidden_size": 128, "vision_hidden_size": 64, "image_size": image_size, "patch_size": 14,
-                    **(model_config or {})}
+    model_config = demo_model_config(image_size, model_config)
     timings = {}
     t0 = time.perf_counter()
     make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed)
@@ -153,6 +172,11 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     if tower_accuracy:
         print("   tower, held-out objects: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in tower_accuracy.items()))
     recipe = default_recipe(out_dir, steps, batch_size)
+    # The model's own switches in --model-config (fusion, mm_vision_select_layer, ...) go to stage 1, which builds it.
+    recipe["stage1"].update({k: v for k, v in model_config.items() if k in ARCHITECTURE_FIELDS})
+    # VW-LMM's switches (visual_words, pseudo_image_features, vw_*) go to both stages: the head trains in each.
+    for args in recipe.values():
+        args.update({k: v for k, v in model_config.items() if k in VISUAL_WORD_FIELDS})
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))

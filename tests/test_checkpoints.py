@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
@@ -71,6 +72,13 @@ def write_clip_tower(model, path, full_clip=False):
         tower = CLIPVisionModel(vision_config)
         tower.load_state_dict(model.vision_tower.state_dict())
         tower.save_pretrained(path)
+
+
+def write_base_llm(model, path):
+    """The LLM alone, as the base (Vicuna) directory a stage-1 projector-only checkpoint is applied to."""
+    base = LlamaForCausalLM(model.config.text_config)
+    base.load_state_dict(model.language_model.state_dict())
+    base.save_pretrained(path)
 
 
 def llava_config(model, tower_path, **extra):
@@ -154,9 +162,7 @@ def test_original_llava_missing_tower_names_the_path(tmp_path):
 def test_stage1_projector_on_top_of_base_llm(tmp_path):
     model = make_model()
     write_clip_tower(model, tmp_path / "clip")
-    base = LlamaForCausalLM(model.config.text_config)
-    base.load_state_dict(model.language_model.state_dict())
-    base.save_pretrained(tmp_path / "vicuna")
+    write_base_llm(model, tmp_path / "vicuna")
     stage1 = tmp_path / "llava-v1.5-tiny-pretrain"
     stage1.mkdir()
     (stage1 / "config.json").write_text(json.dumps(llava_config(model, tmp_path / "clip", tune_mm_mlp_adapter=True)))
@@ -257,3 +263,78 @@ def test_hf_export_keeps_image_settings(tmp_path, aspect):
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
     assert load_model(tmp_path / "hf").config.image_aspect_ratio == aspect
+
+
+# ---- VW-LMM's released layout (pengts/VW-LMM, spec vw_lmm.md) --------------------------------------------------------
+
+
+def vw_lmm_checkpoint(model, path, tower_path):
+    """A checkpoint as VW-LMM's vwLlamaForCausalLM saves one: LLaVA's keys plus a top-level `vm_head.weight`, and
+    LLaVA's flat config under VW-LMM's config class name (model_type "llava")."""
+    from types import SimpleNamespace
+
+    path.mkdir()
+    config = llava_config(model, tower_path, model_type="llava", architectures=["vwLlamaForCausalLM"])
+    (path / "config.json").write_text(json.dumps(config))
+    plain = {k: v for k, v in model.state_dict().items() if not k.startswith("vm_head.")}
+    state = llava_state_dict(SimpleNamespace(state_dict=lambda: plain), with_tower=False)
+    write_shards({**state, "vm_head.weight": model.vm_head.weight.detach()}, path, "safetensors")
+    return path
+
+
+def vw_model(pif=False):
+    model = make_model(visual_words=True, pseudo_image_features=pif)
+    with torch.no_grad():  # a trained head, not the copy of lm_head a new one starts from
+        model.vm_head.weight.add_(torch.randn_like(model.vm_head.weight))
+    return model
+
+
+@pytest.mark.parametrize("pif", [False, True])
+def test_vw_lmm_checkpoint_loads(tmp_path, pif):
+    """VW-LMM's loader picks the PIF class when the model's name contains "pif"; so does ours."""
+    model = vw_model(pif)
+    write_clip_tower(model, tmp_path / "clip")
+    name = "VW-LMM-Vicuna-pif-7b" if pif else "VW-LMM-Vicuna-7b"
+    ckpt = vw_lmm_checkpoint(model, tmp_path / name, tmp_path / "clip")
+    assert checkpoint_format(ckpt) == "llava"
+    loaded = load_model(ckpt).eval()
+    assert loaded.config.visual_words and loaded.config.pseudo_image_features is pif
+    assert torch.equal(loaded.vm_head.weight, model.vm_head.weight)
+    assert torch.equal(logits(loaded, image_token_id=-200), logits(model))
+    if pif:  # the head is on PIF's inference path: without PIF the outputs differ
+        loaded.config.pseudo_image_features = False
+        assert not torch.allclose(logits(loaded, image_token_id=-200), logits(model))
+        loaded.config.pseudo_image_features = True
+    loaded.save_pretrained(tmp_path / "ours")  # and it saves in polyfocus's layout, head included
+    again = load_model(tmp_path / "ours").eval()
+    assert again.config.pseudo_image_features is pif and torch.equal(again.vm_head.weight, model.vm_head.weight)
+    with pytest.raises(ValueError, match="no transformers Llava equivalent"):
+        save_llava_hf(again, tmp_path / "hf")
+
+
+def test_vw_lmm_readme_inference_through_the_pipeline(tmp_path):
+    """VW-LMM's README: load_pretrained_model(path, name, "llama"), a vicuna_v1 prompt "<image>\\n" + question, greedy
+    generate, decode the new tokens. Ours: Pipeline.from_pretrained(path, template="vicuna_v1").chat(...): the same
+    prompt, and the same answer as the same weights saved in polyfocus's own format."""
+    from polyfocus.data.templates import render
+    from polyfocus.data.tokenizer import default_tokenizer
+    from polyfocus.infer.pipeline import Pipeline
+
+    question = "Write an exhaustive depiction of the given image."
+    messages = [{"role": "user", "content": "<image>\n" + question}]
+    assert render(messages, "vicuna_v1", add_generation_prompt=True) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\n" + question + " ASSISTANT:")
+    mistral = render(messages, "mistral_instruct", add_generation_prompt=True)
+    assert mistral == "[INST] <image>\n" + question + " [/INST]"
+
+    model = vw_model()
+    write_clip_tower(model, tmp_path / "clip")
+    ckpt = vw_lmm_checkpoint(model, tmp_path / "VW-LMM-Vicuna-7b", tmp_path / "clip")
+    default_tokenizer().save_pretrained(ckpt)  # VW-LMM ships its tokenizer in the model directory
+    model.save_pretrained(tmp_path / "ours")
+    default_tokenizer().save_pretrained(tmp_path / "ours")
+    image = Image.effect_noise((56, 56), 60).convert("RGB")
+    answers = [Pipeline.from_pretrained(path, template="vicuna_v1", device="cpu").chat(
+        image, question, temperature=0, max_new_tokens=8) for path in (ckpt, tmp_path / "ours")]
+    assert answers[0] == answers[1]

@@ -106,7 +106,7 @@ def test_recipe_matches_llava_1_5(name):
     # what trains: the stage's parts in full; LoRA trains the LLM through adapters (run.set_trainable)
     parts = trainable_parts(model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
                             model_args.freeze_mm_mlp_adapter)
-    assert parts == want["parts"]
+    assert parts - {"visual_words"} == want["parts"]  # a visual-word head trains whenever the model has one
     assert model_args.unfreeze_vision_layers == 0 and not model_args.freeze_modules  # CLIP frozen throughout
     if want["lora"] is None:
         assert not model_args.lora_enable
@@ -384,3 +384,183 @@ def test_recipes_run_chained_on_tiny_models(tmp_path, monkeypatch):
     main(["merge", "stage2_lora", "merged"])
     merged = load_file(next((tmp_path / "merged").glob("*.safetensors")))
     assert merged and not any("lora_" in k for k in merged)
+
+
+# ---- 5. VW-LMM recipes (configs/vw_lmm) ----------------------------------------------------------------------------
+
+VW_LMM = CONFIGS / "vw_lmm"
+VW_LMM_REAL = {
+    # stage 3: the head alone, reverse KL, on LLaVA-1.5-7B's output; LLaVA-1.5 stage-1 optimisation
+    "llava-1.5-7b-pretrain.yaml": {"start": RECIPES / "finetune.yaml", "direction": "reverse", "lr": 1e-3,
+                                   "global_batch": 256, "parts": {"fusion", "visual_words"}, "grouped": False,
+                                   "deepspeed": "configs/deepspeed/zero2.json"},
+    # stage 4: projector + LLM + head, forward KL, from stage 3; LLaVA-1.5 stage-2 optimisation
+    "llava-1.5-7b-finetune.yaml": {"start": VW_LMM / "llava-1.5-7b-pretrain.yaml", "direction": "forward", "lr": 2e-5,
+                                   "global_batch": 128, "grouped": True,
+                                   "parts": {"projector", "fusion", "language_model", "visual_words"},
+                                   "deepspeed": "configs/deepspeed/zero3.json"},
+}
+VW_LMM_SYNTH = {"synthworld_pretrain.yaml": ("stage1", False), "synthworld_finetune.yaml": ("stage2", False),
+                "synthworld_pif_pretrain.yaml": ("stage1", True), "synthworld_pif_finetune.yaml": ("stage2", True)}
+
+
+def test_every_vw_lmm_recipe_has_expectations():
+    assert sorted(p.name for p in VW_LMM.glob("*.yaml")) == sorted([*VW_LMM_REAL, *VW_LMM_SYNTH])
+
+
+@pytest.mark.parametrize("name", sorted(VW_LMM_REAL))
+def test_vw_lmm_real_size_recipe(name):
+    want = VW_LMM_REAL[name]
+    model_args, data_args, args = parse_args(str(VW_LMM / name), HARDWARE)
+    assert model_args.visual_words and model_args.vw_kl_direction == want["direction"]
+    assert model_args.vw_loss_weight == 1.0 and model_args.pseudo_image_features is None  # PIF: an override
+    assert model_args.model_name_or_path == raw(want["start"])["output_dir"]  # the stages chain
+    assert args.learning_rate == want["lr"]
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * NUM_GPUS == want["global_batch"]
+    assert trainable_parts(model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
+                           model_args.freeze_mm_mlp_adapter) == want["parts"]
+    assert model_args.version == "v1" and data_args.image_aspect_ratio == "pad"
+    assert args.group_by_modality_length is want["grouped"] and args.gradient_checkpointing
+    assert model_args.unfreeze_vision_layers == 0 and not model_args.lora_enable  # CLIP frozen throughout
+    values = raw(VW_LMM / name)
+    assert values["bf16"] is True and values["deepspeed"] == want["deepspeed"] and (REPO / want["deepspeed"]).is_file()
+
+
+@pytest.mark.parametrize("name", sorted(VW_LMM_SYNTH))
+def test_vw_lmm_synthworld_recipe_is_the_demo_stage_plus_visual_words(name, tmp_path):
+    """Same data, steps and settings as the demo's own stage recipe (polyfocus/demo.py), so that plain vs +VW vs +PIF
+    compare at equal compute; only the VW-LMM switches, the output directories and stage 2's start differ."""
+    import dataclasses
+    import inspect
+
+    from polyfocus.demo import default_recipe, run
+
+    stage, pif = VW_LMM_SYNTH[name]
+    defaults = inspect.signature(run).parameters
+    demo = default_recipe(Path("polyfocus_demo"), defaults["steps"].default, defaults["batch_size"].default)[stage]
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(demo))
+    ours, theirs = parse_args(str(VW_LMM / name)), parse_args(str(tmp_path / "demo.yaml"))
+    prefix = "pif" if pif else "vw"
+    assert ours[0].visual_words and ours[0].vw_kl_direction == "forward" and ours[0].vw_loss_weight == 1.0
+    assert bool(ours[0].pseudo_image_features) is pif
+    assert ours[2].output_dir == f"polyfocus_demo/{prefix}_{stage}"
+    if stage == "stage2":
+        assert ours[0].model_name_or_path == f"polyfocus_demo/{prefix}_stage1"
+    skip = {"output_dir", "logging_dir", "run_name", "model_name_or_path", "visual_words", "vw_kl_direction",
+            "vw_loss_weight", "pseudo_image_features"}
+    for got, want in zip(ours, theirs):
+        names = [f.name for f in dataclasses.fields(want) if f.init and f.name not in skip]
+        diff = {k: (getattr(got, k), getattr(want, k)) for k in names if getattr(got, k) != getattr(want, k)}
+        assert not diff, diff
+    if stage == "stage1":
+        assert ours[0].model_name_or_path == theirs[0].model_name_or_path
+
+
+@pytest.mark.slow
+def test_vw_lmm_recipes_run_chained_on_tiny_models(tmp_path, monkeypatch):
+    """Stage 3 then stage 4 as written (paths, sizes and hardware flags overridden) from a tiny LLaVA-style model:
+    stage 3 trains the head alone, stage 4 the projector, the LLM and the head."""
+    import sys
+
+    from polyfocus import PolyfocusForConditionalGeneration
+    from polyfocus.data.synthworld import export
+    from polyfocus.data.tokenizer import build_tokenizer
+    from polyfocus.model.presets import tiny_config
+    from polyfocus.train import run
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_helpers import trainer_with
+
+    def remember(trainer):
+        trainer.initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    monkeypatch.setattr(run, "PolyfocusTrainer", trainer_with(run.PolyfocusTrainer, on_init=remember))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    tok = build_tokenizer(save_dir="llava")
+    PolyfocusForConditionalGeneration(tiny_config(vocab_size=len(tok))).save_pretrained("llava")
+    export("data", 8, image_size=56, families=["colour", "shape"])
+    cpu = ["--tf32", "false", "--bf16", "false", "--deepspeed", "", "--report_to", "none", "--dataloader_num_workers",
+           "0", "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no",
+           "--warmup_ratio", "0", "--data_path", "data/train.json", "--image_folder", "data"]
+    runs = {}
+    for name, start, out in (("llava-1.5-7b-pretrain.yaml", "llava", "stage3"),
+                             ("llava-1.5-7b-finetune.yaml", "stage3", "stage4")):
+        trainer = run.train(str(VW_LMM / name), cpu + ["--model_name_or_path", start, "--output_dir", out])
+        state = trainer.model.state_dict()
+        runs[out] = {k.split(".")[0] for k, v in state.items() if not torch.equal(v, trainer.initial[k])}
+        assert [h for h in trainer.state.log_history if "vw_loss" in h]
+    assert runs["stage3"] == {"vm_head"}
+    assert runs["stage4"] == {"vm_head", "mm_projector", "language_model"}
+
+
+# ---- 6. MMFuser recipes (configs/mmfuser) ------------------------------------------------------------------------
+
+MMFUSER = CONFIGS / "mmfuser"
+# The LLaVA-1.5-7B recipe each MMFuser recipe repeats, and the keys it may change or add (spec mmfuser.md §7).
+MMFUSER_BASE = {
+    "llava-1.5-7b-pretrain.yaml": (RECIPES / "pretrain.yaml", {"fusion", "mmfuser_kv_layers", "mmfuser_num_heads",
+                                                               "mmfuser_num_points", "mm_fusion_lr"}),
+    "llava-1.5-7b-finetune.yaml": (RECIPES / "finetune.yaml", {"model_name_or_path"}),
+}
+
+
+def test_every_mmfuser_recipe_has_expectations():
+    assert sorted(p.name for p in MMFUSER.glob("*.yaml")) == sorted(
+        [*MMFUSER_BASE, "synthworld_pretrain.yaml", "synthworld_finetune.yaml"])
+
+
+@pytest.mark.parametrize("name", sorted(MMFUSER_BASE))
+def test_mmfuser_recipe_is_llava_1_5_plus_the_fuser(name):
+    base, changes = MMFUSER_BASE[name]
+    ours, theirs = raw(MMFUSER / name), raw(base)
+    differing = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+    assert differing == changes | {"output_dir", "run_name"}
+
+
+def test_mmfuser_recipes_match_the_reference_scripts():
+    """scripts/mmfuser/{pretrain,finetune}_7b.sh: CLIP blocks 3/8/13/18 -> 23, 16 heads x 4 points; fuser + MLP
+    train in stage 1, + the LLM in stage 2; the fuser's rate 1e-4 in stage 1 (the 13B script's, our choice for 7B
+    too), 2e-5 with everything in stage 2."""
+    from polyfocus.config import PolyfocusConfig
+
+    model_args, data_args, args = parse_args(str(MMFUSER / "llava-1.5-7b-pretrain.yaml"), HARDWARE)
+    assert (model_args.fusion, model_args.mmfuser_num_heads, model_args.mmfuser_num_points) == ("mmfuser", 16, 4)
+    config = PolyfocusConfig(fusion="mmfuser", mm_vision_select_layer=model_args.mm_vision_select_layer,
+                             mmfuser_kv_layers=model_args.mmfuser_kv_layers)  # CLIP-L/336 by default
+    assert config.mmfuser_layers() == (23, [3, 8, 13, 18])  # the reference's list-22/-17/-12/-7/-2
+    assert config.num_image_tokens == 576 and config.mm_hidden_size == 1024
+    assert (args.learning_rate, args.mm_fusion_lr, args.mm_projector_lr) == (1e-3, 1e-4, None)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * NUM_GPUS == 256
+    assert trainable_parts(model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
+                           model_args.freeze_mm_mlp_adapter) - {"visual_words"} == {"projector", "fusion"}
+    assert (model_args.version, data_args.image_aspect_ratio) == ("plain", "square")
+
+    model_args, data_args, args = parse_args(str(MMFUSER / "llava-1.5-7b-finetune.yaml"), HARDWARE)
+    assert model_args.model_name_or_path == raw(MMFUSER / "llava-1.5-7b-pretrain.yaml")["output_dir"]
+    assert model_args.fusion is None  # a checkpoint's architecture is fixed: the fuser comes with stage 1's output
+    assert (args.learning_rate, args.mm_fusion_lr) == (2e-5, None)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * NUM_GPUS == 128
+    assert trainable_parts(model_args.tune_mm_mlp_adapter, model_args.freeze_backbone,
+                           model_args.freeze_mm_mlp_adapter) - {"visual_words"} == {"projector", "fusion",
+                                                                                      "language_model"}
+    assert (model_args.version, data_args.image_aspect_ratio, args.group_by_modality_length) == ("v1", "pad", True)
+
+
+def test_mmfuser_synthworld_recipes_are_the_demos_plus_the_fuser():
+    """Same data, steps, batch and rates as `polyfocus demo`'s own recipes (the plain baseline), read from
+    polyfocus_demo/; only the fuser, its rate in stage 1 and the output directories differ."""
+    import inspect
+
+    from polyfocus.demo import default_recipe, run
+
+    defaults = inspect.signature(run).parameters
+    demo = default_recipe(Path("polyfocus_demo"), defaults["steps"].default, defaults["batch_size"].default)
+    stage1 = {**demo["stage1"], "output_dir": "polyfocus_demo/mmfuser_stage1", "fusion": "mmfuser",
+              "mmfuser_num_heads": 16, "mmfuser_num_points": 4, "mm_fusion_lr": 2.0e-4}
+    stage2 = {**demo["stage2"], "model_name_or_path": "polyfocus_demo/mmfuser_stage1",
+              "output_dir": "polyfocus_demo/mmfuser_stage2"}
+    assert raw(MMFUSER / "synthworld_pretrain.yaml") == stage1
+    assert raw(MMFUSER / "synthworld_finetune.yaml") == stage2
+    for name in ("synthworld_pretrain.yaml", "synthworld_finetune.yaml"):
+        parse_args(str(MMFUSER / name))  # valid recipes

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from polyfocus.config import PolyfocusConfig
 from polyfocus.model.convert import _vision_config, _vision_state
+from polyfocus.model.fusion import build_fusion
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 from polyfocus.model.projector import build_projector
 from polyfocus.model.vision import build_vision_tower
@@ -17,7 +18,7 @@ from polyfocus.model.vision import build_vision_tower
 
 def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id: int, dtype: torch.dtype | None = None,
                    attn_implementation: str | None = None, **config_fields) -> PolyfocusForConditionalGeneration:
-    """config_fields: any PolyfocusConfig field (mm_vision_select_layer, mm_projector_type, ...)."""
+    """config_fields: any PolyfocusConfig field (mm_vision_select_layer, mm_projector_type, fusion, ...)."""
     for path, what in ((llm_path, "LLM"), (tower_path, "vision tower")):
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; the {what} must be a local model directory")
@@ -39,6 +40,7 @@ def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id:
     model.vision_tower.load_state_dict(_vision_state(AutoModel.from_pretrained(tower_path)), strict=True)
     model.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.text_config.hidden_size)
     model.mm_projector.apply(model._init_weights)
+    model.mm_fusion = build_fusion(config)  # MMFuser & co. initialise themselves (an identity at first); None: plain
     if dtype is not None:
         model.to(dtype)
     model.config.text_config = model.language_model.config

@@ -8,6 +8,7 @@ Every path goes through transformers' `from_pretrained` with a `key_mapping`, so
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -41,8 +42,30 @@ LLAVA_TO_POLYFOCUS = {
     r"^model\.": "language_model.model.",
     r"^lm_head\.": "language_model.lm_head.",
 }
+# MMFuser's reference code (yuecao0119/MMFuser) keeps its fuser inside the projector, as entry 0 of
+# Sequential[MSCrossAttnBlock, Linear, GELU, Linear, ...]: model.mm_projector.0.* is the fuser (inner names as ours)
+# and the MLP's Linears sit one index later than LLaVA's (mlp2x_gelu: .1 and .3; linear: .1). Its config names the
+# layers as a list, mm_vision_select_layer [-22, -17, -12, -7, -2] ("list-22/-17/-12/-7/-2" on its command line).
+MMFUSER_LEVELS = 4  # the reference's n_levels: the first 4 listed layers are the key/values, the last the query
+
+
+def mmfuser_reference_key_mapping(projector_type: str) -> dict[str, str]:
+    """Key renaming for MMFuser's reference layout (applied before LLAVA_TO_POLYFOCUS)."""
+    mapping = {r"^model\.mm_projector\.0\.": "mm_fusion."}
+    if projector_type == "linear":
+        mapping[r"^model\.mm_projector\.1\."] = "mm_projector."
+    elif projector_type != "identity":  # mlpNx_gelu: reference Linears at 1, 3, 5, ... → ours at 0, 2, 4, ...
+        depth = int(re.fullmatch(r"mlp(\d+)x_gelu", projector_type).group(1))
+        mapping.update({rf"^model\.mm_projector\.{2 * i + 1}\.": f"mm_projector.{2 * i}." for i in range(depth)})
+    return mapping
+
+
 # Original LLaVA config model_type → the text model it wraps.
 LLAVA_TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+# VW-LMM (pengts/VW-LMM) keeps LLaVA's layout plus a top-level `vm_head.weight`, but its config classes are named
+# model_type "llava" (llava-hf's name) over a flat LLM config; the architecture tells Llama from Mistral.
+VW_LMM_ARCHITECTURES = {"vwLlamaForCausalLM": "llama", "vwPifLlamaForCausalLM": "llama",
+                        "vwMistralForCausalLM": "mistral"}
 LLAVA_ONLY_FIELDS = (
     "mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
     "mm_patch_merge_type", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr", "use_mm_proj",
@@ -62,7 +85,10 @@ def checkpoint_format(path: str | Path) -> str:
         return "lora"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is this a model directory?")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    raw = json.loads(config_file.read_text())
+    model_type = raw.get("model_type")
+    if model_type == "llava" and "text_config" not in raw and "mm_vision_tower" in raw:
+        model_type = "llava_" + _vw_lmm_text_type(raw)  # VW-LMM: LLaVA's flat layout under llava-hf's name
     if model_type == "polyfocus":  # an adapter may be saved with its model's config.json, but no model weights
         has_weights = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
         return "lora" if adapter and not has_weights else "polyfocus"
@@ -155,6 +181,9 @@ def config_from_llava_hf(config: LlavaConfig) -> PolyfocusConfig:
 
 
 def llava_hf_config(config: PolyfocusConfig) -> LlavaConfig:
+    if config.fusion is not None:  # never silently drop weights
+        raise ValueError(f"transformers' Llava has no fusion module; a model with fusion={config.fusion!r} stays in "
+                         "the polyfocus format")
     if config.mm_projector_type != "mlp2x_gelu":
         raise ValueError(f"transformers' Llava has an mlp2x_gelu projector only; this model has {config.mm_projector_type}")
     drops_cls = config.vision_has_cls and config.mm_vision_select_feature == "patch"
@@ -173,6 +202,7 @@ def llava_hf_config(config: PolyfocusConfig) -> LlavaConfig:
 
 def to_llava_hf(model: PolyfocusForConditionalGeneration) -> LlavaForConditionalGeneration:
     """The same weights in transformers' `LlavaForConditionalGeneration` (current key layout)."""
+    _refuse_visual_words(model)
     if not 0 <= model.config.image_token_id < model.config.text_config.vocab_size:
         raise ValueError(f"image_token_id {model.config.image_token_id} is not in the vocabulary; transformers' "
                          "Llava looks it up: add an <image> token first (add_image_token)")
@@ -184,6 +214,12 @@ def to_llava_hf(model: PolyfocusForConditionalGeneration) -> LlavaForConditional
         setattr(hf.get_submodule(module_name), attr, buffer)
     hf.tie_weights()
     return hf.train(model.training)
+
+
+def _refuse_visual_words(model) -> None:
+    if model.vm_head is not None:  # never silently drop weights
+        raise ValueError("a visual-word (VW-LMM) model has no transformers Llava equivalent: its vm_head has no place "
+                         "there; keep it in the polyfocus format")
 
 
 def _hf_key(key: str) -> str:
@@ -211,6 +247,7 @@ def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path,
     """
     from transformers import AutoTokenizer
 
+    _refuse_visual_words(model)  # before add_image_token changes the model
     tokenizer = AutoTokenizer.from_pretrained(src_dir) if src_dir and _has_tokenizer(src_dir) else None
     if not 0 <= model.config.image_token_id < model.config.text_config.vocab_size:
         if tokenizer is None:
@@ -263,7 +300,7 @@ def config_from_llava_original(path: str | Path, vision_tower: str | Path | None
     """LLaVA's config.json is the LLM's config plus mm_* fields; the tower comes from `mm_vision_tower`."""
     config_file = Path(path) / "config.json"
     raw = json.loads(config_file.read_text())
-    text_type = LLAVA_TEXT_MODEL_TYPES[raw["model_type"]]
+    text_type = _vw_lmm_text_type(raw) if raw["model_type"] == "llava" else LLAVA_TEXT_MODEL_TYPES[raw["model_type"]]
     text_config = AutoConfig.for_model(text_type, **{k: v for k, v in raw.items() if k not in LLAVA_ONLY_FIELDS})
     tower = vision_tower or raw.get("mm_vision_tower")
     tower_path = Path(tower) if tower else None
@@ -279,14 +316,63 @@ def config_from_llava_original(path: str | Path, vision_tower: str | Path | None
         vision_config=_vision_config(tower_path).to_dict(),
         text_config=text_config.to_dict(),
         image_token_id=LLAVA_IMAGE_TOKEN_INDEX,
-        mm_vision_select_layer=raw.get("mm_vision_select_layer", -2),
+        **_select_layer_fields(raw, config_file),
         mm_vision_select_feature=raw.get("mm_vision_select_feature", "patch"),
         mm_projector_type=raw.get("mm_projector_type", "linear"),
         image_aspect_ratio=aspect,
         tokenizer_padding_side=raw.get("tokenizer_padding_side", "right"),
         tokenizer_model_max_length=raw.get("tokenizer_model_max_length"),
         mm_vision_tower=str(tower_path),
+        **_visual_word_fields(Path(path), raw),
     )
+
+
+def _select_layer_fields(raw: dict, config_file: Path) -> dict:
+    """LLaVA's one index; or MMFuser's list (only its code takes one here): the first 4 are the fuser's key/value
+    layers and the last its query, as its MSCrossAttnBlock reads them (layers between are unused there too)."""
+    layers = raw.get("mm_vision_select_layer", -2)
+    if isinstance(layers, str):  # the reference's command-line form, in case a config kept it unparsed
+        layers = [int(i) for i in layers.removeprefix("list").split("/")] if layers.startswith("list") else int(layers)
+    if isinstance(layers, int):
+        return {"mm_vision_select_layer": layers}
+    if len(layers) < MMFUSER_LEVELS + 1:
+        raise ValueError(f"{config_file}: mm_vision_select_layer {layers} is MMFuser's list, which needs "
+                         f"{MMFUSER_LEVELS} key/value layers and the query layer")
+    if raw.get("mm_vision_select_feature", "patch") != "patch":
+        raise ValueError(f"{config_file}: MMFuser's reference code runs only with mm_vision_select_feature 'patch'")
+    return {"mm_vision_select_layer": layers[-1], "fusion": "mmfuser", "mmfuser_kv_layers": layers[:MMFUSER_LEVELS]}
+
+
+def _vw_lmm_text_type(raw: dict) -> str:
+    architecture = (raw.get("architectures") or [""])[0]
+    return VW_LMM_ARCHITECTURES.get(architecture, "mistral" if "Mistral" in architecture else "llama")
+
+
+def _visual_word_fields(path: Path, raw: dict) -> dict:
+    """A VW-LMM checkpoint (a `vm_head.weight`) gets the visual-word head; its PIF variant is recognised as VW-LMM's
+    loader does, by "pif" in the model's name (the directory, or parent_checkpoint-N), or by its architecture."""
+    if "vm_head.weight" not in _checkpoint_keys(path):
+        return {}
+    name = path.resolve().name
+    if name.startswith("checkpoint-"):
+        name = f"{path.resolve().parent.name}_{name}"
+    pif = "pif" in name.lower() or "Pif" in (raw.get("architectures") or [""])[0]
+    return {"visual_words": True, "pseudo_image_features": pif}
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    """The weight names of a checkpoint directory (sharded or not, safetensors or .bin), without loading tensors."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            return set(json.loads((path / index).read_text())["weight_map"])
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(path / "model.safetensors", "pt") as f:
+            return set(f.keys())
+    if (path / "pytorch_model.bin").is_file():
+        return set(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
+    return set()
 
 
 def _vision_config(tower_path: Path) -> PreTrainedConfig:
@@ -310,8 +396,11 @@ def load_llava_original(
     config = config_from_llava_original(path, vision_tower)
     if projector_only and model_base is None:
         raise ValueError(f"{path} holds only a projector (mm_projector.bin): pass the base LLM (model_base=...)")
-    may_miss = ("vision_tower.", "mm_projector.") if projector_only else ("vision_tower.",)
-    model = _load_renamed(model_base if projector_only else path, config, LLAVA_TO_POLYFOCUS, may_miss,
+    may_miss = ("vision_tower.", "mm_projector.", "mm_fusion.") if projector_only else ("vision_tower.",)
+    key_mapping = LLAVA_TO_POLYFOCUS
+    if config.fusion == "mmfuser":
+        key_mapping = {**mmfuser_reference_key_mapping(config.mm_projector_type), **LLAVA_TO_POLYFOCUS}
+    model = _load_renamed(model_base if projector_only else path, config, key_mapping, may_miss,
                           **from_pretrained_kwargs)
     if projector_only:
         _load_projector(model, path / "mm_projector.bin")
@@ -334,9 +423,31 @@ def _vision_state(tower) -> dict[str, torch.Tensor]:
 def _load_projector(model: PolyfocusForConditionalGeneration, file: Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no projector weights")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    prefix = "model.mm_projector."
-    projector = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    load_projector_weights(model, torch.load(file, map_location="cpu", weights_only=True), file)
+
+
+def load_projector_weights(model: PolyfocusForConditionalGeneration, state: dict[str, torch.Tensor], source) -> None:
+    """Stage-1 weights into the projector (and the fuser): LLaVA's mm_projector.bin (keys model.mm_projector.*),
+    or ours (mm_projector.*, mm_fusion.*). For a model with fusion='mmfuser', LLaVA-layout keys are MMFuser's
+    reference layout (its fuser is projector entry 0)."""
+    mapping = {r"^model\.mm_projector\.": "mm_projector."}
+    if model.mm_fusion is not None:
+        mapping = {**mmfuser_reference_key_mapping(model.config.mm_projector_type), **mapping}
+    state = {_renamed(key, mapping): value for key, value in state.items()}
+    projector = {k.removeprefix("mm_projector."): v for k, v in state.items() if k.startswith("mm_projector.")}
     if not projector:
-        raise ValueError(f"{file}: no keys starting with {prefix!r} (found {list(state)[:3]})")
+        raise ValueError(f"{source}: no mm_projector weights (keys: {list(state)[:3]})")
     model.mm_projector.load_state_dict(projector, strict=True)
+    if model.mm_fusion is not None:
+        fusion = {k.removeprefix("mm_fusion."): v for k, v in state.items() if k.startswith("mm_fusion.")}
+        if not fusion:
+            raise ValueError(f"{source}: no weights for the model's fusion module ({model.config.fusion}): expected "
+                             "MMFuser's reference layout (model.mm_projector.0.*) or mm_fusion.* keys")
+        model.mm_fusion.load_state_dict(fusion, strict=True)
+
+
+def _renamed(key: str, mapping: dict[str, str]) -> str:
+    """A key renamed as transformers' key_mapping does: every matching pattern, in order."""
+    for pattern, replacement in mapping.items():
+        key = re.sub(pattern, replacement, key)
+    return key

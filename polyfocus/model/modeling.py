@@ -15,8 +15,13 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Gene
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from polyfocus.config import IGNORE_INDEX, PolyfocusConfig
+from polyfocus.model.fusion import FUSION_MODULES, build_fusion
 from polyfocus.model.projector import build_projector
 from polyfocus.model.vision import build_vision_tower, select_features
+from polyfocus.model.visual_words import (
+    CausalLMOutputWithVisualWords, build_visual_word_head, init_visual_word_head, pseudo_image_features,
+    visual_word_loss,
+)
 
 
 class PolyfocusPreTrainedModel(PreTrainedModel):
@@ -30,6 +35,16 @@ class PolyfocusPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers takes a module of custom code to be initialised when its *own* parameters were all loaded:
+        # vacuously true for a deformable attention (its parameters live in its Linears), so with a plain checkpoint
+        # and fusion switched on its init would be skipped. Fusion modules initialise through transformers' `init`
+        # functions, which leave loaded tensors alone, so their init always runs.
+        if isinstance(module, FUSION_MODULES):
+            self._init_weights(module)
+        else:
+            super()._initialize_weights(module, is_custom_code)
+
     def _init_weights(self, module):
         # Only our own modules: the tower and the LM were initialised by their own classes.
         if isinstance(module, nn.Linear) and any(module is m for m in self.mm_projector.modules()):
@@ -37,6 +52,10 @@ class PolyfocusPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, FUSION_MODULES):  # their published init (MMFuser: Deformable-DETR's, zero gammas)
+            module._reset_parameters()
+        elif module is self.vm_head:  # the LM (a child, so initialised first) is the head's starting point
+            init_visual_word_head(module, self.get_output_embeddings())
 
 
 class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixin):
@@ -47,6 +66,8 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             config.mm_projector_type, config.mm_hidden_size, config.text_config.hidden_size
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.vm_head = build_visual_word_head(config)  # VW-LMM's visual-word head; None for a plain model
+        self.mm_fusion = build_fusion(config)  # between the tower and the projector (config.fusion); None: plain
         self.post_init()
 
     # Embeddings live in the LLM; resize_token_embeddings and tying go through these.
@@ -62,16 +83,34 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
     def set_output_embeddings(self, value: nn.Module):
         self.language_model.set_output_embeddings(value)
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
+        """transformers' resize, plus the visual-word head: its rows are the vocabulary too (VW-LMM's loader resizes
+        the embeddings but not its head, which breaks PIF's embedding lookup)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if self.vm_head is not None and self.vm_head.out_features != embeddings.num_embeddings:
+            requires_grad = self.vm_head.weight.requires_grad
+            self.vm_head = self._get_resized_lm_head(self.vm_head, embeddings.num_embeddings,
+                                                     mean_resizing=mean_resizing)
+            self.vm_head.requires_grad_(requires_grad)
+        return embeddings
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] → [n_images, N, D]."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
-        features = select_features(self.config, out.hidden_states)
+        if self.mm_fusion is None:
+            features = select_features(self.config, out.hidden_states)
+        else:  # the selected layer, refined with shallower ones (MMFuser)
+            features = self.mm_fusion(out.hidden_states)
         projector_dtype = next(self.mm_projector.parameters(), features).dtype  # identity has no parameters
         return self.mm_projector(features.to(projector_dtype))
 
-    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features scattered, in order, into the image-token positions."""
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
+                     return_visual_words: bool = False):
+        """Token embeddings with image features scattered, in order, into the image-token positions.
+
+        return_visual_words: return (embeddings, visual words), the latter the visual-word logits of the image
+        positions [n_positions, V] in scatter order (None without images), for the visual-word loss."""
         is_image = input_ids == self.config.image_token_id  # [B, L]
         vocab_size = self.get_input_embeddings().num_embeddings
         in_vocab = 0 <= self.config.image_token_id < vocab_size
@@ -83,10 +122,17 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             if self.training:  # keep the projector in the graph (zero gradient): DDP/ZeRO expect every parameter
                 empty = embeds.new_zeros(0, self.config.mm_hidden_size)
                 embeds = embeds + self.mm_projector(empty.to(next(self.mm_projector.parameters(), empty).dtype)).sum()
-            return embeds
+                if self.mm_fusion is not None:  # and the fusion module (an empty slice: exactly 0, no NaN risk)
+                    embeds = embeds + sum(p.view(-1)[:0].sum() for p in self.mm_fusion.parameters())
+            return (embeds, None) if return_visual_words else embeds
         # Image positions are overwritten below, so an out-of-vocabulary id (LLaVA's -200) is never looked up.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, L, D]
         features = self.get_image_features(pixel_values)  # [n_images, N, D]
+        visual_words = None
+        if self.vm_head is not None and (return_visual_words or self.config.pseudo_image_features):
+            visual_words = self.vm_head(features)  # [n_images, N, V]
+            if self.config.pseudo_image_features:  # PIF: the LLM sees only mixtures of token embeddings
+                features = pseudo_image_features(visual_words, self.get_input_embeddings().weight)
         n_positions, n_features = int(is_image.sum()), features.shape[0] * features.shape[1]
         if n_positions != n_features:
             raise ValueError(
@@ -94,7 +140,10 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
                 f"{n_features} features ({features.shape[1]} each): was a sequence truncated inside an image, "
                 f"or do the <image> tags not match the images?"
             )
-        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        if return_visual_words:
+            return embeds, None if visual_words is None else visual_words.flatten(0, 1)
+        return embeds
 
     def forward(
         self,
@@ -111,11 +160,17 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        # VW-LMM's loss needs the image positions (input_ids) and the visual words of the images.
+        visual_word_loss_applies = self.vm_head is not None and labels is not None and input_ids is not None
+        visual_words = None
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            if visual_word_loss_applies:
+                inputs_embeds, visual_words = self.embed_inputs(input_ids, pixel_values, return_visual_words=True)
+            else:
+                inputs_embeds = self.embed_inputs(input_ids, pixel_values)
             if labels is not None:  # image positions are never supervised
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-        return self.language_model(
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -125,6 +180,19 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        if not visual_word_loss_applies:
+            return outputs
+        return self.add_visual_word_loss(outputs, input_ids, visual_words)
+
+    def add_visual_word_loss(self, outputs, input_ids: torch.LongTensor, visual_words: torch.Tensor | None):
+        """VW-LMM's objective: the text loss plus the weighted KL of the visual-word loss (model/visual_words.py)."""
+        if visual_words is None:  # no images in this batch: a zero loss that still reaches the head (DDP, ZeRO)
+            visual_words = self.vm_head(self.vm_head.weight.new_zeros(0, self.vm_head.in_features))
+        is_image = input_ids == self.config.image_token_id
+        vw_loss = visual_word_loss(outputs.logits, is_image, visual_words, self.config.vw_kl_direction,
+                                   self.config.vw_detach_target)
+        fields = {**outputs, "loss": outputs.loss + self.config.vw_loss_weight * vw_loss}
+        return CausalLMOutputWithVisualWords(**fields, lm_loss=outputs.loss, vw_loss=vw_loss)
 
     def generate(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None, **kwargs):
         """transformers' generate. With an image id outside the vocabulary (LLaVA's -200), logits processors that

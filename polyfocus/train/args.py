@@ -39,7 +39,8 @@ STAGE_PRESETS = {
 # Flags of LLaVA's scripts that transformers 5 renamed.
 RENAMED = {"warmup_ratio": "warmup_steps",  # warmup_steps < 1 is a ratio of the total steps
            "gradient_checkpointing": "activation_checkpointing",
-           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+           "ms_cross_attn_lr": "mm_fusion_lr"}  # MMFuser's scripts' name for the fuser's learning rate
 COMMON_DEFAULTS = {"lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0, "save_strategy": "steps",
                    "logging_steps": 1, "include_num_input_tokens_seen": "non_padding", "remove_unused_columns": False}
 
@@ -58,6 +59,18 @@ class ModelArguments:
     mm_vision_select_layer: int | None = None  # None: keep the checkpoint's (LLaVA-1.5: -2)
     mm_vision_select_feature: str | None = None
     mm_projector_type: str | None = None
+    # Fusion between the tower and the projector (new models only): fusion: mmfuser, and its PolyfocusConfig fields.
+    fusion: str | None = None
+    mmfuser_kv_layers: list[int] | None = None
+    mmfuser_num_heads: int | None = None
+    mmfuser_num_points: int | None = None
+    # VW-LMM (docs/vw_lmm.md). visual_words: give the model a visual-word head if it has none (initialised from its
+    # LM head). The others override the model config's values (None: keep them).
+    visual_words: bool = False
+    vw_loss_weight: float | None = None
+    vw_kl_direction: str | None = None  # forward: KL(visual word || LM) (VW-LMM stage 4); reverse (stage 3)
+    vw_detach_target: bool | None = None
+    pseudo_image_features: bool | None = None
     # What trains. tune_mm_mlp_adapter: projector (+fusion) only. freeze_backbone: LLM frozen.
     tune_mm_mlp_adapter: bool = False
     freeze_backbone: bool = False
@@ -92,6 +105,7 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = False
     mm_projector_lr: float | None = None
     mm_fusion_lr: float | None = None
+    mm_visual_words_lr: float | None = None  # VW-LMM's visual-word head
     mm_vision_tower_lr: float | None = None
     save_trainable_only: bool = True  # checkpoints hold only what trains (LLaVA stage 1: the projector)
     plot_loss: bool = True  # loss.png in output_dir at the end

@@ -15,6 +15,7 @@ PARTS = {
     "vision_tower": ("vision_tower.",),
     "projector": ("mm_projector.",),
     "fusion": ("mm_fusion.",),
+    "visual_words": ("vm_head.",),  # VW-LMM's visual-word head: trains in every stage, as the projector
     "language_model": ("language_model.",),
 }
 PEFT_PREFIX = "base_model.model."
@@ -29,8 +30,11 @@ def part_of(name: str) -> str:
 
 
 def trainable_parts(tune_mm_mlp_adapter: bool, freeze_backbone: bool, freeze_mm_mlp_adapter: bool) -> set[str]:
-    """LLaVA's flags → the parts that train in full (the vision tower is handled by `unfreeze_vision_layers`)."""
-    parts = {"projector", "fusion"}
+    """LLaVA's flags → the parts that train in full (the vision tower is handled by `unfreeze_vision_layers`).
+
+    The visual-word head trains whenever the model has one: in VW-LMM's stage 3 alone (tune_mm_mlp_adapter with
+    freeze_mm_mlp_adapter), in stage 4 with the projector and the LLM. `freeze_modules: [vm_head]` freezes it."""
+    parts = {"projector", "fusion", "visual_words"}
     if not (tune_mm_mlp_adapter or freeze_backbone):
         parts.add("language_model")
     if freeze_mm_mlp_adapter:

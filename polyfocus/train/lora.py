@@ -105,7 +105,7 @@ def load_quantized(path: str | Path, bits: int = 4, **from_pretrained_kwargs) ->
         raise ImportError("load_quantized needs bitsandbytes (CUDA only): pip install 'polyfocus[gpu]'") from None
     from transformers import BitsAndBytesConfig
 
-    skip = ["vision_tower", "mm_projector", "lm_head"]  # an explicit list replaces transformers' default (lm_head)
+    skip = ["vision_tower", "mm_projector", "mm_fusion", "lm_head"]  # an explicit list replaces transformers' default
     if bits == 4:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)

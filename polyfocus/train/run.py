@@ -28,6 +28,12 @@ from polyfocus.train.freeze import configure_trainable, parameter_summary, train
 from polyfocus.train.trainer import PolyfocusTrainer
 
 logger = logging.getLogger(__name__)
+# ModelArguments that are PolyfocusConfig fields: they shape a new model (from backbones or model_config); a
+# multimodal checkpoint's are fixed.
+ARCHITECTURE_FIELDS = ("mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type", "fusion",
+                       "mmfuser_kv_layers", "mmfuser_num_heads", "mmfuser_num_points")
+# VW-LMM's switches (ModelArguments and PolyfocusConfig fields): any model takes them, a checkpoint included.
+VISUAL_WORD_FIELDS = ("visual_words", "vw_loss_weight", "vw_kl_direction", "vw_detach_target", "pseudo_image_features")
 
 
 def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PolyfocusTrainer:
@@ -85,8 +91,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
     from polyfocus.model.convert import checkpoint_format, load_model
 
     dtype = torch.bfloat16 if training_args.bf16 else None
-    overrides = {k: getattr(model_args, k) for k in ("mm_vision_select_layer", "mm_vision_select_feature",
-                                                     "mm_projector_type") if getattr(model_args, k) is not None}
+    overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS if getattr(model_args, k) is not None}
     path = model_args.model_name_or_path
     if path and _is_multimodal_checkpoint(path):
         if overrides:
@@ -127,11 +132,28 @@ def build_model(model_args, data_args, training_args, tokenizer):
 
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    configure_visual_words(model, model_args)
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.tokenizer_padding_side = "right"
     model.config.tokenizer_model_max_length = training_args.model_max_length
     model.config.use_cache = False  # training; generation turns it back on
     return model
+
+
+def configure_visual_words(model, model_args) -> None:
+    """VW-LMM (docs/vw_lmm.md): add the visual-word head if the run asks for one, then set the loss and PIF switches
+    the run names (they are config values, not weights, so any checkpoint takes them)."""
+    from polyfocus.model.visual_words import KL_DIRECTIONS, add_visual_word_head
+
+    if model_args.visual_words:
+        add_visual_word_head(model)
+    for key in VISUAL_WORD_FIELDS[1:]:
+        if getattr(model_args, key) is not None:
+            setattr(model.config, key, getattr(model_args, key))
+    if model.config.vw_kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"vw_kl_direction must be one of {KL_DIRECTIONS}, got {model.config.vw_kl_direction!r}")
+    if model.config.pseudo_image_features and model.vm_head is None:
+        raise ValueError("pseudo_image_features needs a visual-word head: set visual_words: true")
 
 
 def _is_multimodal_checkpoint(path: str) -> bool:
@@ -143,20 +165,16 @@ def _is_multimodal_checkpoint(path: str) -> bool:
 
 
 def load_projector(model, file: str) -> None:
-    """Projector weights of a stage-1 run: LLaVA's mm_projector.bin (keys model.mm_projector.*) or ours."""
+    """Projector (and fuser) weights of a stage-1 run: LLaVA's or MMFuser's mm_projector.bin (keys
+    model.mm_projector.*) or ours (convert.load_projector_weights)."""
     from safetensors.torch import load_file
+
+    from polyfocus.model.convert import load_projector_weights
 
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file}: no projector weights (pretrain_mm_mlp_adapter)")
     state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=True)
-    projector = {}
-    for key, value in state.items():
-        for prefix in ("model.mm_projector.", "mm_projector."):
-            if key.startswith(prefix):
-                projector[key[len(prefix):]] = value
-    if not projector:
-        raise ValueError(f"{file}: no mm_projector weights (keys: {list(state)[:3]})")
-    model.mm_projector.load_state_dict(projector, strict=True)
+    load_projector_weights(model, state, file)
 
 
 def build_image_processor(model_args, model, aspect_ratio: str) -> ImageProcessor:
@@ -199,8 +217,11 @@ def set_trainable(model, model_args, output_dir: str):
 
         if not _is_multimodal_checkpoint(model_args.model_name_or_path or ""):
             model = _save_base(model, Path(output_dir) / "base")  # the adapter needs a base directory to merge into
+        full = ("mm_projector", "vm_head") if model.vm_head is not None else ("mm_projector",)  # saved in the adapter
+        full += ("mm_fusion",) if model.mm_fusion is not None else ()  # the fuser trains in full too
         config = lora_config(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-                             target_modules=model_args.lora_target_modules, bias=model_args.lora_bias)
+                             target_modules=model_args.lora_target_modules, bias=model_args.lora_bias,
+                             modules_to_save=full)
         model = apply_lora(model, config, bits=model_args.bits)
         parts -= {"language_model"}  # the LLM trains through its adapters
     configure_trainable(model, parts, model_args.unfreeze_vision_layers, model_args.freeze_modules)

@@ -7,6 +7,7 @@
   every rank has finished, so a crash mid-save never leaves a `checkpoint-N` that loads half-written;
 - checkpoints that hold only the trainable weights (`save_trainable_only`; LLaVA stage 1 saves only the
   projector) — resume loads them over the frozen weights, which the run rebuilds from its starting model;
+- VW-LMM's visual-word loss logged on its own (`vw_loss`) and averaged over micro-batches as the reference does;
 
 Everything else (DDP/FSDP/DeepSpeed, resume of optimizer/scheduler/RNG/data position, logging, report_to)
 is the library's.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import torch
 from transformers import Trainer
 
 from polyfocus.data.sampler import LengthGroupedSampler
@@ -28,7 +30,8 @@ STAGING = ".staging"
 class PolyfocusTrainer(Trainer):
     def part_learning_rates(self) -> dict[str, float]:
         a = self.args
-        lrs = {"projector": a.mm_projector_lr, "fusion": a.mm_fusion_lr, "vision_tower": a.mm_vision_tower_lr}
+        lrs = {"projector": a.mm_projector_lr, "fusion": a.mm_fusion_lr, "vision_tower": a.mm_vision_tower_lr,
+               "visual_words": a.mm_visual_words_lr}
         return {part: lr for part, lr in lrs.items() if lr is not None}
 
     def create_optimizer(self, model=None):
@@ -51,6 +54,37 @@ class PolyfocusTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    # ---- VW-LMM's visual-word loss ------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        vw_loss = getattr(outputs, "vw_loss", None)
+        if vw_loss is not None:
+            weight = self.accelerator.unwrap_model(model).config.vw_loss_weight
+            loss = loss + self._visual_word_rescale(num_items_in_batch) * weight * vw_loss
+            if model.training:
+                self._vw_losses = getattr(self, "_vw_losses", []) + [vw_loss.detach()]
+        return (loss, outputs) if return_outputs else loss
+
+    def _visual_word_rescale(self, num_items_in_batch) -> float:
+        """The model's loss is text CE + weight * vw_loss, each a mean over this micro-batch. When the text CE is
+        normalised by the token count of the whole accumulated, all-rank batch (transformers' loss kwargs), the
+        Trainer multiplies the loss by the number of processes (DDP averages gradients) and no longer divides it by
+        the accumulation steps; for the visual-word part, which stays a per-micro-batch mean as in the reference
+        (DeepSpeed averages its micro-batches), that is undone here: the factor turns scale * vw into vw / steps."""
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if not scaled:
+            return 0.0  # the Trainer divides the whole loss by the accumulation steps itself
+        world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return 1.0 / self.current_gradient_accumulation_steps - world
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        vw_losses = getattr(self, "_vw_losses", [])
+        if "loss" in logs and vw_losses:  # mean since the last log, over micro-batches and ranks
+            logs["vw_loss"] = self.accelerator.reduce(torch.stack(vw_losses).mean(), "mean").item()
+            self._vw_losses = []
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -1,0 +1,134 @@
+"""Science on synthworld: does a method beat the plain model at equal data and steps? One JSON line per comparison.
+
+Every variant trains the demo's two stages (polyfocus/demo.py) from the same backbones and data, once per seed,
+and is scored per task family on the same held-out scenes. The backbones and data are made once and shared, as
+a CLIP checkpoint and a dataset are shared by the runs of a paper's ablation; a seed sets the LLM's and the new
+modules' initialisation and the data order.
+
+    python bench/science.py --name mmfuser --variant baseline='{}' \
+        --variant mmfuser='{"stage1": {"fusion": "mmfuser"}}' --seeds 0 1 2
+
+A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to both stages, or per stage under
+"stage1" / "stage2". Runs already in <out>/<name>/runs.jsonl are not repeated (rerun the same command to resume).
+The table (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>/table.md for docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from polyfocus import demo
+from polyfocus.train.run import train
+
+
+def shared_backbones(out: Path, args) -> None:
+    """Data, tokenizer and the pretrained tower, made once for every run under `out`."""
+    if (out / "tower" / "config.json").is_file():
+        return
+    demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects, demo.VQA_FAMILIES,
+                   seed=0)
+    demo.make_backbones(out, demo.demo_model_config(args.image_size), args.tower_steps, args.batch_size,
+                        args.max_objects, seed=0)
+
+
+def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
+    recipe = demo.default_recipe(run_dir, (args.pretrain_steps, args.finetune_steps), args.batch_size)
+    common = {k: v for k, v in variant.items() if k not in ("stage1", "stage2")}
+    for stage, stage_args in recipe.items():
+        stage_args.update(tokenizer_name_or_path=str(shared / "tokenizer"), seed=seed, disable_tqdm=True,
+                          data_path=[str(shared / "data" / Path(p).name) for p in stage_args["data_path"]])
+        stage_args.update(common)
+        stage_args.update(variant.get(stage, {}))
+    recipe["stage1"].update(model_name_or_path=str(run_dir / "llm"), vision_tower=str(shared / "tower"))
+    return recipe
+
+
+def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
+    """Both stages of one variant and seed, then per-family accuracy on the held-out scenes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    demo.make_llm(run_dir, shared / "tokenizer", demo.demo_model_config(args.image_size), seed)
+    t0 = time.perf_counter()
+    for stage, stage_args in recipe_for(shared, run_dir, variant, seed, args).items():
+        config_file = run_dir / f"{stage}.yaml"
+        config_file.write_text(yaml.safe_dump(stage_args, sort_keys=False))
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(str(config_file))
+    _, results, _ = demo.evaluate_model(run_dir / "stage2", shared / "data")
+    return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": round(time.perf_counter() - t0)}
+
+
+def table(runs: list[dict], variants: list[str]) -> str:
+    """Family rows × variant columns, mean ± std (%) over seeds."""
+    families = list(runs[0]["accuracy"])
+    lines = ["| family | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for family in families:
+        cells = []
+        for name in variants:
+            values = [100 * r["accuracy"][family] for r in runs if r["variant"] == name]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, sep, spec = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME=JSON, e.g. baseline='{{}}'")
+    try:
+        return name, json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--variant {name}: not JSON ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the comparison, e.g. mmfuser")
+    p.add_argument("--variant", type=parse_variant, action="append", required=True, help="NAME=JSON (repeat)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/science")
+    p.add_argument("--pretrain-steps", type=int, default=demo.DEFAULT_STEPS[0])
+    p.add_argument("--finetune-steps", type=int, default=demo.DEFAULT_STEPS[1])
+    p.add_argument("--tower-steps", type=int, default=demo.DEFAULT_TOWER_STEPS)
+    p.add_argument("--train-scenes", type=int, default=2000)
+    p.add_argument("--test-scenes", type=int, default=100)
+    p.add_argument("--image-size", type=int, default=demo.DEFAULT_IMAGE_SIZE)
+    p.add_argument("--max-objects", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+
+    shared, out = Path(args.out) / "shared", Path(args.out) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    shared_backbones(shared, args)
+    log = out / "runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for seed in args.seeds:
+        for name, variant in args.variant:
+            if any(r["variant"] == name and r["seed"] == seed and r["spec"] == variant for r in runs):
+                continue
+            result = {"variant": name, "seed": seed, "spec": variant,
+                      **run_one(shared, out / f"{name}-seed{seed}", variant, seed, args)}
+            runs.append(result)
+            with log.open("a") as f:  # one line per finished run: an interrupted comparison resumes here
+                f.write(json.dumps(result) + "\n")
+            print(json.dumps(result), file=sys.stderr, flush=True)
+    names = [name for name, _ in args.variant]
+    runs = [r for r in runs if r["variant"] in names and r["seed"] in args.seeds]
+    (out / "table.md").write_text(table(runs, names) + "\n")
+    print(table(runs, names))
+    means = {name: statistics.mean(r["accuracy"]["all"] for r in runs if r["variant"] == name) for name in names}
+    print(json.dumps({"bench": "science", "name": args.name, "seeds": args.seeds,
+                      "steps": [args.pretrain_steps, args.finetune_steps], "all_mean": means}))
+
+
+if __name__ == "__main__":
+    main()
