@@ -9,8 +9,9 @@ modules' initialisation and the data order.
         --variant mmfuser='{"stage1": {"fusion": "mmfuser"}}' --seeds 0 1 2
 
 A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to both stages, or per stage under
-"stage1" / "stage2". Runs already in <out>/<name>/runs.jsonl are not repeated (rerun the same command to resume).
-The table (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>/table.md for docs/results.md.
+"stage1" / "stage2". Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and
+settings is never repeated: rerun the same command to resume, and comparisons under one --out share their
+baseline runs. The table (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> d
     return recipe
 
 
+def settings_of(args) -> dict:
+    """What besides the variant and seed decides a run's result."""
+    return {k: getattr(args, k) for k in ("pretrain_steps", "finetune_steps", "tower_steps", "train_scenes",
+                                          "test_scenes", "image_size", "max_objects", "batch_size")}
+
+
 def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
     """Both stages of one variant and seed, then per-family accuracy on the held-out scenes."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,12 +73,19 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
     return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": round(time.perf_counter() - t0)}
 
 
-def table(runs: list[dict], variants: list[str]) -> str:
-    """Family rows × variant columns, mean ± std (%) over seeds."""
+def majority_baseline(data: Path) -> dict[str, float]:
+    from polyfocus.data.formats import load_samples
+    from polyfocus.eval.synthworld import majority_baseline
+
+    return majority_baseline(load_samples(data / "train.json"), load_samples(data / "test.json"))
+
+
+def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> str:
+    """Family rows × variant columns, mean ± std (%) over seeds, next to the majority-answer baseline."""
     families = list(runs[0]["accuracy"])
-    lines = ["| family | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    lines = ["| family | majority answer | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for family in families:
-        cells = []
+        cells = [f"{100 * baseline[family]:.1f}"]
         for name in variants:
             values = [100 * r["accuracy"][family] for r in runs if r["variant"] == name]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -106,25 +120,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
 
-    shared, out = Path(args.out) / "shared", Path(args.out) / args.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    settings = settings_of(args)
+    shared = out / "shared" / "-".join(f"{settings[k]}" for k in ("image_size", "tower_steps", "train_scenes",
+                                                                   "test_scenes", "max_objects"))
     shared_backbones(shared, args)
     log = out / "runs.jsonl"
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    runs = []
     for seed in args.seeds:
         for name, variant in args.variant:
-            if any(r["variant"] == name and r["seed"] == seed and r["spec"] == variant for r in runs):
-                continue
-            result = {"variant": name, "seed": seed, "spec": variant,
-                      **run_one(shared, out / f"{name}-seed{seed}", variant, seed, args)}
-            runs.append(result)
-            with log.open("a") as f:  # one line per finished run: an interrupted comparison resumes here
-                f.write(json.dumps(result) + "\n")
-            print(json.dumps(result), file=sys.stderr, flush=True)
+            key = {"spec": variant, "seed": seed, "settings": settings}
+            result = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+            if result is None:
+                run_dir = out / "runs" / f"{args.name}-{name}-seed{seed}"
+                result = {**key, **run_one(shared, run_dir, variant, seed, args)}
+                with log.open("a") as f:  # one line per finished run: an interrupted comparison resumes here
+                    f.write(json.dumps(result) + "\n")
+                done.append(result)
+                print(json.dumps(result), file=sys.stderr, flush=True)
+            runs.append({**result, "variant": name})
     names = [name for name, _ in args.variant]
-    runs = [r for r in runs if r["variant"] in names and r["seed"] in args.seeds]
-    (out / "table.md").write_text(table(runs, names) + "\n")
-    print(table(runs, names))
+    text = table(runs, names, majority_baseline(shared / "data"))
+    (out / f"{args.name}.md").write_text(text + "\n")
+    print(text)
     means = {name: statistics.mean(r["accuracy"]["all"] for r in runs if r["variant"] == name) for name in names}
     print(json.dumps({"bench": "science", "name": args.name, "seeds": args.seeds,
                       "steps": [args.pretrain_steps, args.finetune_steps], "all_mean": means}))

@@ -20,10 +20,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from polyfocus.model.convert import checkpoint_format, copy_processor_files, load_model, save_llava_hf
 
     found = checkpoint_format(args.src)
-    wanted = {"hf": "llava-hf", "llava": ("llava", "projector"), "polyfocus": "polyfocus"}.get(args.from_format)
+    wanted = {"hf": "llava-hf", "llava": ("llava", "projector"), "polyfocus": "polyfocus",
+              "mg-llava": "mg-llava"}.get(args.from_format)
     if wanted and found not in (wanted if isinstance(wanted, tuple) else (wanted,)):
         raise SystemExit(f"{args.src}: --from {args.from_format} but the directory holds a {found} checkpoint")
-    model = load_model(args.src, model_base=args.model_base, vision_tower=args.vision_tower)
+    model = load_model(args.src, model_base=args.model_base, vision_tower=args.vision_tower,
+                       hires_tower=args.hires_tower)
     out = Path(args.out)
     if args.to == "hf":
         save_llava_hf(model, out, src_dir=args.src)
@@ -31,6 +33,24 @@ def cmd_convert(args: argparse.Namespace) -> None:
         model.save_pretrained(out)
         copy_processor_files(args.src, out)
     print(f"{args.src} ({found}) -> {out} ({args.to})")
+
+
+def cmd_boxes(args: argparse.Namespace) -> None:
+    from polyfocus.data.boxes import BoxError, boxes_for_dataset, make_detector, write_box_json
+    from polyfocus.data.formats import DataError
+
+    if (args.detector is None) == (args.scenes is None):
+        raise SystemExit("polyfocus boxes: give --detector (synthworld, or a local OWLv2 / Grounding DINO directory) "
+                         "or --scenes (synthworld's scenes.jsonl: exact boxes)")
+    queries = [q.strip() for q in args.queries.split(",") if q.strip()] if args.queries else None
+    try:
+        detector = make_detector(args.detector, queries, args.threshold) if args.detector else None
+        records = boxes_for_dataset(args.data, args.image_folder, detector, args.scenes)
+    except (BoxError, DataError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"polyfocus boxes: {e}") from None
+    write_box_json(records, args.out)
+    n_boxes = sum(len(r.boxes) for r in records.values())
+    print(json.dumps({"out": args.out, "samples": len(records), "boxes": n_boxes}))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -42,9 +62,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     except ImageLoadError as e:
         raise SystemExit(str(e)) from None
     pipe = Pipeline.from_pretrained(args.model, template=args.template, device=args.device)
-    gen = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+    if args.strategy != "plain" and args.temperature:
+        raise SystemExit(f"--strategy {args.strategy} decodes greedily; drop --temperature")
+    temperature = 0.2 if args.temperature is None and args.strategy == "plain" else args.temperature or 0.0
+    gen = {"temperature": temperature, "max_new_tokens": args.max_new_tokens}
     if args.prompt is not None:
-        print(pipe.chat(image, args.prompt, **gen))
+        print(pipe.chat(image, args.prompt, strategy=args.strategy, **gen))
         return
     history: list[dict] = []  # the image goes in the first turn only
     while True:
@@ -55,10 +78,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not question.strip():  # an empty line ends the chat
             break
+        if args.strategy != "plain":  # each question on its own, not streamed (docs/dualfocus.md)
+            print("ASSISTANT: " + pipe.chat(image, question, strategy=args.strategy, **gen))
+            continue
         print("ASSISTANT: ", end="", flush=True)
         for piece in pipe.chat(image, question, history, stream=True, **gen):
             print(piece, end="", flush=True)
         print()
+
+
+def cmd_dualfocus_data(args: argparse.Namespace) -> None:
+    from polyfocus.data.dualfocus import convert
+    from polyfocus.data.formats import DataError
+
+    families = args.families.split(",") if args.families else None
+    try:
+        summary = convert(args.src, args.out, image_folder=args.image_folder, crops=args.crops,
+                          scene_graphs=args.scene_graphs, max_area=args.max_area, families=families)
+    except DataError as e:
+        raise SystemExit(f"polyfocus dualfocus-data: {e}") from None
+    print(json.dumps(summary, indent=2))
 
 
 def cmd_visual_words(args: argparse.Namespace) -> None:
@@ -69,6 +108,8 @@ def cmd_visual_words(args: argparse.Namespace) -> None:
     from polyfocus.model.convert import load_model
     from polyfocus.model.visual_words import draw_visual_words, visual_word_map
 
+    if args.topk < 1:
+        raise SystemExit(f"--topk {args.topk}: at least 1 (the argmax word drawn on each patch is the first)")
     try:
         image = load_image(args.image)
     except ImageLoadError as e:
@@ -124,7 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     model_config = json.loads(args.model_config) if args.model_config else None
     families = args.families.split(",") if args.families else None
     steps = (args.pretrain_steps or DEFAULT_STEPS[0], args.finetune_steps or DEFAULT_STEPS[1])
-    optional = {k: getattr(args, k) for k in ("image_size", "tower_steps") if getattr(args, k) is not None}
+    optional = {k: getattr(args, k) for k in ("image_size", "tower_steps", "render_size", "hires_tower_steps")
+                if getattr(args, k) is not None}
     run(args.out, args.train_scenes, args.test_scenes, steps, batch_size=args.batch_size, model_config=model_config,
         max_objects=args.max_objects, families=families, seed=args.seed, **optional)
 
@@ -162,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         results = evaluate(args.model, args.benchmark, args.data, out=args.out, batch_size=args.batch_size,
                            limit=args.limit, max_new_tokens=args.max_new_tokens, template=args.template,
                            device=args.device, dtype=args.dtype, num_chunks=args.num_chunks, chunk_idx=args.chunk_idx,
-                           options=options, judge=judge)
+                           options=options, judge=judge, strategy=args.strategy)
     except (EvalDataError, EvalRunError, JudgeError, ValueError) as e:  # bad files, settings, judge: the message
         raise SystemExit(f"polyfocus eval: {e}") from None
     if results is not None:
@@ -189,11 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--to", choices=["polyfocus", "hf"], default="polyfocus",
                    help="hf = transformers' LlavaForConditionalGeneration layout")
-    p.add_argument("--from", dest="from_format", choices=["auto", "hf", "llava", "polyfocus"], default="auto",
-                   help="assert the source format (default: detect it)")
+    p.add_argument("--from", dest="from_format", choices=["auto", "hf", "llava", "polyfocus", "mg-llava"],
+                   default="auto", help="assert the source format (default: detect it)")
     p.add_argument("--model-base", default=None, help="base LLM directory, for a stage-1 mm_projector.bin checkpoint")
     p.add_argument("--vision-tower", default=None, help="local CLIP/SigLIP directory (overrides mm_vision_tower)")
+    p.add_argument("--hires-tower", default=None,
+                   help="MG-LLaVA: its ConvNeXt (open_clip CLIP-ConvNeXt weights, or a transformers ConvNeXt "
+                        "directory)")
     p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("boxes", help="MG-LLaVA: a box JSON for a dataset, from a detector or synthworld's truth",
+                         description="Writes MG-LLaVA's box JSON ([{id, boxes, scores, labels}], pixels of each "
+                                     "original image) for every one-image sample; training reads it as "
+                                     "box_json_path (docs/mg_llava.md).")
+    p.add_argument("data", help="LLaVA JSON / messages file")
+    p.add_argument("--out", required=True, help="the box JSON to write")
+    p.add_argument("--image-folder", default=None, help="image paths are relative to this (default: the file's folder)")
+    p.add_argument("--detector", default=None,
+                   help="synthworld (its pixel detector) or a local OWLv2 / OWL-ViT / Grounding DINO directory")
+    p.add_argument("--queries", default=None, help="comma-separated tags the detector looks for (needed by OWLv2 / "
+                                                   "Grounding DINO; synthworld: keep only these labels)")
+    p.add_argument("--threshold", type=float, default=None, help="score threshold (OWLv2: 0.2, Grounding DINO: 0.35)")
+    p.add_argument("--scenes", default=None, help="synthworld's scenes.jsonl: every object's exact box instead")
+    p.set_defaults(func=cmd_boxes)
 
     p = verbs.add_parser("chat", help="chat about an image (interactive, streaming; --prompt for one answer)")
     p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
@@ -201,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="ask this one question, print the answer and exit")
     p.add_argument("--template", default=None,
                    help="conversation template name (default: the tokenizer's chat_template)")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.2; dualfocus: greedy)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--strategy", choices=["plain", "dualfocus", "dualfocus_answer"], default="plain",
+                   help="dualfocus: macro answer, box, zoomed micro answer, pick by perplexity (docs/dualfocus.md); "
+                        "dualfocus_answer: perplexity of the answer's tokens only")
     p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) and a web page at /")
@@ -230,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let image_url be http(s): the server fetches what clients name (off by default)")
     p.set_defaults(func=cmd_serve)
 
+    p = verbs.add_parser("dualfocus-data", help="DualFocus: box-annotated VQA -> two-turn zoom training data + crops")
+    p.add_argument("src", help="LLaVA / messages JSON(L) whose questions carry evidence boxes (synthworld's `boxes`, "
+                               "`sub_area`), or GQA's questions JSON with --scene-graphs")
+    p.add_argument("out", help="output LLaVA JSON (.jsonl: JSONL); its image paths are relative to its directory")
+    p.add_argument("--image-folder", default=None, help="where SRC's image paths are relative to (default: its dir)")
+    p.add_argument("--crops", default=None, help="directory for the crops (default: OUT's name + _crops, beside it)")
+    p.add_argument("--scene-graphs", default=None, help="GQA's sceneGraphs JSON: SRC is GQA's questions JSON")
+    p.add_argument("--max-area", type=float, default=0.7, help="skip boxes covering more of the image than this")
+    p.add_argument("--families", default=None,
+                   help="synthworld families to convert, comma-separated (default: all but grounding and captions)")
+    p.set_defaults(func=cmd_dualfocus_data)
+
     p = verbs.add_parser("visual-words", help="VW-LMM: each patch's argmax visual word drawn on the image (+ top-k JSON)")
     p.add_argument("--model", required=True, help="checkpoint directory of a visual-word model (with its tokenizer)")
     p.add_argument("--image", required=True, help="image file")
@@ -254,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, help="stage 2 (the VQA families)")
     p.add_argument("--image-size", type=int, help="size of the rendered scenes and of the tower's input")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
+    p.add_argument("--render-size", type=int, help="pixel size of the rendered scenes (default: --image-size); "
+                                                     "MG-LLaVA's high-resolution branch needs more, e.g. 256")
+    p.add_argument("--hires-tower-steps", type=int,
+                   help="MG-LLaVA: pretraining steps of its ConvNeXt on object labels (default 1500 when the model "
+                        "config has fusion convgate or object_tokens, else none)")
     p.add_argument("--tower-steps", type=int,
                    help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None,
@@ -288,9 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default $OPENAI_BASE_URL or api.openai.com)")
     p.add_argument("--judge-model", default=None, help="default: the reference's (gpt-4-0613 MM-Vet, gpt-4-0314 LLaVA-W)")
     p.add_argument("--judge-api-key", default=None, help="default $OPENAI_API_KEY")
+    p.add_argument("--strategy", choices=["plain", "dualfocus", "dualfocus_answer"], default="plain",
+                   help="dualfocus: macro answer, box, zoomed micro answer, pick by perplexity (docs/dualfocus.md); "
+                        "dualfocus_answer: perplexity of the answer's tokens only")
     p.add_argument("--summary", default=None, metavar="DIR", help="print a table of every results.json under DIR")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.set_defaults(func=cmd_eval)
+
+    from polyfocus.densefusion.cli import add_parser as add_densefusion_parser
+
+    add_densefusion_parser(verbs)  # polyfocus densefusion run | download | curate | export | synthworld
 
     p = verbs.add_parser("train", help="train one stage (transformers Trainer; works under torchrun / accelerate)",
                          description="Any ModelArguments / DataArguments / TrainingArguments field can follow as "

@@ -22,6 +22,11 @@ CLIP_L_336 = {
     "projection_dim": 768,
 }
 
+# open_clip's CLIP-ConvNeXt-L-d-320 trunk (timm convnext_large): MG-LLaVA's high-resolution tower, as a ConvNextConfig.
+CLIP_CONVNEXT_L = {"depths": [3, 3, 27, 3], "hidden_sizes": [192, 384, 768, 1536], "patch_size": 4,
+                   "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0}
+BOX_LIMIT_MODES = ("per_category", "per_image")
+
 # Vision towers whose sequence starts with a CLS token (SigLIP's has none).
 TOWERS_WITH_CLS = {"clip_vision_model"}
 
@@ -41,13 +46,28 @@ class PolyfocusConfig(PreTrainedConfig):
             indices whose features are concatenated on the channel axis.
         mm_vision_select_feature: "patch" drops the CLS token, "cls_patch" keeps it.
         mm_projector_type: "linear", "mlp{N}x_gelu" (LLaVA-1.5: mlp2x_gelu) or "identity".
-        fusion: None (plain LLaVA) or "mmfuser" (polyfocus/model/fusion, docs/mmfuser.md): the selected layer
-            (`mm_vision_select_layer`, a single index: the query) is refined by deformable attention over shallower
-            layers of the tower before the projector; an identity at initialisation.
+        fusion: None (plain LLaVA), "s2" (see s2_scales) or "mmfuser" (polyfocus/model/fusion, docs/mmfuser.md):
+            the selected layer (`mm_vision_select_layer`, a single index: the query) is refined by deformable
+            attention over shallower layers of the tower before the projector; an identity at initialisation.
         mmfuser_kv_layers: the hidden-state indices MMFuser's query attends to (its key/value levels), all below the
             query; None: up to 4 at an even stride below it (CLIP-L/336 with -2: 3, 8, 13, 18, the reference's).
         mmfuser_num_heads / mmfuser_num_points: deformable attention heads (must divide the tower's width) and
             sampling points per head and level (the reference: 16 and 4).
+        s2_scales: fusion="s2" (polyfocus/model/fusion/s2.py, docs/densefusion.md), LLaVA-S2: the image sides the tower
+            looks at, in tower-sized tiles, concatenated on channels; the smallest is the tower's image_size. None: 1x,
+            2x and 3x the tower's size (CLIP-L/336: 336, 672, 1008, the reference's). The model then takes images of
+            the largest side (`image_input_size`) and still gives one token per patch of one tile.
+        hires_config: MG-LLaVA (docs/mg_llava.md): the high-resolution tower's config (a transformers ConvNeXt; None
+            with the branch on: CLIP-ConvNeXt-L). It sees the image at `hires_image_size` (its last stage on the low
+            tower's patch grid: 768 px for CLIP-L/336); the low tower sees that image downsampled. Present when
+            fusion="convgate" (its last stage fused into the low tower's features by a zero-initialised Conv-Gate)
+            or object_tokens.
+        object_tokens: MG-LLaVA's object-level tokens: one token per object box after each image's tokens, from
+            the high-resolution tower's multi-stage map (RoIAlign, mean over `box_feat_size`^2 bins, an MLP).
+        box_iou_threshold / box_limit_mode / box_limit_num: how an image's boxes are filtered before they become
+            tokens (class-wise NMS, then a per-category or per-image cap; MG-LLaVA: 0.2, per_category, 100).
+        box_detector: where boxes come from when a request or a sample brings none: "synthworld" (its pixel
+            detector) or a local OWLv2 / Grounding DINO directory; box_queries: that detector's text queries.
         image_aspect_ratio: "pad" (LLaVA-1.5 finetune/eval), "square" (resize + centre crop), "resize".
         tokenizer_padding_side / tokenizer_model_max_length: as LLaVA writes them at train time.
         mm_vision_tower: where the tower's weights came from (a local path); informative only.
@@ -63,6 +83,7 @@ class PolyfocusConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L_336),
         "text_config": SubConfigSpec(AutoConfig, model_type="llama"),
+        "hires_config": SubConfigSpec(AutoConfig, model_type="convnext", init_kwargs=CLIP_CONVNEXT_L, optional=True),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -75,6 +96,15 @@ class PolyfocusConfig(PreTrainedConfig):
     mmfuser_kv_layers: list[int] | None = None
     mmfuser_num_heads: int = 16
     mmfuser_num_points: int = 4
+    s2_scales: list[int] | None = None
+    hires_config: dict | PreTrainedConfig | None = None
+    object_tokens: bool = False
+    box_feat_size: int = 56
+    box_iou_threshold: float = 0.2
+    box_limit_mode: Literal["per_category", "per_image"] = "per_category"
+    box_limit_num: int | None = 100
+    box_detector: str | None = None
+    box_queries: list[str] | None = None
     image_aspect_ratio: Literal["pad", "square", "resize"] = "pad"
     tokenizer_padding_side: Literal["right", "left"] = "right"
     tokenizer_model_max_length: int | None = 2048
@@ -102,8 +132,13 @@ class PolyfocusConfig(PreTrainedConfig):
             raise ValueError(f"mm_vision_select_feature='cls_patch' needs a tower with a CLS token; "
                              f"{self.vision_config.model_type} has none")
         self._check_fusion()
-        if self.pseudo_image_features and not self.visual_words:
-            raise ValueError("pseudo_image_features needs visual_words (PIF is built from the visual-word head)")
+        self.check_mg_llava()
+        vw_set = [field for field, default in (("vw_loss_weight", 1.0), ("vw_kl_direction", "forward"),
+                                               ("vw_detach_target", False), ("pseudo_image_features", False))
+                  if getattr(self, field) != default]
+        if vw_set and not self.visual_words:  # they would change nothing: never silently ignored
+            raise ValueError(f"{', '.join(vw_set)} need{'s' if len(vw_set) == 1 else ''} visual_words "
+                             "(PIF and the KL are built from the visual-word head)")
         # A composite config stores tying at the top level; follow the LM's own choice.
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
 
@@ -117,12 +152,16 @@ class PolyfocusConfig(PreTrainedConfig):
         return [layer] if isinstance(layer, int) else list(layer)
 
     def _check_fusion(self) -> None:
-        if self.fusion not in (None, "mmfuser"):
-            raise ValueError(f"fusion must be None or 'mmfuser', got {self.fusion!r}")
-        if self.fusion is None:
+        if self.fusion not in (None, "mmfuser", "s2", "convgate"):
+            raise ValueError(f"fusion must be None or 'mmfuser' / 's2' / 'convgate', got {self.fusion!r}")
+        if self.fusion != "s2" and self.s2_scales is not None:
+            raise ValueError(f"s2_scales is set but fusion is {self.fusion!r}: add fusion='s2'")
+        if self.fusion == "s2":
+            self.s2_scale_list()
+        if self.fusion != "mmfuser":
             if (self.mmfuser_kv_layers, self.mmfuser_num_heads, self.mmfuser_num_points) != (None, 16, 4):
                 raise ValueError("mmfuser_kv_layers / mmfuser_num_heads / mmfuser_num_points are set but fusion is "
-                                 "None: add fusion='mmfuser'")
+                                 f"{self.fusion!r}: add fusion='mmfuser'")
             return
         self.mmfuser_layers()
         width = self.vision_config.hidden_size
@@ -163,10 +202,81 @@ class PolyfocusConfig(PreTrainedConfig):
                              f"below the query layer {query} (mm_vision_select_layer {self.mm_vision_select_layer})")
         return query, kv
 
+    def s2_scale_list(self) -> list[int]:
+        """S2's scales, ascending (default 1x, 2x, 3x the tower's image_size); checked."""
+        size = self.vision_config.image_size
+        scales = [size, 2 * size, 3 * size] if self.s2_scales is None else list(self.s2_scales)
+        if not scales or not all(isinstance(s, int) and s > 0 for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"s2_scales {self.s2_scales!r}: distinct positive image sides, e.g. [336, 672, 1008]")
+        if min(scales) != size:
+            raise ValueError(f"s2_scales {self.s2_scales!r}: the smallest scale is the tile the tower sees and must be "
+                             f"its image_size {size}")
+        if self.vision_has_cls and self.mm_vision_select_feature != "patch":
+            raise ValueError("fusion='s2' merges patch maps: mm_vision_select_feature must be 'patch' (as LLaVA-S2)")
+        return sorted(scales)
+
+    @property
+    def uses_hires(self) -> bool:
+        """MG-LLaVA's high-resolution tower is part of the model (Conv-Gate fusion or object tokens)."""
+        return self.fusion == "convgate" or self.object_tokens
+
+    @property
+    def hires_image_size(self) -> int:
+        """The high-resolution side: the low tower's patch grid times the ConvNeXt's total stride (24 x 32 = 768)."""
+        stride = self.hires_config.patch_size * 2 ** (len(self.hires_config.hidden_sizes) - 1)
+        return self.vision_config.image_size // self.vision_config.patch_size * stride
+
+    def check_mg_llava(self) -> None:
+        """MG-LLaVA's fields, checked (ValueError naming the field); the default ConvNeXt filled in when one is needed."""
+        if not self.uses_hires:
+            if self.hires_config is not None:
+                raise ValueError("hires_config is set but nothing uses the high-resolution tower: add "
+                                 "fusion='convgate' or object_tokens=True")
+            defaults = (("box_feat_size", 56), ("box_iou_threshold", 0.2), ("box_limit_mode", "per_category"),
+                        ("box_limit_num", 100), ("box_detector", None), ("box_queries", None))
+            changed = [f for f, default in defaults if getattr(self, f) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set but object_tokens is off: add object_tokens=True")
+            return
+        if self.hires_config is None:
+            self.hires_config = AutoConfig.for_model("convnext", **CLIP_CONVNEXT_L)
+        if self.hires_config.model_type not in ("convnext", "convnextv2"):
+            raise ValueError(f"hires_config must be a ConvNeXt config (MG-LLaVA's tower), got "
+                             f"{self.hires_config.model_type!r}")
+        if self.fusion == "s2":
+            raise ValueError("object_tokens with fusion='s2': S2 takes its own image sizes; use fusion None, "
+                             "'convgate' or 'mmfuser' with object tokens")
+        if self.fusion == "convgate" and self.vision_has_cls and self.mm_vision_select_feature != "patch":
+            raise ValueError("fusion='convgate' fuses the patch grid: mm_vision_select_feature must be 'patch'")
+        if self.vision_config.image_size % self.vision_config.patch_size:
+            raise ValueError(f"the high-resolution grid follows the tower's patch grid: image_size "
+                             f"{self.vision_config.image_size} is not a multiple of patch_size "
+                             f"{self.vision_config.patch_size}")
+        if self.box_limit_mode not in BOX_LIMIT_MODES:
+            raise ValueError(f"box_limit_mode must be one of {BOX_LIMIT_MODES}, got {self.box_limit_mode!r}")
+        if self.box_feat_size < 1 or not 0 <= self.box_iou_threshold <= 1 or (
+                self.box_limit_num is not None and self.box_limit_num < 1):
+            raise ValueError(f"box_feat_size {self.box_feat_size} (>= 1), box_iou_threshold "
+                             f"{self.box_iou_threshold} (0..1), box_limit_num {self.box_limit_num} (>= 1 or None)")
+
+    @property
+    def object_feature_size(self) -> int:
+        """Width of a pooled box vector: the ConvNeXt's stage widths summed (2880 for ConvNeXt-L)."""
+        return sum(self.hires_config.hidden_sizes)
+
+    @property
+    def image_input_size(self) -> int:
+        """Side of the images the model takes: the tower's image_size, with S2 its largest scale, with MG-LLaVA's
+        high-resolution branch its `hires_image_size` (the tower sees them downsampled)."""
+        if self.uses_hires:
+            return self.hires_image_size
+        return self.s2_scale_list()[-1] if self.fusion == "s2" else self.vision_config.image_size
+
     @property
     def mm_hidden_size(self) -> int:
-        """Width of the selected vision features (channels concatenated over selected layers)."""
-        return self.vision_config.hidden_size * len(self.select_layers)
+        """Width of the selected vision features (channels concatenated over selected layers, and S2's scales)."""
+        scales = len(self.s2_scale_list()) if self.fusion == "s2" else 1
+        return self.vision_config.hidden_size * len(self.select_layers) * scales
 
     @property
     def num_image_tokens(self) -> int:

@@ -30,6 +30,11 @@ VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
 DEFAULT_STEPS = (800, 1500)  # stage 1, stage 2
 DEFAULT_TOWER_STEPS = 3000
 DEFAULT_IMAGE_SIZE = 112
+# MG-LLaVA (docs/mg_llava.md): the demo's stand-in for CLIP-ConvNeXt, pretrained here like the low-resolution tower
+# Five stages (total stride 64) put its last stage on the tower's 8 x 8 grid at 512 px, where synthworld's codes are
+# about 7 px tall (readable; 3 px at 256), its first at stride 4 as ConvNeXt-L's.
+DEMO_HIRES = {"num_stages": 5, "depths": [1, 1, 1, 2, 1], "hidden_sizes": [16, 32, 64, 128, 256]}
+DEFAULT_HIRES_TOWER_STEPS = 1500
 
 
 def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
@@ -70,14 +75,17 @@ def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
 
 
 def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, max_objects: int, families: list[str],
-              seed: int) -> None:
+              seed: int, render_size: int | None = None) -> None:
+    """render_size: the scenes' pixel size when not the tower's (MG-LLaVA's high-resolution branch needs more
+    pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112)."""
     from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
 
     data = out / "data"
     for split, n, families in (("pretrain", train_scenes, ["dense_caption"]), ("train", train_scenes, families),
                                ("test", test_scenes, families)):
-        export(str(data), n, seed=seed, image_size=image_size, families=families, split=split, max_objects=max_objects)
+        export(str(data), n, seed=seed, image_size=render_size or image_size, families=families, split=split,
+               max_objects=max_objects)
     build_tokenizer(save_dir=out / "tokenizer")
 
 
@@ -122,7 +130,28 @@ def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: 
                           select_layer=select_layer, max_objects=max_objects, seed=seed)
 
 
-def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32) -> tuple[str, dict, dict]:
+def make_hires_tower(out: Path, model_config: dict, steps: int, batch_size: int, max_objects: int,
+                     seed: int) -> dict[str, float]:
+    """out/hires_tower: MG-LLaVA's high-resolution ConvNeXt for the demo model, pretrained on synthworld objects at
+    its resolution (the tower's patch grid x the ConvNeXt's stride: 512 px for 112 / 14 and DEMO_HIRES); returns
+    its held-out box accuracy."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    from polyfocus.model.presets import tiny_config
+    from polyfocus.train.hires_tower import pretrain_hires_tower
+
+    config = ConvNextConfig(**{**DEMO_HIRES, **(model_config.get("hires_config") or {})})
+    size = tiny_config(**{**model_config, "hires_config": config.to_dict(), "fusion": "convgate"}).hires_image_size
+    if steps == 0:
+        ConvNextModel(config).save_pretrained(out / "hires_tower")
+        return {}
+    return pretrain_hires_tower(config, out / "hires_tower", size, steps=steps, batch_size=batch_size,
+                                max_objects=max_objects, seed=seed)
+
+
+def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32,
+                   strategy: str = "plain") -> tuple[str, dict, dict]:
+    """Per-family accuracy on data/test.json; strategy "dualfocus" answers with DualFocus (docs/dualfocus.md)."""
     from polyfocus.data.formats import load_samples
     from polyfocus.eval.synthworld import evaluate, format_table, majority_baseline, question_of
     from polyfocus.infer.pipeline import Pipeline
@@ -130,7 +159,7 @@ def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32) -> tuple[s
     pipe = Pipeline.from_pretrained(model_dir)
     test = load_samples(data / "test.json")
     requests = [([str(data / p) for p in s.images], question_of(s)) for s in test]
-    predictions = pipe.generate(requests, max_new_tokens=8, batch_size=batch_size)
+    predictions = pipe.generate(requests, max_new_tokens=8, batch_size=batch_size, strategy=strategy)
     results = evaluate(test, predictions)
     baseline = majority_baseline(load_samples(data / "train.json"), test)
     return format_table(results, baseline), results, baseline
@@ -155,15 +184,16 @@ def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: in
 def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
         steps: tuple[int, int] = DEFAULT_STEPS, image_size: int = DEFAULT_IMAGE_SIZE, batch_size: int = 16,
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
-        tower_steps: int = DEFAULT_TOWER_STEPS, seed: int = 0) -> dict:
-    from polyfocus.train.run import ARCHITECTURE_FIELDS, VISUAL_WORD_FIELDS, train
+        tower_steps: int = DEFAULT_TOWER_STEPS, seed: int = 0, render_size: int | None = None,
+        hires_tower_steps: int | None = None) -> dict:
+    from polyfocus.train.run import ARCHITECTURE_FIELDS, BOX_FIELDS, VISUAL_WORD_FIELDS, train
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = demo_model_config(image_size, model_config)
     timings = {}
     t0 = time.perf_counter()
-    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed)
+    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed, render_size)
     timings["data_s"] = time.perf_counter() - t0
     print(f"\n== backbones: a vision tower pretrained on object labels ({tower_steps} steps) and a random LLM", flush=True)
     t = time.perf_counter()
@@ -171,9 +201,25 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     timings["backbones_s"] = time.perf_counter() - t
     if tower_accuracy:
         print("   tower, held-out objects: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in tower_accuracy.items()))
+    mg_llava = model_config.get("fusion") == "convgate" or model_config.get("object_tokens")
+    if hires_tower_steps is None:
+        hires_tower_steps = DEFAULT_HIRES_TOWER_STEPS if mg_llava else 0
+    if hires_tower_steps or mg_llava:
+        print(f"\n== MG-LLaVA's high-resolution ConvNeXt, pretrained on object labels ({hires_tower_steps} steps)",
+              flush=True)
+        t = time.perf_counter()
+        hires_accuracy = make_hires_tower(out_dir, model_config, hires_tower_steps, batch_size, max_objects, seed)
+        timings["hires_tower_s"] = time.perf_counter() - t
+        print("   high-resolution tower, held-out objects: "
+              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in hires_accuracy.items()))
     recipe = default_recipe(out_dir, steps, batch_size)
     # The model's own switches in --model-config (fusion, mm_vision_select_layer, ...) go to stage 1, which builds it.
-    recipe["stage1"].update({k: v for k, v in model_config.items() if k in ARCHITECTURE_FIELDS})
+    recipe["stage1"].update({k: v for k, v in model_config.items() if k in ARCHITECTURE_FIELDS + BOX_FIELDS})
+    if mg_llava:  # MG-LLaVA: its ConvNeXt; object tokens take synthworld's detector unless told otherwise
+        recipe["stage1"]["hires_tower"] = str(out_dir / "hires_tower")
+        recipe["stage1"].pop("hires_config", None)  # the tower directory's own config
+        if model_config.get("object_tokens"):
+            recipe["stage1"].setdefault("box_detector", "synthworld")
     # VW-LMM's switches (visual_words, pseudo_image_features, vw_*) go to both stages: the head trains in each.
     for args in recipe.values():
         args.update({k: v for k, v in model_config.items() if k in VISUAL_WORD_FIELDS})

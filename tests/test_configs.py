@@ -392,7 +392,7 @@ VW_LMM = CONFIGS / "vw_lmm"
 VW_LMM_REAL = {
     # stage 3: the head alone, reverse KL, on LLaVA-1.5-7B's output; LLaVA-1.5 stage-1 optimisation
     "llava-1.5-7b-pretrain.yaml": {"start": RECIPES / "finetune.yaml", "direction": "reverse", "lr": 1e-3,
-                                   "global_batch": 256, "parts": {"fusion", "visual_words"}, "grouped": False,
+                                   "global_batch": 256, "parts": {"visual_words"}, "grouped": False,
                                    "deepspeed": "configs/deepspeed/zero2.json"},
     # stage 4: projector + LLM + head, forward KL, from stage 3; LLaVA-1.5 stage-2 optimisation
     "llava-1.5-7b-finetune.yaml": {"start": VW_LMM / "llava-1.5-7b-pretrain.yaml", "direction": "forward", "lr": 2e-5,

@@ -22,7 +22,7 @@ from polyfocus.model.presets import tiny_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoints import llava_config, write_base_llm, write_clip_tower, write_shards  # noqa: E402
-from train_helpers import trainer_with  # noqa: E402
+from train_helpers import changed, train_recording  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = 4
@@ -173,7 +173,7 @@ def test_default_layers_are_the_references_for_clip_l():
     (dict(fusion="mmfuser", mmfuser_num_heads=5), "must divide the vision tower's width 32"),
     (dict(fusion="mmfuser", mmfuser_num_points=0), "at least 1"),
     (dict(fusion="mmfuser", mm_vision_select_layer=0), "the embeddings"),
-    (dict(fusion="convgate"), "fusion must be None or 'mmfuser'"),
+    (dict(fusion="no-such-fusion"), "fusion must be None or 'mmfuser'"),
     (dict(mmfuser_num_heads=8), "fusion is None"),
 ])
 def test_bad_fusion_config_is_a_clear_error(fields, message):
@@ -408,20 +408,6 @@ def backbones(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def train_recording(monkeypatch, config, overrides):
-    from polyfocus.train import run
-
-    def remember(trainer):
-        trainer.initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-    monkeypatch.setattr(run, "PolyfocusTrainer", trainer_with(run.PolyfocusTrainer, on_init=remember))
-    return run.train(str(config), overrides)
-
-
-def changed(trainer) -> set[str]:
-    return {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, trainer.initial[k])}
-
-
 def lr_of(trainer) -> dict[str, float]:
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     return {names[id(p)]: g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -460,6 +446,17 @@ def test_recipes_train_the_fuser_in_both_stages_with_its_own_learning_rate(backb
     assert {lrs[n] for n in lrs if n.startswith("mm_fusion.")} == {1e-5}
     assert {lrs[n] for n in lrs if not n.startswith("mm_fusion.")} == {2e-5}
     assert load_model("stage2").config.fusion == "mmfuser"
+
+
+def test_freeze_mm_mlp_adapter_freezes_the_fuser_too():
+    """In the reference the fuser is mm_projector entry 0, so LLaVA's freeze_mm_mlp_adapter freezes it as well."""
+    from polyfocus.train.freeze import configure_trainable, trainable_parts
+
+    _, fused = plain_and_fused()
+    configure_trainable(fused, trainable_parts(tune_mm_mlp_adapter=False, freeze_backbone=False,
+                                               freeze_mm_mlp_adapter=True))
+    trains = {n.split(".")[0] for n, p in fused.named_parameters() if p.requires_grad}
+    assert trains == {"language_model"}
 
 
 def test_fusion_from_a_multimodal_checkpoint_is_refused(backbones, tmp_path):

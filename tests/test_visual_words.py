@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from polyfocus import PolyfocusForConditionalGeneration
+from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.synthworld import Scene, SceneObject, export, render
 from polyfocus.data.tokenizer import build_tokenizer, default_tokenizer
@@ -204,9 +204,11 @@ def test_pif_model_splices_the_pseudo_features():
     assert out.shape == (1, ids.shape[1] + 3)
 
 
-def test_pif_needs_the_head():
+def test_pif_and_the_loss_fields_need_the_head():
     with pytest.raises(ValueError, match="pseudo_image_features needs visual_words"):
         tiny_config(pseudo_image_features=True)
+    with pytest.raises(ValueError, match="vw_loss_weight, vw_detach_target need visual_words"):
+        tiny_config(vw_loss_weight=0.5, vw_detach_target=True)
 
 
 def test_save_and_load_round_trip_with_the_head(tmp_path):
@@ -229,6 +231,21 @@ def test_a_new_head_starts_from_the_lm_head():
     model = make_model()
     assert torch.equal(model.vm_head.weight, model.language_model.lm_head.weight)
     assert model.vm_head.weight.data_ptr() != model.language_model.lm_head.weight.data_ptr()  # a copy, not tied
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_missing_from_a_checkpoint_starts_from_the_loaded_lm_head(tmp_path, tied):
+    """A plain checkpoint loaded with visual_words on: the missing head is a copy of the *loaded* LM head, also when
+    that head is tied to the embeddings (then not in the checkpoint, and only tied after the missing keys' init)."""
+    fields = tiny_config().to_dict()
+    fields["text_config"]["tie_word_embeddings"] = tied
+    torch.manual_seed(0)
+    plain = PolyfocusForConditionalGeneration(PolyfocusConfig(**fields))
+    plain.save_pretrained(tmp_path)
+    config = PolyfocusConfig(**{**PolyfocusConfig.from_pretrained(tmp_path).to_dict(), "visual_words": True})
+    loaded = PolyfocusForConditionalGeneration.from_pretrained(tmp_path, config=config)
+    assert torch.equal(loaded.language_model.lm_head.weight, plain.language_model.lm_head.weight)
+    assert torch.equal(loaded.vm_head.weight, plain.language_model.lm_head.weight)
 
 
 # ---- 5. training -----------------------------------------------------------------------------------------------------
@@ -286,6 +303,16 @@ STAGES = {
 }
 
 
+def test_from_backbones_builds_the_head_for_real(ws):
+    """from_backbones builds on the meta device: the head must come out real, a copy of the loaded LM head."""
+    from polyfocus.model.backbones import from_backbones
+
+    model = from_backbones(ws / "llm", ws / "clip", IMG, dtype=torch.bfloat16, visual_words=True)
+    head, lm_head = model.vm_head.weight, model.language_model.lm_head.weight
+    assert head.device.type == "cpu" and head.dtype == torch.bfloat16 and torch.equal(head, lm_head)
+    assert head.data_ptr() != lm_head.data_ptr()
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_what_trains_in_vw_lmm_stages(ws, monkeypatch, stage):
     overrides, trains = STAGES[stage]
@@ -319,6 +346,20 @@ def test_gradient_accumulation_averages_the_visual_loss_over_micro_batches(ws, m
     assert not torch.equal(a["vm_head.weight"], one.initial["vm_head.weight"])
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("flag", [{"vw_loss_weight": 0.5}, {"vw_kl_direction": "reverse"},
+                                  {"pseudo_image_features": True}])
+def test_visual_word_flags_without_a_head_are_refused(flag):
+    """A run's vw_* / PIF flags on a model without a head would change nothing: an error, not silence."""
+    from polyfocus.train.args import ModelArguments
+    from polyfocus.train.run import configure_visual_words
+
+    plain = PolyfocusForConditionalGeneration(tiny_config())
+    with pytest.raises(ValueError, match=f"{next(iter(flag))} set, but the model has no visual-word head"):
+        configure_visual_words(plain, ModelArguments(**flag))
+    configure_visual_words(plain, ModelArguments(visual_words=True, **flag))  # with the head: taken
+    assert getattr(plain.config, next(iter(flag))) == next(iter(flag.values())) and plain.vm_head is not None
 
 
 def test_visual_words_lr_group(ws, monkeypatch):
@@ -390,6 +431,16 @@ def test_cli_visual_words(tmp_path):
     assert words["argmax_ids"] == top.indices[:, 0].reshape(4, 4).tolist()
     # The pad geometry: 90x60 becomes a 90x90 square with 15 px above the image; rows 0 and 3 are partly padding.
     assert words["patches"][0]["box"] == [0.0, 0.0, 22.5, 7.5] and words["patches"][5]["box"] == [22.5, 7.5, 45.0, 30.0]
+
+
+def test_cli_visual_words_refuses_topk_zero(tmp_path):
+    from polyfocus.cli import main
+
+    model_dir = save_vw_checkpoint(tmp_path / "model")
+    Image.new("RGB", (56, 56)).save(tmp_path / "img.png")
+    with pytest.raises(SystemExit, match="--topk 0: at least 1"):
+        main(["visual-words", "--model", str(model_dir), "--image", str(tmp_path / "img.png"),
+              "--out", str(tmp_path / "x.png"), "--topk", "0"])
 
 
 def test_cli_visual_words_refuses_a_model_without_a_head(tmp_path):
@@ -465,3 +516,13 @@ def test_patch_word_agreement_through_the_model(monkeypatch):
     monkeypatch.setattr(model, "vm_head", SaysRed())
     assert patch_word_agreement(model, tokenizer, processor, scenes, "colour") == 1.0
     assert patch_word_agreement(model, tokenizer, processor, scenes, "shape") == 0.0
+
+
+def test_qlora_keeps_the_head_unquantized():
+    """QLoRA quantizes the LLM's body only: the head (a Linear(d, V) that trains in full as a `modules_to_save` module
+    and that PIF reads) is, like the projector and the fuser, in the list bitsandbytes skips."""
+    from polyfocus.train.freeze import PARTS
+    from polyfocus.train.lora import SKIP_QUANTIZATION
+
+    for part in ("visual_words", "projector", "fusion", "vision_tower"):
+        assert PARTS[part][0].rstrip(".") in SKIP_QUANTIZATION, part

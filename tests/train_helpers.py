@@ -1,4 +1,4 @@
-"""Helpers for tests/test_train.py.
+"""Helpers for the training tests (tests/test_train.py and each method's recipe tests).
 
 As a script: `python tests/train_helpers.py JOBS_JSON` runs training jobs (`polyfocus.train.run.train`), each in
 a forked child that SIGKILLs itself at the end of a given optimizer step, and prints the children's exit codes
@@ -42,6 +42,24 @@ def trainer_with(base, callbacks=(), on_init=None):
                 on_init(self)
 
     return Patched
+
+
+def train_recording(monkeypatch, config, overrides):
+    """`polyfocus train CONFIG OVERRIDES`, keeping the weights it started from in `trainer.initial`."""
+    from polyfocus.train import run
+
+    def remember(trainer):
+        trainer.initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    monkeypatch.setattr(run, "PolyfocusTrainer", trainer_with(run.PolyfocusTrainer, on_init=remember))
+    return run.train(str(config), overrides)
+
+
+def changed(trainer) -> set[str]:
+    """Names of the tensors a `train_recording` run moved."""
+    import torch
+
+    return {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, trainer.initial[k])}
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from polyfocus.data.boxes import BoxError, indexed
 from polyfocus.data.formats import DataError, Sample, load_samples
 from polyfocus.data.images import ImageLoadError, ImageProcessor, load_image
 from polyfocus.data.templates import (
@@ -53,6 +54,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         image_seq_len: visual tokens per image; an int, or `f(sample, image_index) -> int` when it varies
             (e.g. one extra token per object box). It must not need the decoded image: lengths use it at init.
         image_first: move each `<image>` to the front of its turn, as LLaVA's preprocess_multimodal does.
+        object_boxes: MG-LLaVA's object tokens (polyfocus.data.boxes.ObjectBoxes): each image's boxes, from a box JSON
+            by sample id or a detector; its `<image>` then stands for `image_seq_len` + one token per box, and the
+            item holds `image_boxes` [K, 5] (image index in the sample, x1, y1, x2, y2).
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         model_max_length: int,
         strict: bool = True,
         image_first: bool = True,
+        object_boxes=None,
     ):
         self.data_path = os.fspath(data_path)
         self.image_root = os.fspath(image_root) if image_root is not None else os.path.dirname(self.data_path)
@@ -78,6 +83,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.model_max_length = model_max_length
         self.strict = strict
         self.image_first = image_first
+        self.object_boxes = object_boxes
         self.skipped: dict[str, list[str]] = defaultdict(list)  # reason -> sample names
         self.trimmed: set[str] = set()  # samples whose trailing rounds were dropped to fit model_max_length
         self._bad: set[int] = set()  # indices found bad in __getitem__ (strict=False)
@@ -116,6 +122,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         for sample in self.samples:
             try:
                 self._encode(sample)
+                if self.object_boxes is not None and self.object_boxes.records is not None and sample.images:
+                    self._box_record(sample, None)  # the sample's box JSON record exists and is one image's
                 for rel in sample.images:
                     path = os.path.join(self.image_root, rel)
                     if decode_images:
@@ -168,8 +176,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return [int(self.image_seq_len(sample, k)) for k in range(len(sample.images))]
         return [self.image_seq_len] * len(sample.images)
 
-    def _encode(self, sample: Sample) -> tuple[list[int], list[int]]:
+    def _encode(self, sample: Sample, object_tokens: list[int] | None = None) -> tuple[list[int], list[int]]:
         seq_lens = self._image_seq_lens(sample)
+        if object_tokens is not None:  # MG-LLaVA: each image's tokens, then one per box
+            seq_lens = [n + k for n, k in zip(seq_lens, object_tokens)]
         messages = move_image_to_front(sample.messages) if self.image_first and sample.images else sample.messages
         dropped = 0
         while True:
@@ -208,17 +218,32 @@ class SupervisedDataset(torch.utils.data.Dataset):
         except ImageLoadError as e:
             raise self._error(sample, str(e), "image") from e
 
+    def _box_record(self, sample: Sample, image, path: str | None = None):
+        """The sample's detections (box JSON record, or the detector on `image`); a DataError naming it if bad."""
+        try:
+            return self.object_boxes.record_of(sample.id, image, len(sample.images), path)
+        except BoxError as e:
+            raise self._error(sample, str(e), "boxes") from e
+
     def _load(self, sample: Sample) -> dict:
         input_ids, labels = self._encode(sample)  # text first: cheap, and fails before any image decoding
-        pixel_values = None
+        pixel_values = image_boxes = None
         if sample.images:
-            images = [self._load_image(sample, os.path.join(self.image_root, rel)) for rel in sample.images]
+            paths = [os.path.join(self.image_root, rel) for rel in sample.images]
+            images = [self._load_image(sample, path) for path in paths]
             pixel_values = self.image_processor(images)
+            if self.object_boxes is not None:  # the boxes decide how many tokens each image takes
+                where = f"{self.data_path}: sample {sample.name}"
+                boxes = [self.object_boxes.for_image(image, self._box_record(sample, image, path), len(input_ids),
+                                                     where) for image, path in zip(images, paths)]
+                input_ids, labels = self._encode(sample, [len(b) for b in boxes])
+                image_boxes = indexed(boxes)
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixel_values,
             "id": sample.id,
+            **({"image_boxes": image_boxes} if image_boxes is not None else {}),
         }
 
 
@@ -272,11 +297,18 @@ class DataCollator:
                 labels[row, cols] = torch.as_tensor(f["labels"])
 
         pixel_values = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        image_boxes, first = [], 0  # MG-LLaVA's boxes: image indices shifted to the batch's image order
+        for f in features:
+            if f.get("image_boxes") is not None:
+                image_boxes.append(f["image_boxes"] + torch.tensor([first, 0, 0, 0, 0], dtype=torch.float32))
+            first += 0 if f.get("pixel_values") is None else len(f["pixel_values"])
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": torch.cat(pixel_values) if pixel_values else None,
         }
+        if image_boxes:
+            batch["image_boxes"] = torch.cat(image_boxes)
         if has_labels:
             batch["labels"] = labels
         return batch

@@ -7,10 +7,14 @@ LLaVA (a JSON list, or JSONL):
 messages (LLaMA-Factory / TRL / OpenAI style):
     {"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A cat."}],
      "images": ["coco/1.jpg"], ...any other fields}
+DenseFusion-1M's release (and polyfocus densefusion's output), read as one captioning turn (docs/densefusion.md):
+    {"image_id": "1002078010534", "url": "...", "caption": "...", "image_path": "DenseFusion-1M/000045/....png"}
+    -> user "<image>\\n" + DENSE_CAPTION_PROMPT, assistant the caption; the image is `image` (the reference
+    downloader's local file) if present, else `image_path`.
 
-The format is detected per record ("conversations" vs "messages"). Every other field (record level and turn
-level) is kept verbatim, so llava -> messages -> llava gives back the input exactly. Records without an `id`
-are named by their position ("record #3" in a JSON list, "line 4" in JSONL) in error messages.
+The format is detected per record ("conversations" vs "messages" vs "caption"). Every other field (record level
+and turn level) is kept verbatim, so llava -> messages -> llava gives back the input exactly. Records without an
+`id` are named by their position ("record #3" in a JSON list, "line 4" in JSONL) in error messages.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ TURN_KEYS = ("from", "value", "role", "content")
 # Written to a messages record only when a LLaVA record held its `image` as a list of 0 or 1 paths (a plain
 # string is the usual form); without it the round trip could not tell ["a.jpg"] from "a.jpg".
 IMAGE_LIST_KEY = "llava_image_list"
+# The user turn of a DenseFusion record (the release has captions only). Stages 1-2 train with the plain template,
+# which drops the user's text, so the wording only matters under a chat template.
+DENSE_CAPTION_PROMPT = "Describe this image in detail."
 
 
 class DataError(ValueError):
@@ -101,8 +108,19 @@ def sample_from_record(record: dict, where: str = "") -> Sample:
         messages = _turns(record.pop("messages"), "role", "content", {r: r for r in ROLES}, name)
         images = _paths(record.pop("images", []), "images", name)
         image_as_list = bool(record.pop(IMAGE_LIST_KEY, False))
+    elif "caption" in record and ("image" in record or "image_path" in record):  # DenseFusion's jsonl
+        caption = record.pop("caption")
+        image = record.pop("image") if "image" in record else record.pop("image_path")
+        for field_name, value in (("caption", caption), ("image", image)):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"sample {name}: {field_name!r} must be a non-empty string, got {value!r:.80}",
+                                sample=name)
+        messages = [{"role": "user", "content": "<image>\n" + DENSE_CAPTION_PROMPT},
+                    {"role": "assistant", "content": caption}]
+        images, image_as_list = [image], False
     else:
-        raise DataError(f"sample {name}: no 'conversations' (LLaVA) or 'messages' field", sample=name)
+        raise DataError(f"sample {name}: no 'conversations' (LLaVA), 'messages' or 'caption' + 'image_path' "
+                        "(DenseFusion) field", sample=name)
     return Sample(sample_id, messages, list(images), record, image_as_list, where)
 
 

@@ -43,6 +43,7 @@ from polyfocus.eval.benchmarks import Benchmark, EvalDataError, Row, get_benchma
 IMAGE_TOKEN = "<image>"
 ANSWERS = "answers.jsonl"
 POLL_SECONDS = 5.0
+SETTING_DEFAULTS = {"strategy": "plain"}  # settings added later: what a run.json without them was made with
 
 
 class EvalRunError(RuntimeError):
@@ -56,12 +57,20 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
              batch_size: int = 8, limit: int | None = None, max_new_tokens: int | None = None,
              template: str | None = None, device: str | None = None, dtype: str | None = None,
              num_chunks: int | None = None, chunk_idx: int | None = None, options: dict | None = None,
-             judge=None, wait_timeout: float = 7 * 24 * 3600.0, quiet: bool = False) -> dict | None:
+             judge=None, wait_timeout: float = 7 * 24 * 3600.0, quiet: bool = False,
+             strategy: str = "plain") -> dict | None:
     """Run `benchmark` over the files in `data` with `model` (a checkpoint directory or a ready Pipeline).
+
+    strategy: how each answer is produced, "plain" or "dualfocus" (polyfocus/infer/dualfocus.py; its per-question
+    details go into the answers' `metadata`).
 
     Returns the results dict (also written to <out>/<benchmark>/results.json), or None for a shard that leaves
     the merging to another process.
     """
+    from polyfocus.infer.pipeline import STRATEGIES, with_strategy
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     bench = get_benchmark(benchmark, data, **(options or {}))
     rows = bench.load()[:limit] if limit else bench.load()
     check_rows(bench, rows)
@@ -71,7 +80,7 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     options = json.loads(json.dumps(options or {}, default=str))  # paths as strings: run.json is JSON
     settings = {"benchmark": bench.name, "data": str(Path(data).resolve()), "options": options,
                 "model": model_path(model), "template": template or "auto", "max_new_tokens": max_new_tokens,
-                "temperature": 0.0, "num_beams": 1, "world_size": world}
+                "temperature": 0.0, "num_beams": 1, "world_size": world, "strategy": strategy}
     check_settings(out_dir, settings)
     silent = quiet or (launched and rank != 0)  # under a launcher, rank 0 speaks for all
     say = (lambda *a: None) if silent else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -83,7 +92,7 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     timing = {}
     if todo:
         say(f"[{bench.name}] {len(mine) - len(todo)} of {len(mine)} already answered; answering {len(todo)}")
-        pipe = load_pipeline(model, template, device, dtype, launched)
+        pipe = with_strategy(load_pipeline(model, template, device, dtype, launched), strategy)
         if rank == 0:
             record_generation(out_dir, pipe)
         start = time.perf_counter()
@@ -155,7 +164,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     """Answers in out_dir are reused only if they were made with the same settings."""
     path = out_dir / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**SETTING_DEFAULTS, **json.loads(path.read_text())}
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
             raise EvalRunError(f"{out_dir} holds answers made with other settings {changed} (old, new); "
@@ -246,9 +255,10 @@ def generate_answers(pipe, bench: Benchmark, rows: list[Row], shard: Path, batch
             batch = rows[start:start + batch_size]
             requests = [(load_images(bench, r), user_message(r)) for r in batch]
             texts = pipe.generate(requests, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=len(batch))
+            details = [r.to_dict() for r in getattr(pipe, "last_results", [])] or [{}] * len(batch)  # a strategy's
             f.write("".join(json.dumps({"question_id": r.question_id, "prompt": r.prompt, "text": t,
-                                        "model_id": model_id, "metadata": {}}, ensure_ascii=False) + "\n"
-                            for r, t in zip(batch, texts)))
+                                        "model_id": model_id, "metadata": d}, ensure_ascii=False) + "\n"
+                            for r, t, d in zip(batch, texts, details)))
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, TextIteratorStreamer
 
+from polyfocus.data.boxes import BoxRecord, ObjectBoxes, indexed
 from polyfocus.data.images import CONFIG_NAME, ImageProcessor, load_image
 from polyfocus.data.templates import (
     AUTO_NAMES, IMAGE_TOKEN, TEMPLATES, Template, TemplateError, TokenizerTemplate, encode, get_template,
@@ -42,12 +43,16 @@ class Pipeline:
     """Model + tokenizer + image processor + conversation template; `generate` (batched) and `chat`."""
 
     def __init__(self, model, tokenizer, image_processor: ImageProcessor,
-                 template: str | Template | TokenizerTemplate | None = None):
+                 template: str | Template | TokenizerTemplate | None = None, object_boxes: ObjectBoxes | None = None):
         self.model = model  # from_pretrained gives it in eval mode
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.template = resolve_template(template, tokenizer)
         self.stop = stop_string(self.template)
+        # MG-LLaVA's object tokens: each image's boxes, from the request or the model's detector (config.box_detector)
+        self.object_boxes = object_boxes
+        if object_boxes is None and getattr(model.config, "object_tokens", False):
+            self.object_boxes = ObjectBoxes.for_model(model.config, image_processor, required=False)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, template: str | None = None, device: str | None = None,
@@ -68,11 +73,16 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], max_new_tokens: int = 512, temperature: float = 0.0,
-                 top_p: float = 1.0, batch_size: int = 16, **gen_kwargs) -> list[str]:
+                 top_p: float = 1.0, batch_size: int = 16, strategy: str = "plain", **gen_kwargs) -> list[str]:
         """Answer every request; batches of `batch_size`, left-padded. Greedy when temperature <= 0.001.
 
-        gen_kwargs go to transformers' `generate` (num_beams, repetition_penalty, logits_processor, ...).
+        strategy: "plain" (one generation) or "dualfocus" (macro, box, zoomed micro answer, pick by perplexity;
+        polyfocus/infer/dualfocus.py). gen_kwargs go to transformers' `generate` (num_beams, repetition_penalty,
+        logits_processor, ...).
         """
+        if strategy != "plain":
+            return with_strategy(self, strategy).generate(requests, max_new_tokens, temperature, top_p, batch_size,
+                                                          **gen_kwargs)
         answers = []
         for start in range(0, len(requests), batch_size):
             inputs = self.prepare(requests[start:start + batch_size], first_index=start)
@@ -81,14 +91,26 @@ class Pipeline:
             answers += [self.decode(ids) for ids in new_tokens]
         return answers
 
-    def prepare(self, requests: Sequence[Request], first_index: int = 0) -> dict[str, torch.Tensor]:
+    def prepare(self, requests: Sequence[Request], first_index: int = 0,
+                boxes: Sequence[Sequence[BoxRecord | None] | None] | None = None) -> dict[str, torch.Tensor]:
         """Requests -> input_ids / attention_mask [B, L] (left-padded) and pixel_values [n_images, 3, S, S]
-        holding every request's images in order (the model fills image positions row by row)."""
-        encoded, images = [], []
+        holding every request's images in order (the model fills image positions row by row).
+
+        Models with object tokens (MG-LLaVA) also get image_boxes [K, 5]: per request, per image, the detections
+        in `boxes` (in the image's own pixels), else the model's detector's."""
+        encoded, images, image_boxes = [], [], []
         for i, (request_images, messages) in enumerate(requests, start=first_index):
             request_images, messages = normalize_request(request_images, messages, i)
-            images += [load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in request_images]
-            encoded.append(self.encode(messages, len(request_images)))
+            loaded = [load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in request_images]
+            images += loaded
+            object_tokens = None
+            if self.object_boxes is not None:
+                given = (boxes[i - first_index] if boxes is not None else None) or [None] * len(loaded)
+                per_image = [self.image_boxes(image, source, record, f"request {i}")
+                             for image, source, record in zip(loaded, request_images, given)]
+                image_boxes += per_image
+                object_tokens = [len(b) for b in per_image]
+            encoded.append(self.encode(messages, len(request_images), object_tokens=object_tokens))
         length = max(len(ids) for ids in encoded)
         pad = self.pad_token_id
         input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded])
@@ -97,18 +119,33 @@ class Pipeline:
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if images:
             inputs["pixel_values"] = self.image_processor(images).to(device)
+        if image_boxes:
+            inputs["image_boxes"] = indexed(image_boxes).to(device)
         return inputs
+
+    def image_boxes(self, image: Image.Image, source: ImageInput, record: BoxRecord | None = None,
+                    where: str = "") -> torch.Tensor:
+        """One image's boxes for a model with object tokens: [N, 4] in processed pixels, from `record` (detections
+        in the image's pixels), else from the model's detector (kept per image file: eval asks many questions of one
+        image)."""
+        if record is None:
+            path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+            record = self.object_boxes.record_of(None, image, path=path)
+        return self.object_boxes.for_image(image, record, where=where)
 
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
 
-    def encode(self, messages: Sequence[dict], n_images: int, add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of one conversation, each <image> expanded to num_image_tokens image ids."""
+    def encode(self, messages: Sequence[dict], n_images: int, add_generation_prompt: bool = True,
+               object_tokens: Sequence[int] | None = None) -> list[int]:
+        """Prompt ids of one conversation, each <image> expanded to num_image_tokens image ids (plus, per image,
+        `object_tokens` more: MG-LLaVA's one per box)."""
         config = self.model.config
+        seq_lens = [config.num_image_tokens + extra for extra in (object_tokens or [0] * n_images)]
         return encode(messages, self.tokenizer, self.template, config.image_token_id,
-                      [config.num_image_tokens] * n_images, add_generation_prompt=add_generation_prompt).input_ids
+                      seq_lens, add_generation_prompt=add_generation_prompt).input_ids
 
     def decode(self, ids: torch.Tensor) -> str:
         """New tokens -> answer: special tokens (EOS, padding) dropped, cut at the stop string, stripped."""
@@ -144,7 +181,7 @@ class Pipeline:
     # ---- chat ----------------------------------------------------------------------------------------
 
     def chat(self, image: ImageInput | None, question: str, history: list[dict] | None = None, stream: bool = False,
-             max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+             max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, strategy: str = "plain",
              **gen_kwargs) -> str | Iterator[str]:
         """One turn about `image`. `history` (a list of messages, start with []) is extended in place with the
         question and the answer; pass it back for the next turn. The image is put in the first user turn only
@@ -152,8 +189,11 @@ class Pipeline:
 
         stream=False: the answer. stream=True: an iterator of text pieces (generation runs in a thread);
         their concatenation is the answer, and `history` is extended once the iterator is exhausted.
+        strategy="dualfocus" answers one question about the image (an empty history), greedily, not streamed.
         """
         history = [] if history is None else history
+        if strategy != "plain" and (history or stream or image is None):
+            raise ValueError(f"strategy {strategy!r} answers a single question about an image: no history, no stream")
         user = {"role": "user", "content": question}
         if image is not None and not any(m["role"] == "user" for m in history):
             user["content"] = IMAGE_TOKEN + "\n" + question
@@ -163,7 +203,8 @@ class Pipeline:
             inputs = self.prepare([(images, messages)])
             kwargs = self._generation_kwargs(inputs, max_new_tokens, temperature, top_p, gen_kwargs)
             return self._stream(inputs, kwargs, user, history)
-        answer = self.generate([(images, messages)], max_new_tokens, temperature, top_p, **gen_kwargs)[0]
+        answer = self.generate([(images, messages)], max_new_tokens, temperature, top_p, strategy=strategy,
+                               **gen_kwargs)[0]
         history += [user, {"role": "assistant", "content": answer}]
         return answer
 
@@ -193,6 +234,20 @@ def model_chat(model, image: ImageInput | None, question: str, tokenizer=None, i
     return pipe.chat(image, question, history, stream=stream, **gen_kwargs)
 
 
+STRATEGIES = ("plain", "dualfocus", "dualfocus_answer")  # how an answer is produced (server.py: async versions)
+
+
+def with_strategy(pipe, strategy: str):
+    """The pipeline answering with `strategy`: itself for "plain", else an object with its `generate` signature."""
+    if strategy == "plain":
+        return pipe
+    if strategy in ("dualfocus", "dualfocus_answer"):  # dualfocus_answer: scored on the answer's tokens only
+        from polyfocus.infer.dualfocus import DualFocus  # lazy: it imports this module
+
+        return DualFocus(pipe, span="answer" if strategy == "dualfocus_answer" else "box_and_answer")
+    raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+
+
 # ---- loading ---------------------------------------------------------------------------------------------
 
 
@@ -210,7 +265,7 @@ def load_image_processor(path: str | os.PathLike | None, config) -> ImageProcess
         return ImageProcessor.from_pretrained(path)
     vision = config.vision_config
     norm = {"image_mean": SIGLIP_MEAN_STD, "image_std": SIGLIP_MEAN_STD} if "siglip" in vision.model_type else {}
-    return ImageProcessor(image_size=vision.image_size, aspect_ratio=config.image_aspect_ratio, **norm)
+    return ImageProcessor(image_size=config.image_input_size, aspect_ratio=config.image_aspect_ratio, **norm)
 
 
 def resolve_template(template, tokenizer) -> Template | TokenizerTemplate:

@@ -41,6 +41,7 @@ from PIL import Image
 
 from polyfocus.data.templates import IMAGE_TOKEN, TemplateError
 from polyfocus.infer.batcher import Batcher, Event, Job
+from polyfocus.infer.dualfocus import dualfocus_applies, serve_dualfocus, serve_dualfocus_answer
 
 try:
     from fastapi import FastAPI, Request
@@ -223,6 +224,9 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
         text, message_images = message_content(message, f"messages[{i}]", settings)
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
         images += message_images
+    if chat.strategy.startswith("dualfocus") and not dualfocus_applies(images, messages):
+        raise APIError(f"strategy {chat.strategy!r} answers one user message with one image (after an optional "
+                       "system message)", param="messages")
     try:
         prompt_tokens = len(pipe.encode(messages, len(images)))
     except TemplateError as e:  # e.g. roles that do not alternate
@@ -401,7 +405,9 @@ async def run_plain(batcher: Batcher, job: Job) -> AsyncIterator[Event]:
 # The hook for other inference strategies (a request's "strategy" field): name -> async generator of Events for
 # one Job. A strategy may submit several jobs to the batcher (e.g. DualFocus: macro answer, box, zoomed micro
 # answer, pick by perplexity, spec dualfocus.md) and emits the events of the answer it returns.
-STRATEGIES: dict[str, Callable[[Batcher, Job], AsyncIterator[Event]]] = {"plain": run_plain}
+STRATEGIES: dict[str, Callable[[Batcher, Job], AsyncIterator[Event]]] = {"plain": run_plain,
+                                                                         "dualfocus": serve_dualfocus,
+                                                                         "dualfocus_answer": serve_dualfocus_answer}
 
 
 # ---- the app ---------------------------------------------------------------------------------------------

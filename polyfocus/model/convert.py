@@ -77,8 +77,11 @@ LLAVA_ONLY_FIELDS = (
 
 def checkpoint_format(path: str | Path) -> str:
     """'polyfocus' | 'llava-hf' | 'llava' (original LLaVA-1.5) | 'projector' (stage-1 mm_projector.bin only)
-    | 'lora' (a peft adapter directory from polyfocus.train.lora)."""
+    | 'lora' (a peft adapter directory from polyfocus.train.lora) | 'mg-llava' (MG-LLaVA's xtuner state dict, or
+    its converted layout: see load_mg_llava)."""
     path = Path(path)
+    if (path.is_file() and path.suffix in (".pth", ".pt")) or (path / "fuse_module").is_dir():
+        return "mg-llava"
     config_file = path / "config.json"
     adapter = (path / "adapter_config.json").is_file()
     if adapter and not config_file.is_file():
@@ -107,6 +110,7 @@ def load_model(
     path: str | Path,
     model_base: str | Path | None = None,
     vision_tower: str | Path | None = None,
+    hires_tower: str | Path | None = None,
     **from_pretrained_kwargs,
 ) -> PolyfocusForConditionalGeneration:
     """Load any supported checkpoint directory as a polyfocus model.
@@ -114,8 +118,11 @@ def load_model(
     model_base: the base LLM directory, for a stage-1 projector-only checkpoint; for a LoRA adapter, overrides
         the base recorded in adapter_config.json (the adapter is merged into it on the fly).
     vision_tower: overrides the vision tower path recorded in an original LLaVA config.
+    hires_tower: MG-LLaVA's ConvNeXt (open_clip weights or a transformers directory), for an MG-LLaVA checkpoint.
     """
     fmt = checkpoint_format(path)
+    if fmt == "mg-llava":
+        return load_mg_llava(path, model_base, vision_tower, hires_tower, **from_pretrained_kwargs)
     if fmt == "lora":
         from polyfocus.train.lora import load_adapter  # lazy: polyfocus.train.lora imports this module
 
@@ -184,6 +191,8 @@ def llava_hf_config(config: PolyfocusConfig) -> LlavaConfig:
     if config.fusion is not None:  # never silently drop weights
         raise ValueError(f"transformers' Llava has no fusion module; a model with fusion={config.fusion!r} stays in "
                          "the polyfocus format")
+    if config.object_tokens:
+        raise ValueError("transformers' Llava has no object tokens (MG-LLaVA); the model stays in the polyfocus format")
     if config.mm_projector_type != "mlp2x_gelu":
         raise ValueError(f"transformers' Llava has an mlp2x_gelu projector only; this model has {config.mm_projector_type}")
     drops_cls = config.vision_has_cls and config.mm_vision_select_feature == "patch"
@@ -324,7 +333,16 @@ def config_from_llava_original(path: str | Path, vision_tower: str | Path | None
         tokenizer_model_max_length=raw.get("tokenizer_model_max_length"),
         mm_vision_tower=str(tower_path),
         **_visual_word_fields(Path(path), raw),
+        **_s2_fields(raw),
     )
+
+
+def _s2_fields(raw: dict) -> dict:
+    """LLaVA-S2 (LLaVA's and DenseFusion's `--s2 True --s2_scales "336,672,1008"`): the S2 fusion option."""
+    if not raw.get("s2"):
+        return {}
+    scales = raw.get("s2_scales", "336,672,1008")
+    return {"fusion": "s2", "s2_scales": [int(s) for s in scales.split(",")] if isinstance(scales, str) else scales}
 
 
 def _select_layer_fields(raw: dict, config_file: Path) -> dict:
@@ -431,19 +449,28 @@ def load_projector_weights(model: PolyfocusForConditionalGeneration, state: dict
     or ours (mm_projector.*, mm_fusion.*). For a model with fusion='mmfuser', LLaVA-layout keys are MMFuser's
     reference layout (its fuser is projector entry 0)."""
     mapping = {r"^model\.mm_projector\.": "mm_projector."}
-    if model.mm_fusion is not None:
+    if model.config.uses_hires:  # MG-LLaVA's stage-1 state dict (xtuner names)
+        mapping.update(MG_LLAVA_TO_POLYFOCUS)
+    if model.config.fusion == "mmfuser":
         mapping = {**mmfuser_reference_key_mapping(model.config.mm_projector_type), **mapping}
     state = {_renamed(key, mapping): value for key, value in state.items()}
     projector = {k.removeprefix("mm_projector."): v for k, v in state.items() if k.startswith("mm_projector.")}
     if not projector:
         raise ValueError(f"{source}: no mm_projector weights (keys: {list(state)[:3]})")
     model.mm_projector.load_state_dict(projector, strict=True)
-    if model.mm_fusion is not None:
+    if model.mm_fusion is not None and model.mm_fusion.state_dict():  # S2 has no weights
         fusion = {k.removeprefix("mm_fusion."): v for k, v in state.items() if k.startswith("mm_fusion.")}
         if not fusion:
             raise ValueError(f"{source}: no weights for the model's fusion module ({model.config.fusion}): expected "
                              "MMFuser's reference layout (model.mm_projector.0.*) or mm_fusion.* keys")
         model.mm_fusion.load_state_dict(fusion, strict=True)
+    if model.mm_object_projector is not None:  # MG-LLaVA's object tokens' projector trains in stage 1 too
+        objects = {k.removeprefix("mm_object_projector."): v for k, v in state.items()
+                   if k.startswith("mm_object_projector.")}
+        if not objects:
+            raise ValueError(f"{source}: no weights for the object tokens' projector (mm_object_projector.* or "
+                             "MG-LLaVA's bbox_projector.model.*)")
+        model.mm_object_projector.load_state_dict(objects, strict=True)
 
 
 def _renamed(key: str, mapping: dict[str, str]) -> str:
@@ -451,3 +478,84 @@ def _renamed(key: str, mapping: dict[str, str]) -> str:
     for pattern, replacement in mapping.items():
         key = re.sub(pattern, replacement, key)
     return key
+
+
+# ---- MG-LLaVA -------------------------------------------------------------------------------------------------------
+
+# MG-LLaVA (PhoenixZ810/MG-LLaVA, built on xtuner) keeps the LLM as `llm`, the MLP as xtuner's ProjectorModel
+# (`projector.model.{0,2}`), the object tokens' MLP as `bbox_projector.model.*` and the Conv-Gate as `fuse_module.*`
+# (names as ours); CLIP and the ConvNeXt are frozen and not saved (they load from their own files).
+MG_LLAVA_TO_POLYFOCUS = {
+    r"^llm\.": "language_model.",
+    r"^projector\.model\.": "mm_projector.",
+    r"^bbox_projector\.model\.": "mm_object_projector.",
+    r"^fuse_module\.": "mm_fusion.",
+    r"^visual_encoder\.(vision_model\.)?": "vision_tower.",
+}
+MG_LLAVA_PARTS = ("projector", "bbox_projector", "fuse_module")
+
+
+def mg_llava_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Path | None]:
+    """(MG-LLaVA's state dict under its own names, the LLM directory or None).
+
+    path: the state dict it trains and releases (`iter_*.pth`: xtuner's mmengine checkpoint, its `state_dict`), or
+    its converted layout: xtuner's `pth_to_hf` output (the finetuned LLM + tokenizer at the top, the MLP in
+    `projector/`) plus `bbox_projector/` and `fuse_module/` saved the same way, each holding one weight file."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - the message says what to do
+            raise ValueError(f"{path}: not loadable with weights_only=True ({type(e).__name__}); save its state dict "
+                             "alone first: torch.save(torch.load(f, weights_only=False)['state_dict'], out)") from e
+        return state.get("state_dict", state.get("module", state)), None
+    state = {}
+    for part in MG_LLAVA_PARTS:
+        folder = path / part
+        if folder.is_dir():
+            state.update({f"{part}.{key}": value for key, value in _weight_file(folder).items()})
+    return state, path
+
+
+def _weight_file(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            file = folder / name
+            return load_file(file) if name.endswith(".safetensors") else torch.load(file, weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def load_mg_llava(path: str | Path, model_base: str | Path | None = None, vision_tower: str | Path | None = None,
+                  hires_tower: str | Path | None = None, **from_pretrained_kwargs) -> PolyfocusForConditionalGeneration:
+    """An MG-LLaVA checkpoint (`mg_llava_state`) with its three backbones: the LLM (the converted layout's top
+    directory, else `model_base`: the state dict's `llm.*` weights, if any, go over it), CLIP (`vision_tower`) and
+    the ConvNeXt (`hires_tower`: open_clip's CLIP-ConvNeXt-L-d-320 weights or a transformers ConvNeXt). Its settings
+    are MG-LLaVA's: CLIP layer -2 without CLS, padded images, Conv-Gate, object tokens; LLaVA's image id -200."""
+    from polyfocus.model.backbones import from_backbones  # lazy: backbones imports this module
+
+    state, llm_dir = mg_llava_state(path)
+    llm_dir = llm_dir or model_base
+    missing = [name for name, value in (("model_base (the LLM)", llm_dir), ("vision_tower (CLIP)", vision_tower),
+                                        ("hires_tower (the ConvNeXt)", hires_tower)) if value is None]
+    if missing:
+        raise ValueError(f"{path}: an MG-LLaVA checkpoint needs its backbones: give {', '.join(missing)}")
+    state = {_renamed(key, MG_LLAVA_TO_POLYFOCUS): value for key, value in state.items()}
+    depth = sum(1 for key in state if re.fullmatch(r"mm_projector\.\d+\.weight", key))
+    if depth == 0:
+        raise ValueError(f"{path}: no projector weights (projector.model.*): is this an MG-LLaVA checkpoint?")
+    fields = {"mm_vision_select_layer": -2, "mm_projector_type": f"mlp{depth}x_gelu" if depth > 1 else "linear",
+              "image_aspect_ratio": "pad", "fusion": "convgate" if any(k.startswith("mm_fusion.") for k in state)
+              else None, "object_tokens": any(k.startswith("mm_object_projector.") for k in state)}
+    model = from_backbones(llm_dir, vision_tower, LLAVA_IMAGE_TOKEN_INDEX, hires_tower=hires_tower,
+                           dtype=from_pretrained_kwargs.get("dtype"),
+                           attn_implementation=from_pretrained_kwargs.get("attn_implementation"), **fields)
+    result = model.load_state_dict(state, strict=False)
+    ours = ("mm_projector.", "mm_fusion.", "mm_object_projector.")
+    not_loaded = [k for k in result.missing_keys if k.startswith(ours)]
+    if result.unexpected_keys or not_loaded:
+        raise ValueError(f"{path}: does not match MG-LLaVA's layout: unexpected {result.unexpected_keys[:5]}, "
+                         f"missing {not_loaded[:5]}")
+    model.name_or_path = str(path)
+    return model

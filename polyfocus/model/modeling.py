@@ -16,6 +16,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from polyfocus.config import IGNORE_INDEX, PolyfocusConfig
 from polyfocus.model.fusion import FUSION_MODULES, build_fusion
+from polyfocus.model.fusion.convgate import build_hires_tower, hires_stages, low_res_pixels
+from polyfocus.model.objects import box_features, with_object_tokens
 from polyfocus.model.projector import build_projector
 from polyfocus.model.vision import build_vision_tower, select_features
 from polyfocus.model.visual_words import (
@@ -47,7 +49,8 @@ class PolyfocusPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # Only our own modules: the tower and the LM were initialised by their own classes.
-        if isinstance(module, nn.Linear) and any(module is m for m in self.mm_projector.modules()):
+        projectors = [p for p in (self.mm_projector, getattr(self, "mm_object_projector", None)) if p is not None]
+        if isinstance(module, nn.Linear) and any(module is m for p in projectors for m in p.modules()):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
@@ -55,7 +58,9 @@ class PolyfocusPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FUSION_MODULES):  # their published init (MMFuser: Deformable-DETR's, zero gammas)
             module._reset_parameters()
         elif module is self.vm_head:  # the LM (a child, so initialised first) is the head's starting point
-            init_visual_word_head(module, self.get_output_embeddings())
+            # A tied LM head is only tied after loading (still on the meta device here): read its source instead.
+            tied = self.config.tie_word_embeddings
+            init_visual_word_head(module, self.get_input_embeddings() if tied else self.get_output_embeddings())
 
 
 class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixin):
@@ -68,6 +73,10 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.vm_head = build_visual_word_head(config)  # VW-LMM's visual-word head; None for a plain model
         self.mm_fusion = build_fusion(config)  # between the tower and the projector (config.fusion); None: plain
+        # MG-LLaVA (docs/mg_llava.md): the high-resolution ConvNeXt and the object tokens' projector; None: plain
+        self.hires_tower = build_hires_tower(config) if config.uses_hires else None
+        self.mm_object_projector = build_projector(config.mm_projector_type, config.object_feature_size,
+                                                   config.text_config.hidden_size) if config.object_tokens else None
         self.post_init()
 
     # Embeddings live in the LLM; resize_token_embeddings and tying go through these.
@@ -95,22 +104,55 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         return embeddings
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n_images, 3, H, W] → [n_images, N, D]."""
+        """[n_images, 3, H, W] → [n_images, N, D] (MG-LLaVA's object tokens aside: see `image_features`)."""
+        return self.image_features(pixel_values)[0]
+
+    def image_features(self, pixel_values: torch.Tensor, image_boxes: torch.Tensor | None = None):
+        """[n_images, 3, H, W] → (visual tokens [n_images, N, D], object tokens [K, D] or None).
+
+        With MG-LLaVA's high-resolution branch the images come at `config.hires_image_size` and the tower sees them
+        downsampled; `image_boxes` [K, 5] (image index, x1, y1, x2, y2 in those pixels) give one object token each
+        (config.object_tokens)."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
+        if self.config.fusion == "s2":  # the tower runs once per scale, on tiles of its own size (S2)
+            features = self.mm_fusion(pixel_values.to(tower_dtype), self.tower_features)
+            projector_dtype = next(self.mm_projector.parameters(), features).dtype
+            return self.mm_projector(features.to(projector_dtype)), None
+        stages = None
+        if self.hires_tower is not None:
+            size = self.config.hires_image_size
+            if tuple(pixel_values.shape[-2:]) != (size, size):
+                raise ValueError(f"the high-resolution branch takes {size}x{size} images (config.hires_image_size), "
+                                 f"got {tuple(pixel_values.shape[-2:])}: use the model's image processor")
+            stages = hires_stages(self.hires_tower, pixel_values)  # 4 x [n, C_s, h_s, w_s], stride 4 (stem) x 2^s
+            pixel_values = low_res_pixels(pixel_values, self.config.vision_config.image_size)
         out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
-        if self.mm_fusion is None:
-            features = select_features(self.config, out.hidden_states)
-        else:  # the selected layer, refined with shallower ones (MMFuser)
+        if self.config.fusion == "mmfuser":  # the selected layer, refined with shallower ones
             features = self.mm_fusion(out.hidden_states)
+        else:
+            features = select_features(self.config, out.hidden_states)
+            if self.config.fusion == "convgate":  # the high-resolution tower's last stage, gated in (MG-LLaVA)
+                features = self.mm_fusion(features, stages[-1])
         projector_dtype = next(self.mm_projector.parameters(), features).dtype  # identity has no parameters
-        return self.mm_projector(features.to(projector_dtype))
+        features = self.mm_projector(features.to(projector_dtype))
+        objects = None
+        if self.mm_object_projector is not None and image_boxes is not None:
+            pooled = box_features(stages, image_boxes, self.config.hires_image_size, self.config.box_feat_size)
+            objects = self.mm_object_projector(pooled.to(next(self.mm_object_projector.parameters()).dtype))
+        return features, objects
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The plain selected features of tower-sized images: [n, 3, S, S] -> [n, N, C]."""
+        return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
-                     return_visual_words: bool = False):
+                     return_visual_words: bool = False, image_boxes: torch.Tensor | None = None):
         """Token embeddings with image features scattered, in order, into the image-token positions.
 
         return_visual_words: return (embeddings, visual words), the latter the visual-word logits of the image
-        positions [n_positions, V] in scatter order (None without images), for the visual-word loss."""
+        positions [n_positions, V] in scatter order (None without images), for the visual-word loss.
+        image_boxes: [K, 5] (image index, x1, y1, x2, y2), MG-LLaVA's object boxes; each image's positions are its
+        N visual tokens, then one per box."""
         is_image = input_ids == self.config.image_token_id  # [B, L]
         vocab_size = self.get_input_embeddings().num_embeddings
         in_vocab = 0 <= self.config.image_token_id < vocab_size
@@ -122,27 +164,36 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             if self.training:  # keep the projector in the graph (zero gradient): DDP/ZeRO expect every parameter
                 empty = embeds.new_zeros(0, self.config.mm_hidden_size)
                 embeds = embeds + self.mm_projector(empty.to(next(self.mm_projector.parameters(), empty).dtype)).sum()
-                if self.mm_fusion is not None:  # and the fusion module (an empty slice: exactly 0, no NaN risk)
-                    embeds = embeds + sum(p.view(-1)[:0].sum() for p in self.mm_fusion.parameters())
+                for module in (self.mm_fusion, self.mm_object_projector):  # and these (an empty slice: exactly 0)
+                    if module is not None:
+                        embeds = embeds + sum(p.view(-1)[:0].sum() for p in module.parameters())
             return (embeds, None) if return_visual_words else embeds
         # Image positions are overwritten below, so an out-of-vocabulary id (LLaVA's -200) is never looked up.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # [B, L, D]
-        features = self.get_image_features(pixel_values)  # [n_images, N, D]
+        features, objects = self.image_features(pixel_values, image_boxes)  # [n_images, N, D], [K, D] or None
+        if self.mm_object_projector is None:
+            tokens = features.flatten(0, 1)  # [n_positions, D]
+        elif image_boxes is None:
+            raise ValueError("this model has object tokens (config.object_tokens): give image_boxes [K, 5] with the "
+                             "images (polyfocus.data.boxes makes them, one box at least per image)")
+        else:
+            tokens = with_object_tokens(features, objects, image_boxes[:, 0].long())
         visual_words = None
         if self.vm_head is not None and (return_visual_words or self.config.pseudo_image_features):
-            visual_words = self.vm_head(features)  # [n_images, N, V]
+            visual_words = self.vm_head(tokens)  # [n_positions, V]
             if self.config.pseudo_image_features:  # PIF: the LLM sees only mixtures of token embeddings
-                features = pseudo_image_features(visual_words, self.get_input_embeddings().weight)
-        n_positions, n_features = int(is_image.sum()), features.shape[0] * features.shape[1]
-        if n_positions != n_features:
+                tokens = pseudo_image_features(visual_words, self.get_input_embeddings().weight)
+        n_positions = int(is_image.sum())
+        if n_positions != len(tokens):
+            boxes = f" plus {len(image_boxes)} object tokens" if self.mm_object_projector is not None else ""
             raise ValueError(
                 f"input_ids hold {n_positions} image-token positions but {features.shape[0]} image(s) give "
-                f"{n_features} features ({features.shape[1]} each): was a sequence truncated inside an image, "
-                f"or do the <image> tags not match the images?"
+                f"{len(tokens)} visual tokens ({features.shape[1]} each{boxes}): was a sequence truncated inside an "
+                f"image, or do the <image> tags not match the images?"
             )
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), tokens.to(embeds.dtype))
         if return_visual_words:
-            return embeds, None if visual_words is None else visual_words.flatten(0, 1)
+            return embeds, visual_words
         return embeds
 
     def forward(
@@ -156,6 +207,7 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_boxes: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -165,9 +217,10 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         visual_words = None
         if inputs_embeds is None:
             if visual_word_loss_applies:
-                inputs_embeds, visual_words = self.embed_inputs(input_ids, pixel_values, return_visual_words=True)
+                inputs_embeds, visual_words = self.embed_inputs(input_ids, pixel_values, return_visual_words=True,
+                                                                image_boxes=image_boxes)
             else:
-                inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+                inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_boxes=image_boxes)
             if labels is not None:  # image positions are never supervised
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
         outputs = self.language_model(
@@ -201,7 +254,8 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         image_id = self.config.image_token_id
         out_of_vocab = not 0 <= image_id < self.get_input_embeddings().num_embeddings
         if input_ids is not None and pixel_values is not None and out_of_vocab:
-            kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values)
+            boxes = kwargs.pop("image_boxes", None)
+            kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values, image_boxes=boxes)
             input_ids, pixel_values = input_ids.masked_fill(input_ids == image_id, 0), None
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 

@@ -59,11 +59,25 @@ class ModelArguments:
     mm_vision_select_layer: int | None = None  # None: keep the checkpoint's (LLaVA-1.5: -2)
     mm_vision_select_feature: str | None = None
     mm_projector_type: str | None = None
-    # Fusion between the tower and the projector (new models only): fusion: mmfuser, and its PolyfocusConfig fields.
+    # Fusion between the tower and the projector (new models only): fusion: mmfuser | s2, and their config fields.
     fusion: str | None = None
     mmfuser_kv_layers: list[int] | None = None
     mmfuser_num_heads: int | None = None
     mmfuser_num_points: int | None = None
+    s2_scales: list[int] | None = None  # fusion: s2 (LLaVA-S2, docs/densefusion.md), e.g. [336, 672, 1008]
+    # MG-LLaVA (docs/mg_llava.md, new models only): fusion: convgate and/or object_tokens add the high-resolution
+    # ConvNeXt, from `hires_tower` (a transformers ConvNeXt directory or open_clip CLIP-ConvNeXt weights; none: a
+    # fresh one of hires_config, CLIP-ConvNeXt-L by default); box_* set how boxes become object tokens.
+    hires_tower: str | None = None
+    hires_config: dict | str | None = field(default=None, metadata={"help": "ConvNextConfig keywords (YAML or JSON)"})
+    object_tokens: bool | None = None
+    box_feat_size: int | None = None
+    box_iou_threshold: float | None = None
+    box_limit_mode: str | None = None
+    box_limit_num: int | None = None
+    box_detector: str | None = None  # "synthworld" or a local OWLv2 / Grounding DINO directory (any model takes it)
+    box_queries: list[str] | None = None  # the detector's text queries (tags)
+    tune_hires_tower: bool = False  # train the ConvNeXt too (MG-LLaVA keeps it frozen), at mm_hires_tower_lr
     # VW-LMM (docs/vw_lmm.md). visual_words: give the model a visual-word head if it has none (initialised from its
     # LM head). The others override the model config's values (None: keep them).
     visual_words: bool = False
@@ -91,6 +105,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: list[str] = field(default_factory=list)  # LLaVA JSON / messages files, concatenated
+    # MG-LLaVA's offline boxes (polyfocus.data.boxes, `polyfocus boxes`): one box JSON for every data_path or one each
+    box_json_path: list[str] = field(default_factory=list)
     image_folder: str | None = None  # image paths are relative to this (default: the JSON file's directory)
     image_aspect_ratio: str = "pad"
     lazy_preprocess: bool = True  # accepted for LLaVA compatibility; loading is always lazy
@@ -107,6 +123,7 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_fusion_lr: float | None = None
     mm_visual_words_lr: float | None = None  # VW-LMM's visual-word head
     mm_vision_tower_lr: float | None = None
+    mm_hires_tower_lr: float | None = None  # MG-LLaVA's ConvNeXt, with tune_hires_tower
     save_trainable_only: bool = True  # checkpoints hold only what trains (LLaVA stage 1: the projector)
     plot_loss: bool = True  # loss.png in output_dir at the end
 
@@ -122,14 +139,16 @@ def parse_args(config: str | None = None, overrides: list[str] | tuple[str, ...]
     stage = _stage(values, overrides)
     merged = {**COMMON_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available(),
               "use_cpu": _multi_process_without_accelerator(), **STAGE_PRESETS.get(stage, {}), **values}
-    if isinstance(merged.get("data_path"), str):
-        merged["data_path"] = [merged["data_path"]]
+    for key in ("data_path", "box_json_path"):
+        if isinstance(merged.get(key), str):
+            merged[key] = [merged[key]]
     merged["bf16"] = _resolve_auto(merged.get("bf16", "auto"), _has_bf16)
     if merged.get("tf32") is not None:  # None (the default): leave torch's setting alone
         merged["tf32"] = _resolve_auto(merged["tf32"], _has_tf32)
     merged.update(_typed_overrides(overrides))
-    if isinstance(merged.get("model_config"), str):
-        merged["model_config"] = json.loads(merged["model_config"])
+    for key in ("model_config", "hires_config"):
+        if isinstance(merged.get(key), str):
+            merged[key] = json.loads(merged[key])
     model_args, data_args, training_args = HfArgumentParser(ALL_ARGUMENTS).parse_dict(merged)
     if data_args.image_aspect_ratio not in ("pad", "square", "resize"):
         raise ValueError(f"image_aspect_ratio must be pad, square or resize, got {data_args.image_aspect_ratio!r}")

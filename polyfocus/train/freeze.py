@@ -13,8 +13,9 @@ from torch import nn
 # part -> parameter-name prefixes (after any peft wrapper prefix is removed)
 PARTS = {
     "vision_tower": ("vision_tower.",),
-    "projector": ("mm_projector.",),
+    "projector": ("mm_projector.", "mm_object_projector."),  # MG-LLaVA's object tokens have their own projector
     "fusion": ("mm_fusion.",),
+    "hires_tower": ("hires_tower.",),  # MG-LLaVA's high-resolution ConvNeXt: frozen unless tune_hires_tower
     "visual_words": ("vm_head.",),  # VW-LMM's visual-word head: trains in every stage, as the projector
     "language_model": ("language_model.",),
 }
@@ -37,8 +38,8 @@ def trainable_parts(tune_mm_mlp_adapter: bool, freeze_backbone: bool, freeze_mm_
     parts = {"projector", "fusion", "visual_words"}
     if not (tune_mm_mlp_adapter or freeze_backbone):
         parts.add("language_model")
-    if freeze_mm_mlp_adapter:
-        parts -= {"projector"}
+    if freeze_mm_mlp_adapter:  # the fuser too: in MMFuser's reference it is part of mm_projector
+        parts -= {"projector", "fusion"}
     return parts
 
 

@@ -93,10 +93,15 @@ def apply_lora(model: PolyfocusForConditionalGeneration, config: LoraConfig, bit
     return peft_model
 
 
+# Modules QLoRA keeps in full precision: everything but the LLM's body (they train in full or feed the LLM), and
+# lm_head. An explicit list replaces transformers' default (lm_head).
+SKIP_QUANTIZATION = ["vision_tower", "mm_projector", "mm_fusion", "vm_head", "lm_head"]
+
+
 def load_quantized(path: str | Path, bits: int = 4, **from_pretrained_kwargs) -> PolyfocusForConditionalGeneration:
     """Load a checkpoint (any format `load_model` reads) with its LLM quantized by bitsandbytes, for QLoRA.
 
-    4 bits: nf4, double quantization, bf16 compute. The vision tower, projector and lm_head stay unquantized.
+    4 bits: nf4, double quantization, bf16 compute. The modules of SKIP_QUANTIZATION stay unquantized.
     Needs bitsandbytes and a CUDA device (`pip install 'polyfocus[gpu]'`).
     """
     try:
@@ -105,7 +110,7 @@ def load_quantized(path: str | Path, bits: int = 4, **from_pretrained_kwargs) ->
         raise ImportError("load_quantized needs bitsandbytes (CUDA only): pip install 'polyfocus[gpu]'") from None
     from transformers import BitsAndBytesConfig
 
-    skip = ["vision_tower", "mm_projector", "mm_fusion", "lm_head"]  # an explicit list replaces transformers' default
+    skip = list(SKIP_QUANTIZATION)  # a copy: transformers may extend the list it is given
     if bits == 4:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)

@@ -31,7 +31,11 @@ logger = logging.getLogger(__name__)
 # ModelArguments that are PolyfocusConfig fields: they shape a new model (from backbones or model_config); a
 # multimodal checkpoint's are fixed.
 ARCHITECTURE_FIELDS = ("mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type", "fusion",
-                       "mmfuser_kv_layers", "mmfuser_num_heads", "mmfuser_num_points")
+                       "mmfuser_kv_layers", "mmfuser_num_heads", "mmfuser_num_points", "s2_scales",
+                       "hires_config", "object_tokens", "box_feat_size")
+# MG-LLaVA's box settings (ModelArguments and PolyfocusConfig fields): how boxes become object tokens; any model with
+# object tokens takes them, a checkpoint included.
+BOX_FIELDS = ("box_iou_threshold", "box_limit_mode", "box_limit_num", "box_detector", "box_queries")
 # VW-LMM's switches (ModelArguments and PolyfocusConfig fields): any model takes them, a checkpoint included.
 VISUAL_WORD_FIELDS = ("visual_words", "vw_loss_weight", "vw_kl_direction", "vw_detach_target", "pseudo_image_features")
 
@@ -94,8 +98,9 @@ def build_model(model_args, data_args, training_args, tokenizer):
     overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS if getattr(model_args, k) is not None}
     path = model_args.model_name_or_path
     if path and _is_multimodal_checkpoint(path):
-        if overrides:
-            raise ValueError(f"{path} is a multimodal checkpoint; its {sorted(overrides)} cannot be changed")
+        if overrides or model_args.hires_tower:
+            fixed = sorted(overrides) + (["hires_tower"] if model_args.hires_tower else [])
+            raise ValueError(f"{path} is a multimodal checkpoint; its {fixed} cannot be changed")
         kwargs = {"model_base": model_args.model_base, "vision_tower": model_args.vision_tower, "dtype": dtype,
                   "attn_implementation": model_args.attn_implementation}
         if model_args.lora_enable and model_args.bits in (4, 8):  # QLoRA: the LLM is loaded quantized (CUDA)
@@ -114,7 +119,8 @@ def build_model(model_args, data_args, training_args, tokenizer):
         if add_token:
             tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
         model = from_backbones(path, model_args.vision_tower, tokenizer.convert_tokens_to_ids("<image>"), dtype=dtype,
-                               attn_implementation=model_args.attn_implementation, **overrides)
+                               attn_implementation=model_args.attn_implementation, hires_tower=model_args.hires_tower,
+                               **overrides)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     elif model_args.model_config is not None:
@@ -127,12 +133,20 @@ def build_model(model_args, data_args, training_args, tokenizer):
         kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids("<image>"))
         model = PolyfocusForConditionalGeneration(tiny_config(**kwargs, **overrides))
         model.config._attn_implementation = model_args.attn_implementation
+        if model_args.hires_tower:  # MG-LLaVA's ConvNeXt from its directory (its config must match hires_config)
+            from polyfocus.model.fusion.convgate import load_hires_tower
+
+            if model.hires_tower is None:
+                raise ValueError("hires_tower given, but nothing uses it: add fusion: convgate or object_tokens: true")
+            model.hires_tower.load_state_dict(load_hires_tower(model_args.hires_tower, model.config.hires_config)
+                                              .state_dict())
     else:
         raise ValueError("nothing to start from: give model_name_or_path or model_config")
 
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     configure_visual_words(model, model_args)
+    configure_boxes(model, model_args)
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.tokenizer_padding_side = "right"
     model.config.tokenizer_model_max_length = training_args.model_max_length
@@ -147,13 +161,24 @@ def configure_visual_words(model, model_args) -> None:
 
     if model_args.visual_words:
         add_visual_word_head(model)
-    for key in VISUAL_WORD_FIELDS[1:]:
-        if getattr(model_args, key) is not None:
-            setattr(model.config, key, getattr(model_args, key))
+    given = [key for key in VISUAL_WORD_FIELDS[1:] if getattr(model_args, key) is not None]
+    if given and model.vm_head is None:  # never silently ignored
+        raise ValueError(f"{', '.join(given)} set, but the model has no visual-word head: set visual_words: true")
+    for key in given:
+        setattr(model.config, key, getattr(model_args, key))
     if model.config.vw_kl_direction not in KL_DIRECTIONS:
         raise ValueError(f"vw_kl_direction must be one of {KL_DIRECTIONS}, got {model.config.vw_kl_direction!r}")
-    if model.config.pseudo_image_features and model.vm_head is None:
-        raise ValueError("pseudo_image_features needs a visual-word head: set visual_words: true")
+
+
+def configure_boxes(model, model_args) -> None:
+    """MG-LLaVA's box settings the run names (config values, not weights: any model with object tokens takes them)."""
+    given = [key for key in BOX_FIELDS if getattr(model_args, key) is not None]
+    if given and not model.config.object_tokens:
+        raise ValueError(f"{', '.join(given)} set, but the model has no object tokens: set object_tokens: true")
+    for key in given:
+        setattr(model.config, key, getattr(model_args, key))
+    if given:
+        model.config.check_mg_llava()  # the combined values, checked
 
 
 def _is_multimodal_checkpoint(path: str) -> bool:
@@ -178,21 +203,37 @@ def load_projector(model, file: str) -> None:
 
 
 def build_image_processor(model_args, model, aspect_ratio: str) -> ImageProcessor:
-    """The tower's own normalisation (e.g. SigLIP's 0.5/0.5) when a preprocessor file is found, else CLIP's."""
+    """The tower's own normalisation (e.g. SigLIP's 0.5/0.5) when a preprocessor file is found, else CLIP's; the
+    size the model takes (the tower's, or S2's largest scale)."""
+    size = model.config.image_input_size
     for source in (model_args.model_name_or_path, model_args.vision_tower):
         if source and (Path(source) / IMAGE_PROCESSOR_FILE).is_file():
-            return ImageProcessor.from_pretrained(source, aspect_ratio=aspect_ratio)
-    return ImageProcessor(image_size=model.config.vision_config.image_size, aspect_ratio=aspect_ratio)
+            return ImageProcessor.from_pretrained(source, aspect_ratio=aspect_ratio, image_size=size)
+    return ImageProcessor(image_size=size, aspect_ratio=aspect_ratio)
 
 
 def build_dataset(data_args, training_args, model, tokenizer, template, image_processor):
     if not data_args.data_path:
         raise ValueError("data_path is required (one or more LLaVA JSON files)")
+    box_files = [f for f in data_args.box_json_path if f]  # --box_json_path "" clears a recipe's
+    if box_files and not model.config.object_tokens:
+        raise ValueError("box_json_path given, but the model has no object tokens (object_tokens: true)")
+    if len(box_files) not in (0, 1, len(data_args.data_path)):
+        raise ValueError(f"box_json_path: one box JSON for all {len(data_args.data_path)} data_path files or one "
+                         f"each, got {len(box_files)}")
     parts = []
-    for path in data_args.data_path:
+    for i, path in enumerate(data_args.data_path):
+        object_boxes = None
+        if model.config.object_tokens:  # MG-LLaVA: boxes from the box JSON, or the model's detector
+            from polyfocus.data.boxes import ObjectBoxes
+
+            box_json = box_files[i if len(box_files) > 1 else 0] if box_files else None
+            object_boxes = ObjectBoxes.for_model(model.config, image_processor, box_json,
+                                                 training_args.model_max_length)
         dataset = SupervisedDataset(path, data_args.image_folder, tokenizer, template, image_processor,
                                     model.config.image_token_id, model.config.num_image_tokens,
-                                    training_args.model_max_length, strict=data_args.strict_data)
+                                    training_args.model_max_length, strict=data_args.strict_data,
+                                    object_boxes=object_boxes)
         if data_args.validate_data:
             dataset.validate()
         if dataset.skipped:
@@ -219,11 +260,17 @@ def set_trainable(model, model_args, output_dir: str):
             model = _save_base(model, Path(output_dir) / "base")  # the adapter needs a base directory to merge into
         full = ("mm_projector", "vm_head") if model.vm_head is not None else ("mm_projector",)  # saved in the adapter
         full += ("mm_fusion",) if model.mm_fusion is not None else ()  # the fuser trains in full too
+        full += ("mm_object_projector",) if model.mm_object_projector is not None else ()  # MG-LLaVA's too
+        full += ("hires_tower",) if model_args.tune_hires_tower else ()
         config = lora_config(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                              target_modules=model_args.lora_target_modules, bias=model_args.lora_bias,
                              modules_to_save=full)
         model = apply_lora(model, config, bits=model_args.bits)
         parts -= {"language_model"}  # the LLM trains through its adapters
+    if model_args.tune_hires_tower:  # MG-LLaVA keeps its ConvNeXt frozen; this trains it (mm_hires_tower_lr)
+        if getattr(model, "hires_tower", None) is None:
+            raise ValueError("tune_hires_tower: the model has no high-resolution tower")
+        parts |= {"hires_tower"}
     configure_trainable(model, parts, model_args.unfreeze_vision_layers, model_args.freeze_modules)
     return model
 

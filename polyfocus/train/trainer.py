@@ -31,7 +31,7 @@ class PolyfocusTrainer(Trainer):
     def part_learning_rates(self) -> dict[str, float]:
         a = self.args
         lrs = {"projector": a.mm_projector_lr, "fusion": a.mm_fusion_lr, "vision_tower": a.mm_vision_tower_lr,
-               "visual_words": a.mm_visual_words_lr}
+               "visual_words": a.mm_visual_words_lr, "hires_tower": a.mm_hires_tower_lr}
         return {part: lr for part, lr in lrs.items() if lr is not None}
 
     def create_optimizer(self, model=None):

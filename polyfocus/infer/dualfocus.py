@@ -1,0 +1,570 @@
+"""DualFocus inference (spec dualfocus.md §4-6): macro answer, predicted box, zoomed micro answer, pick by perplexity.
+
+    from polyfocus.infer.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained("runs/dualfocus_stage2")
+    question = "What is the code written on the star?\\nAnswer the question using a single word or phrase."
+    pipe.generate([("a.png", question)], strategy="dualfocus")
+    DualFocus(pipe).answer([("a.png", question)])   # with the macro/micro answers, the box, the scores, the reason
+
+Per question, on one image (greedy, as the reference):
+1. macro: the question as asked, with the full image (exactly the plain answer);
+2. box:   "Please provide the bounding box coordinate of the region this question asks: {Q}" -> "[x1, y1, x2, y2]";
+3. zoom:  the first box in the reply -> `zoom` (polyfocus/data/dualfocus.py, the crop training used); a reply without
+          a box or a degenerate box ends here with the macro answer;
+4. micro: round 1 and its reply as history, then "Please combine the information from these two images and answer
+          this question: {prompt}" with [full image, crop];
+5. pick:  multiple choice: the one valid option letter when only one answer has one, the macro answer when neither
+          or both pick the same; otherwise (and always for open answers that differ) the candidate with the lower
+          mean token NLL in the two-image context (section 5), ties to the macro answer.
+
+Scoring context (shared by both candidates): round 1, its box reply, then "<image>\\nPlease combine ...: {Q}\\nAnswer
+the question using a single word or phrase." and the candidate as the reply; for multiple choice the candidates are
+the two options' texts. span="box_and_answer" (the reference) averages the NLL over every supervised token, the box
+reply's included; span="answer" (our deviation, spec §5) over the candidate's tokens and its end token only.
+
+Two ways to run the same procedure, giving the same choices:
+- `cached=False` ("reference-style"): question by question, each step its own pass (3 generations + 1 scoring
+  forward per candidate), as the reference scripts run;
+- `cached=True` (default): questions in batches, on one KV cache per batch. The macro and box prompts share their
+  prefix (system prompt + image): it is computed once, and both are generated as two rows continuing from it. The
+  micro prompt starts with the box prompt, which is still in the cache: only the box reply, the crop and round 2
+  are new. The scoring context shares the micro prompt up to its question text: both candidates continue from
+  there, as two rows of one forward. Blocks are right-aligned (pads in the middle of a row are masked, and position
+  ids count real tokens only, as `generate`'s), so every row's newest token is in the last column.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from polyfocus.config import IGNORE_INDEX
+from polyfocus.data.dualfocus import ZOOM_PROMPT, Question, box_turn, parse_box_text, split_prompt, zoom, zoom_turn
+from polyfocus.data.images import load_image
+from polyfocus.data.templates import IMAGE_TOKEN, encode
+from polyfocus.eval.benchmarks.base import SHORT_ANSWER
+from polyfocus.eval.benchmarks.gqa import LETTERS, mcq_letter
+from polyfocus.infer.batcher import GREEDY_BELOW
+from polyfocus.infer.pipeline import normalize_request
+
+logger = logging.getLogger(__name__)
+
+BOX_MAX_NEW_TOKENS = 64  # the box reply ("[0.12, 0.34, 0.56, 0.78]") takes ~25 tokens with Llama's digit split
+SPANS = ("box_and_answer", "answer")
+
+
+@dataclass
+class DualFocusResult:
+    answer: str  # what is returned: the macro or the micro answer, as generated
+    macro: str
+    box_text: str | None = None  # the model's box reply
+    crop_box: tuple[int, int, int, int] | None = None  # the crop, in pixels of the original image
+    micro: str | None = None
+    candidates: list[str] | None = None  # what was scored (option texts for multiple choice)
+    scores: list[float] | None = None  # mean NLL of each candidate
+    choice: str = "macro"  # "macro" | "micro"
+    reason: str = ""  # why this choice (see `select`), or why DualFocus did not apply
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Item:
+    """One question in flight: its image, its conversations, and its result so far."""
+
+    image: Image.Image
+    system: list[dict]  # [] or the request's system message, kept in every conversation
+    macro_messages: list[dict]  # the request as asked
+    parts: Question
+    result: DualFocusResult | None = None
+    crop: Image.Image | None = None
+
+    def box_messages(self) -> list[dict]:
+        return [*self.system, {"role": "user", "content": box_turn(self.parts.question)}]
+
+    def micro_messages(self, box_reply: str) -> list[dict]:
+        return [*self.box_messages(), {"role": "assistant", "content": box_reply},
+                {"role": "user", "content": zoom_turn(self.parts.prompt)}]
+
+    def score_messages(self, box_reply: str, candidate: str | None) -> list[dict]:
+        """The scoring context; candidate None: up to the generation prompt."""
+        question = f"{IMAGE_TOKEN}\n{ZOOM_PROMPT}{self.parts.question}{SHORT_ANSWER}"
+        messages = [*self.box_messages(), {"role": "assistant", "content": box_reply},
+                    {"role": "user", "content": question}]
+        return messages if candidate is None else [*messages, {"role": "assistant", "content": candidate}]
+
+
+# ----------------------------------------------------------------------------- the selection rule
+
+
+def select(parts: Question, macro: str, micro: str) -> tuple[str | None, list[str] | None, str]:
+    """(choice, candidates, reason). choice None: score the two candidates and take the lower mean NLL.
+
+    Multiple choice (spec §4 step 5): each answer is read as an option letter the way the reference's
+    process_outputs does (`mcq_letter`; the micro answer stripped of newlines and dots first). Open answers: the
+    candidates are the macro answer and the micro answer stripped the same way (model_vqa_textvqa.py)."""
+    options = parts.options
+    if options:
+        letters = LETTERS[: len(options)]
+        macro_letter = mcq_letter(macro, options)
+        micro_letter = mcq_letter(micro.strip("\n").strip("."), options)
+        macro_valid, micro_valid = macro_letter in letters, micro_letter in letters
+        if macro_valid and not micro_valid:
+            return "macro", None, "only_macro_valid"
+        if micro_valid and not macro_valid:
+            return "micro", None, "only_micro_valid"
+        if not macro_valid:
+            return "macro", None, "neither_valid"
+        if macro_letter == micro_letter:  # the same option: scoring would tie, and a tie goes to the macro answer
+            return "macro", None, "same_answer"
+        return None, [options[letters.index(macro_letter)], options[letters.index(micro_letter)]], "perplexity"
+    micro = micro.strip("\n").strip(".")  # as the reference's TextVQA script: the micro answer scored without its dots
+    if macro == micro:
+        return "macro", None, "same_answer"
+    return None, [macro, micro], "perplexity"
+
+
+def pick(scores: Sequence[float]) -> str:
+    """The lower mean NLL wins; a tie goes to the macro answer (the reference's argmin takes the first)."""
+    return "micro" if scores[1] < scores[0] else "macro"
+
+
+def set_choice(result: DualFocusResult, choice: str) -> None:
+    result.choice = choice
+    result.answer = result.micro if choice == "micro" else result.macro
+
+
+# ----------------------------------------------------------------------------- the strategy
+
+
+class DualFocus:
+    """DualFocus over a `Pipeline`, with the Pipeline's `generate(requests, ...)` signature (what the eval runner and
+    `Pipeline.generate(strategy="dualfocus")` call). A request that is not one user message with one image is
+    answered plainly (reason "not_single_image")."""
+
+    def __init__(self, pipe, span: str = "box_and_answer", cached: bool = True,
+                 box_max_new_tokens: int = BOX_MAX_NEW_TOKENS):
+        if span not in SPANS:
+            raise ValueError(f"span must be one of {SPANS}, got {span!r}")
+        if getattr(pipe.model.config, "object_tokens", False):  # its scoring and cache feed images without boxes
+            raise ValueError("dualfocus does not run on a model with MG-LLaVA's object tokens (config.object_tokens)")
+        self.pipe, self.span, self.cached, self.box_max_new_tokens = pipe, span, cached, box_max_new_tokens
+        self.last_results: list[DualFocusResult] = []
+
+    # What the eval runner records about the pipeline it ran.
+    model = property(lambda self: self.pipe.model)
+    tokenizer = property(lambda self: self.pipe.tokenizer)
+    image_processor = property(lambda self: self.pipe.image_processor)
+    template = property(lambda self: self.pipe.template)
+    stop = property(lambda self: self.pipe.stop)
+
+    def generate(self, requests: Sequence, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 batch_size: int = 16, **gen_kwargs) -> list[str]:
+        """Answers only; the details of each are in `self.last_results`."""
+        if temperature > GREEDY_BELOW:
+            raise ValueError(f"dualfocus decodes greedily, as the reference; got temperature={temperature}")
+        self.last_results = self.answer(requests, max_new_tokens, batch_size, **gen_kwargs)
+        return [r.answer for r in self.last_results]
+
+    @torch.inference_mode()
+    def answer(self, requests: Sequence, max_new_tokens: int = 128, batch_size: int = 16,
+               **gen_kwargs) -> list[DualFocusResult]:
+        if gen_kwargs.get("num_beams", 1) != 1:  # the cached path continues one row per question from its cache
+            raise ValueError(f"dualfocus decodes greedily with one beam, as the reference; got "
+                             f"num_beams={gen_kwargs['num_beams']}")
+        results: list[DualFocusResult | None] = [None] * len(requests)
+        items, plain = {}, {}
+        for i, (images, messages) in enumerate(requests):
+            item = make_item(images, messages, i)
+            if item is None:
+                plain[i] = (images, messages)
+            else:
+                items[i] = item
+        if plain:
+            answers = self.pipe.generate(list(plain.values()), max_new_tokens, batch_size=batch_size, **gen_kwargs)
+            for i, text in zip(plain, answers):
+                results[i] = DualFocusResult(text, text, reason="not_single_image")
+        order = list(items)
+        step = batch_size if self.cached else 1
+        for start in range(0, len(order), step):
+            batch = [items[i] for i in order[start:start + step]]
+            if self.cached:
+                self._answer_cached(batch, max_new_tokens, gen_kwargs)
+            else:
+                self._answer_reference(batch[0], max_new_tokens, gen_kwargs)
+            for i, item in zip(order[start:start + step], batch):
+                results[i] = item.result
+        return results
+
+    # ---- reference-style: every step its own pass ------------------------------------------------------------
+
+    def _answer_reference(self, item: Item, max_new_tokens: int, gen_kwargs: dict) -> None:
+        macro = self.pipe.generate([([item.image], item.macro_messages)], max_new_tokens, **gen_kwargs)[0]
+        box = self.pipe.generate([([item.image], item.box_messages())], self.box_max_new_tokens, **gen_kwargs)[0]
+        self._zoom(item, macro, box)
+        if item.crop is None:
+            return
+        micro = self.pipe.generate([([item.image, item.crop], item.micro_messages(box))], max_new_tokens,
+                                   **gen_kwargs)[0]
+        self._choose(item, micro, lambda candidates: [self._score(item, c) for c in candidates])
+
+    def _score(self, item: Item, candidate: str) -> float:
+        """Mean NLL of one scoring conversation, in one forward of its own (the reference's PPL pass)."""
+        pipe, config = self.pipe, self.pipe.model.config
+        messages = item.score_messages(item.result.box_text, candidate)
+        enc = encode(messages, pipe.tokenizer, pipe.template, config.image_token_id, [config.num_image_tokens] * 2)
+        labels = torch.tensor(enc.labels)
+        if self.span == "answer":
+            labels[: self._reply_start(item, enc.input_ids)] = IGNORE_INDEX
+        ids = torch.tensor([enc.input_ids], device=pipe.model.device)
+        pixel_values = pipe.image_processor([item.image, item.crop]).to(pipe.model.device)
+        logits = pipe.model(input_ids=ids, pixel_values=pixel_values).logits[0]
+        nll = token_nll(logits[:-1], labels[1:].to(logits.device))
+        return float(nll.sum() / len(nll))
+
+    def _reply_start(self, item: Item, ids: list[int]) -> int:
+        """Where the candidate's reply starts: the length of the context's ids (checked to be a prefix)."""
+        context = self.pipe.encode(item.score_messages(item.result.box_text, None), 2)
+        if ids[: len(context)] != context:
+            raise ValueError("the conversation template renders the scoring context differently when a reply "
+                             "follows, so the candidate's tokens cannot be located; use a built-in template")
+        return len(context)
+
+    # ---- shared by both paths ---------------------------------------------------------------------------------
+
+    def _zoom(self, item: Item, macro: str, box: str) -> None:
+        """Parse the box reply and crop; without a usable box the macro answer stands."""
+        item.result = DualFocusResult(macro, macro, box_text=box)
+        parsed = parse_box_text(box)
+        zoomed = zoom(item.image, parsed) if parsed is not None else None
+        if zoomed is None:
+            item.result.reason = "no_box" if parsed is None else "degenerate_box"
+            return
+        item.crop, item.result.crop_box = zoomed
+
+    def _choose(self, item: Item, micro: str, score) -> None:
+        """Apply the selection rule; `score(candidates)` gives their mean NLLs when it comes to perplexity."""
+        result = item.result
+        result.micro = micro
+        choice, result.candidates, result.reason = select(item.parts, result.macro, micro)
+        if choice is None:
+            result.scores = [float(s) for s in score(result.candidates)]
+            choice = pick(result.scores)
+        set_choice(result, choice)
+
+    # ---- cached and batched ------------------------------------------------------------------------------------
+
+    def _answer_cached(self, items: list[Item], max_new_tokens: int, gen_kwargs: dict) -> None:
+        """1. macro and box: their shared prefix (system prompt + image) once, then both as rows 2i and 2i+1.
+        2. micro: continues the box rows (box prompt cached) with the box reply, the crop and round 2.
+        3. scoring (`_pick_cached`): continues the micro rows."""
+        pipe, config = self.pipe, self.pipe.model.config
+        macro_ids = [pipe.encode(it.macro_messages, 1) for it in items]
+        box_ids = [pipe.encode(it.box_messages(), 1) for it in items]
+        shared = [min(common_prefix(m, b), len(m) - 1, len(b) - 1) for m, b in zip(macro_ids, box_ids)]
+        has_image = [m[:s].count(config.image_token_id) == config.num_image_tokens for m, s in zip(macro_ids, shared)]
+        if not all(has_image):  # a question asked with its image after the text: no shared prefix worth caching
+            for item in (it for it, ok in zip(items, has_image) if not ok):
+                self._answer_reference(item, max_new_tokens, gen_kwargs)
+            keep = [i for i, ok in enumerate(has_image) if ok]
+            items, macro_ids, box_ids, shared = ([x[i] for i in keep] for x in (items, macro_ids, box_ids, shared))
+            if not items:
+                return
+        rows = Rows(pipe)
+        rows.forward([m[:s] for m, s in zip(macro_ids, shared)], images=[it.image for it in items])
+        rows.repeat(2)
+        budgets = [max_new_tokens, self.box_max_new_tokens] * len(items)
+        suffixes = [ids[s:] for m, b, s in zip(macro_ids, box_ids, shared) for ids in (m, b)]
+        new = rows.generate(suffixes, max(budgets), gen_kwargs, keep=True)
+        # Greedy: the first k tokens of a longer run are the run with budget k.
+        texts = [pipe.decode(ids[:budget]) for ids, budget in zip(new, budgets)]
+        for item, macro, box in zip(items, texts[0::2], texts[1::2]):
+            self._zoom(item, macro, box)
+
+        live = [i for i, it in enumerate(items) if it.crop is not None]
+        plans = {i: self._plan(items[i], box_ids[i]) for i in live}
+        for i in [i for i in live if plans[i] is None]:  # a template that is not prefix-stable: no cache reuse
+            self._finish_reference(items[i], max_new_tokens, gen_kwargs)
+        live = [i for i in live if plans[i] is not None]
+        if not live:
+            return
+        rows.select([2 * i + 1 for i in live])
+        box_nll = rows.forward([plans[i].reply for i in live], labels=[plans[i].reply_labels for i in live])
+        rows.forward([plans[i].to_question for i in live], images=[items[i].crop for i in live])
+        new = rows.generate([plans[i].rest for i in live], max_new_tokens, gen_kwargs, keep=False)
+        scored = []  # (row, plan) of the questions that go to the perplexity pick
+        for row, (i, ids) in enumerate(zip(live, new)):
+            result = items[i].result
+            result.micro = pipe.decode(ids)
+            choice, result.candidates, result.reason = select(items[i].parts, result.macro, result.micro)
+            if choice is None:
+                scored.append((row, plans[i]))
+            else:
+                set_choice(result, choice)
+        if scored:
+            self._pick_cached(rows, scored, box_nll)
+
+    def _pick_cached(self, rows: Rows, scored: list[tuple[int, Plan]], box_nll) -> None:
+        """Scoring: both candidates of a question continue its micro row from where round 2's text starts (the
+        scoring context's own question text), as two rows of one forward."""
+        rows.select([row for row, _ in scored])
+        rows.repeat(2)
+        blocks = [plan.candidate(c) for _, plan in scored for c in plan.item.result.candidates]
+        sums, counts = rows.forward([ids for ids, _ in blocks], labels=[labels for _, labels in blocks])
+        if self.span == "box_and_answer":  # the box reply's tokens count in both candidates' means
+            rows_of_pairs = torch.tensor([row for row, _ in scored], device=sums.device).repeat_interleave(2)
+            sums, counts = sums + box_nll[0][rows_of_pairs], counts + box_nll[1][rows_of_pairs]
+        scores = (sums / counts).tolist()
+        for k, (_, plan) in enumerate(scored):
+            result = plan.item.result
+            result.scores = scores[2 * k: 2 * k + 2]
+            set_choice(result, pick(result.scores))
+
+    def _finish_reference(self, item: Item, max_new_tokens: int, gen_kwargs: dict) -> None:
+        micro = self.pipe.generate([([item.image, item.crop], item.micro_messages(item.result.box_text))],
+                                   max_new_tokens, **gen_kwargs)[0]
+        self._choose(item, micro, lambda candidates: [self._score(item, c) for c in candidates])
+
+    def _plan(self, item: Item, box_ids: list[int]) -> Plan | None:
+        """How the micro prompt and the scoring conversations split into cached blocks, or None when the template
+        does not render them as continuations of the box prompt."""
+        pipe, config = self.pipe, self.pipe.model.config
+        box = item.result.box_text
+        micro = pipe.encode(item.micro_messages(box), 2)
+        context = pipe.encode(item.score_messages(box, None), 2)
+        probe = encode(item.score_messages(box, ""), pipe.tokenizer, pipe.template, config.image_token_id,
+                       [config.num_image_tokens] * 2)
+        start = len(box_ids)
+        supervised = [j for j, label in enumerate(probe.labels) if label != IGNORE_INDEX]
+        reply_end = next((supervised[0] + k for k, j in enumerate(supervised) if j != supervised[0] + k),
+                         supervised[-1] + 1)  # the end of the first run of supervised positions: the box reply
+        split = max(min(common_prefix(micro, context), len(micro) - 1), reply_end)
+        if (micro[:start] != box_ids or probe.input_ids[:len(context)] != context or not supervised
+                or supervised[0] < start or micro[:reply_end] != context[:reply_end] or split > len(context)):
+            return None
+        if micro[reply_end:split].count(config.image_token_id) != config.num_image_tokens:  # the crop: in one block
+            return None
+        return Plan(micro, context, start, reply_end, split, probe.labels[start:reply_end], item, pipe, self.span)
+
+
+@dataclass
+class Plan:
+    """One question's token blocks on the cached path (absolute positions in the micro prompt's ids):
+    [box prompt: cached] [reply: box text + end token] [to_question: up to `split`, the crop inside] [rest]
+    and the scoring conversation = micro[:split] + candidate block."""
+
+    micro: list[int]
+    context: list[int]
+    start: int
+    reply_end: int
+    split: int
+    reply_labels: list[int]
+    item: Item = field(repr=False)
+    pipe: object = field(repr=False)
+    span: str = "box_and_answer"
+
+    @property
+    def reply(self) -> list[int]:
+        return self.micro[self.start:self.reply_end]
+
+    @property
+    def to_question(self) -> list[int]:
+        return self.micro[self.reply_end:self.split]
+
+    @property
+    def rest(self) -> list[int]:
+        return self.micro[self.split:]
+
+    def candidate(self, candidate: str) -> tuple[list[int], list[int]]:
+        """The scoring block of one candidate and its labels (the candidate's reply and end token)."""
+        config = self.pipe.model.config
+        enc = encode(self.item.score_messages(self.item.result.box_text, candidate), self.pipe.tokenizer,
+                     self.pipe.template, config.image_token_id, [config.num_image_tokens] * 2)
+        if enc.input_ids[: len(self.context)] != self.context:
+            raise ValueError("the conversation template renders the scoring context differently when a reply "
+                             "follows, so the candidate's tokens cannot be located; use a built-in template")
+        return enc.input_ids[self.split:], enc.labels[self.split:]
+
+
+class Rows:
+    """Sequences grown block by block on one KV cache. `ids` / `mask` [R, T] mirror what the cache holds; each
+    block is right-aligned, so a row's newest token is always the last column and `last_logits` [R, V] (the logits
+    there) predict its next token."""
+
+    def __init__(self, pipe):
+        self.pipe, self.model = pipe, pipe.model
+        self.device = self.model.device
+        self.cache = DynamicCache(config=self.model.config.text_config)
+        self.ids = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        self.mask = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        self.last_logits: torch.Tensor | None = None
+
+    def block(self, pieces: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in pieces)
+        ids = torch.tensor([[fill] * (width - len(p)) + p for p in pieces], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in pieces], device=self.device)
+        return ids, mask
+
+    def forward(self, pieces: list[list[int]], images: list[Image.Image] | None = None,
+                labels: list[list[int]] | None = None):
+        """Feed one block per row (the images it holds, in order). With labels: per-row (NLL sum, count) over the
+        supervised tokens of the block, each predicted from the position before it (`last_logits` for the first)."""
+        ids, mask = self.block(pieces, self.pipe.pad_token_id)
+        if self.ids.shape[0] != ids.shape[0]:  # the first block
+            self.ids, self.mask = self.ids.expand(ids.shape[0], 0), self.mask.expand(ids.shape[0], 0)
+        full_mask = torch.cat([self.mask, mask], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        pixel_values = self.pipe.image_processor(images).to(self.device) if images else None
+        logits = self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, pixel_values=pixel_values,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=0 if labels else 1).logits
+        previous = self.last_logits
+        self.ids, self.mask = torch.cat([self.ids, ids], dim=1), full_mask
+        self.last_logits = logits[:, -1].float()
+        if labels is None:
+            return None
+        # the logits predicting column c: column c-1's, or the previous block's last ones for a row's first token
+        predictors = torch.cat([previous[:, None].to(logits.dtype), logits[:, :-1]], dim=1)
+        first = mask.bool() & (mask.cumsum(-1) == 1)  # each row's first token: after pads, so from `previous`
+        predictors[first] = previous.to(predictors.dtype)
+        targets = self.block(labels, IGNORE_INDEX)[0]
+        nll = torch.nn.functional.cross_entropy(predictors.float().transpose(1, 2), targets,
+                                                ignore_index=IGNORE_INDEX, reduction="none")
+        return nll.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+    def generate(self, pieces: list[list[int]], max_new_tokens: int, gen_kwargs: dict, keep: bool) -> torch.Tensor:
+        """Greedy continuation of every row after its block: the new tokens [R, n]. The block is fed by `forward`
+        (so `last_logits` are the raw logits at its end), its last token again by `generate`. Afterwards the cache
+        holds the rows up to the block's end (keep=True) or as they were before it (keep=False)."""
+        before, previous = self.ids.shape[1], self.last_logits
+        self.forward(pieces)
+        self.cache.crop(-1)
+        history = self.ids
+        image_id = self.model.config.image_token_id
+        if not 0 <= image_id < self.model.get_input_embeddings().num_embeddings:  # as the model's own generate
+            history = history.masked_fill(history == image_id, 0)
+        inputs = {"input_ids": history, "attention_mask": self.mask}
+        longest = int(self.mask.sum(-1).max())  # pads in the middle hold no position: the context counts real tokens
+        kwargs = self.pipe._generation_kwargs({"input_ids": history[:, :longest]}, max_new_tokens, 0.0, 1.0,
+                                              gen_kwargs)
+        out = self.model.generate(**inputs, past_key_values=self.cache, **kwargs)
+        new = out[:, history.shape[1]:]
+        end = before if not keep else self.ids.shape[1]
+        self.cache.crop(end - self.cache.get_seq_length())
+        if not keep:
+            self.ids, self.mask, self.last_logits = self.ids[:, :end], self.mask[:, :end], previous
+        return new
+
+    def repeat(self, n: int) -> None:
+        """Each row n times in a row (row r -> rows n*r ... n*r + n-1)."""
+        self.cache.batch_repeat_interleave(n)
+        self.ids, self.mask = self.ids.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0)
+        self.last_logits = self.last_logits.repeat_interleave(n, 0)
+
+    def select(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.ids, self.mask, self.last_logits = self.ids[index], self.mask[index], self.last_logits[index]
+
+
+# ----------------------------------------------------------------------------- the server's strategy
+
+
+async def serve_dualfocus(batcher, job, span: str = "box_and_answer") -> AsyncIterator:
+    """The server's "dualfocus" strategy (`strategy` field of a request; server.py's STRATEGIES hook). The macro and
+    box generations go to the batcher as two jobs (batched with whatever else is running), then the micro job; the
+    scoring forward runs in a worker thread. The chosen answer comes as one piece. The box is greedy; the macro and
+    micro answers follow the request's sampling settings (greedy at temperature 0, as the reference)."""
+    import asyncio
+
+    from polyfocus.infer.batcher import Event, Job
+    from polyfocus.infer.server import run_plain  # lazy: the server imports this module
+
+    pipe, strategy = batcher.pipe, DualFocus(batcher.pipe, span=span)
+    context = getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
+    item = make_item(job.images, job.messages, 0)  # build_job made sure it applies
+
+    async def run(messages: list[dict], images: list, box: bool = False) -> Event:
+        """One job through the batcher: its last event (the finish, or an error). The box reply is greedy, has its
+        own budget and ignores the request's stop strings; the answers follow the request's settings."""
+        prompt_tokens = len(pipe.encode(messages, len(images)))
+        room = context - prompt_tokens  # the micro prompt holds two images: it may need more than the request's
+        if room < 1:
+            return Event("error", f"dualfocus: the {len(images)}-image prompt ({prompt_tokens} tokens) leaves no "
+                                  "room in the context")
+        budget = strategy.box_max_new_tokens if box else job.max_tokens
+        sub = Job(images=images, messages=messages, prompt_tokens=prompt_tokens, max_tokens=min(budget, room),
+                  temperature=0.0 if box else job.temperature, top_p=job.top_p, seed=job.seed,
+                  stop=() if box else job.stop)
+        last = None
+        async for last in run_plain(batcher, sub):
+            pass
+        return last
+
+    macro, box = await asyncio.gather(run(item.macro_messages, [item.image]),
+                                      run(item.box_messages(), [item.image], box=True))
+    if macro.kind == "error":
+        yield macro
+        return
+    strategy._zoom(item, macro.text, box.text if box.kind == "finish" else "")
+    chosen = macro
+    if item.crop is not None:
+        micro = await run(item.micro_messages(item.result.box_text), [item.image, item.crop])
+        if micro.kind == "finish":
+            def choose():
+                with torch.inference_mode():
+                    strategy._choose(item, micro.text, lambda candidates: [strategy._score(item, c)
+                                                                           for c in candidates])
+
+            await asyncio.to_thread(choose)
+            chosen = micro if item.result.choice == "micro" else macro
+        else:
+            logger.warning("dualfocus: the micro answer failed (%s); answering with the macro answer", micro.text)
+    if chosen.text:
+        yield Event("delta", chosen.text)
+    yield chosen
+
+
+def serve_dualfocus_answer(batcher, job) -> AsyncIterator:
+    """The server's "dualfocus_answer" strategy: scored on the answer's tokens only (span="answer")."""
+    return serve_dualfocus(batcher, job, span="answer")
+
+
+def dualfocus_applies(images: list, messages: list[dict]) -> bool:
+    """Whether a request is a question DualFocus answers: one user message with one image (after a system one)."""
+    return make_item(images, messages, 0) is not None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_item(images, messages, index: int) -> Item | None:
+    """The question of a request, or None when DualFocus does not apply (not one image in one user message)."""
+    images, messages = normalize_request(images, messages, index)
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(images) != 1 or len(turns) != 1 or turns[0]["role"] != "user" or len(system) > 1:
+        return None
+    image = load_image(images[0]) if isinstance(images[0], (str, os.PathLike)) else images[0].convert("RGB")
+    return Item(image, system, messages, split_prompt(turns[0]["content"]))
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) at every supervised position: logits [L, V] predict targets [L] (IGNORE_INDEX: skipped)."""
+    keep = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

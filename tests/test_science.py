@@ -1,0 +1,53 @@
+"""bench/science.py: runs are reused across comparisons and resumed, and the table is the mean ± std over seeds."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "bench" / "science.py"
+
+
+@pytest.fixture
+def science(monkeypatch):
+    spec = importlib.util.spec_from_file_location("science", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def fake_run(shared, run_dir, variant, seed, args):  # accuracy decided by the variant and seed alone
+        calls.append((json.dumps(variant), seed))
+        colour = 0.5 + 0.1 * seed + (0.2 if variant else 0.0)
+        return {"accuracy": {"colour": colour, "all": colour / 2}, "train_s": 0}
+
+    monkeypatch.setattr(module, "shared_backbones", lambda shared, args: None)
+    monkeypatch.setattr(module, "run_one", fake_run)
+    monkeypatch.setattr(module, "majority_baseline", lambda data: {"colour": 0.25, "all": 0.5})
+    return module, calls
+
+
+def test_table_is_mean_and_std_over_seeds(science, tmp_path, capsys):
+    module, calls = science
+    module.main(["--name", "m", "--out", str(tmp_path), "--seeds", "0", "1", "2",
+                 "--variant", "baseline={}", "--variant", 'new={"stage1": {"fusion": "mmfuser"}}'])
+    assert len(calls) == 6
+    table = (tmp_path / "m.md").read_text()
+    # baseline colour: 50, 60, 70 → 60.0 ± 10.0; new: 70, 80, 90 → 80.0 ± 10.0
+    assert "| colour | 25.0 | 60.0 ± 10.0 | 80.0 ± 10.0 |" in table
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["all_mean"] == pytest.approx({"baseline": 0.3, "new": 0.4})
+
+
+def test_finished_runs_are_reused_by_later_comparisons_and_resumes(science, tmp_path):
+    module, calls = science
+    module.main(["--name", "a", "--out", str(tmp_path), "--seeds", "0", "1", "--variant", "baseline={}"])
+    module.main(["--name", "b", "--out", str(tmp_path), "--seeds", "0", "1", "2", "--variant", "plain={}",
+                 "--variant", 'vw={"visual_words": true}'])
+    # the baseline of seeds 0 and 1 (under another name) is reused; only seed 2 and the new variant run
+    assert calls == [("{}", 0), ("{}", 1), ('{"visual_words": true}', 0), ('{"visual_words": true}', 1),
+                     ("{}", 2), ('{"visual_words": true}', 2)]
+    module.main(["--name", "a", "--out", str(tmp_path), "--seeds", "0", "1", "--variant", "baseline={}",
+                 "--finetune-steps", "7"])  # other settings: not the same runs
+    assert calls[-2:] == [("{}", 0), ("{}", 1)]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
