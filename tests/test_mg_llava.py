@@ -504,3 +504,18 @@ def test_mg_llava_stage1_state_dict_as_pretrain_mm_mlp_adapter():
             assert torch.equal(fresh.state_dict()[key], value), key
     with pytest.raises(ValueError, match="object tokens' projector"):
         load_projector_weights(fresh, {k: v for k, v in stage1.items() if not k.startswith("bbox")}, "x.pth")
+
+
+def test_qlora_keeps_the_new_parts_unquantized():
+    """QLoRA quantizes the LLM's body only: bitsandbytes matches skip names as module-name prefixes, so the
+    high-resolution ConvNeXt (its pwconv Linears) and the object projector must be listed by their own names
+    ("mm_projector" does not cover "mm_object_projector")."""
+    from polyfocus.train.freeze import PARTS
+    from polyfocus.train.lora import SKIP_QUANTIZATION
+
+    model = PolyfocusForConditionalGeneration(mg_config(object_tokens=True))
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith("language_model."):
+            assert any(name == key or name.startswith(key + ".") for key in SKIP_QUANTIZATION), name
+    for prefix in PARTS["hires_tower"] + PARTS["projector"] + PARTS["fusion"]:
+        assert prefix.rstrip(".") in SKIP_QUANTIZATION, prefix

@@ -95,7 +95,8 @@ def apply_lora(model: PolyfocusForConditionalGeneration, config: LoraConfig, bit
 
 # Modules QLoRA keeps in full precision: everything but the LLM's body (they train in full or feed the LLM), and
 # lm_head. An explicit list replaces transformers' default (lm_head).
-SKIP_QUANTIZATION = ["vision_tower", "mm_projector", "mm_fusion", "vm_head", "lm_head"]
+SKIP_QUANTIZATION = ["vision_tower", "mm_projector", "mm_fusion", "vm_head", "hires_tower", "mm_object_projector",
+                     "lm_head"]
 
 
 def load_quantized(path: str | Path, bits: int = 4, **from_pretrained_kwargs) -> PolyfocusForConditionalGeneration:
