@@ -18,7 +18,7 @@ from polyfocus.train.args import parse_args
 from polyfocus.train.freeze import _vision_filter, trainable_parts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import changed, train_recording  # noqa: E402
+from train_helpers import changed, train_recording, write_tiny_backbones  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "densefusion"
@@ -129,18 +129,10 @@ CPU = HARDWARE + ["--bf16", "false", "--report_to", "none", "--dataloader_num_wo
 def backbones(tmp_path_factory):
     """A tiny "Vicuna" and "CLIP" (28 px, 3 layers), DenseFusion-1M-style jsonl over synthworld images, and a
     LLaVA instruction file."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     from polyfocus.data.synthworld import export
-    from polyfocus.data.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("df_train")
-    torch.manual_seed(0)
-    tok = build_tokenizer(save_dir=root / "vicuna")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "vicuna")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                     image_size=28, patch_size=14)).save_pretrained(root / "clip")
+    write_tiny_backbones(root, 28)
     export(str(root / "images"), 6, image_size=84, families=["dense_caption"], split="pretrain")
     samples = json.loads((root / "images" / "pretrain.json").read_text())
     release = [{"image_id": s["id"], "url": f"https://example.com/{i}.png", "caption": s["conversations"][1]["value"],

@@ -16,7 +16,7 @@ from polyfocus.train.freeze import trainable_parts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_mg_llava import TINY_HIRES, convnext_to_open_clip  # noqa: E402
-from train_helpers import changed as changed_tensors, train_recording  # noqa: E402
+from train_helpers import changed as changed_tensors, train_recording, write_tiny_backbones  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MG = REPO / "configs" / "mg_llava"
@@ -100,20 +100,13 @@ CPU = ["--tf32", "false", "--bf16", "false", "--deepspeed", "", "--report_to", "
 def backbones(tmp_path_factory):
     """Tiny "Vicuna", "CLIP" (56 px, 4x4 patches) and open_clip "ConvNeXt" weights; synthworld rendered at 128 px (the
     ConvNeXt's size) with MG-LLaVA box JSONs from the scenes' exact boxes."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, LlamaConfig, \
-        LlamaForCausalLM
+    from transformers import ConvNextConfig, ConvNextModel
 
     from polyfocus.cli import main
     from polyfocus.data.synthworld import export
-    from polyfocus.data.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("mg_train")
-    torch.manual_seed(0)
-    tok = build_tokenizer(save_dir=root / "vicuna")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "vicuna")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                     image_size=56, patch_size=14)).save_pretrained(root / "clip")
+    write_tiny_backbones(root, 56)
     (root / "convnext").mkdir()
     torch.save(convnext_to_open_clip(ConvNextModel(ConvNextConfig(**TINY_HIRES))),
                root / "convnext" / "open_clip_pytorch_model.bin")

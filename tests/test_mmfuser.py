@@ -22,7 +22,7 @@ from polyfocus.model.presets import tiny_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoints import llava_config, write_base_llm, write_clip_tower, write_shards  # noqa: E402
-from train_helpers import changed, train_recording  # noqa: E402
+from train_helpers import changed, train_recording, write_tiny_backbones  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = 4
@@ -386,18 +386,10 @@ TINY_TOWER_LEVELS = ["--mmfuser_kv_layers", "0", "1"]  # the recipes name CLIP-L
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     """A tiny "Vicuna" and "CLIP" pair (LLaVA's stage-1 starting point) and synthworld data."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     from polyfocus.data.synthworld import export
-    from polyfocus.data.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("mmfuser_train")
-    torch.manual_seed(0)
-    tok = build_tokenizer(save_dir=root / "vicuna")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "vicuna")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                     image_size=56, patch_size=14)).save_pretrained(root / "clip")
+    write_tiny_backbones(root, 56)
     export(str(root / "pretrain_data"), 6, image_size=112, families=["colour"], split="pretrain")
     export(str(root / "data"), 6, image_size=112, families=["colour", "shape"])
     threads = torch.get_num_threads()

@@ -19,6 +19,7 @@ from polyfocus.model.presets import tiny_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoints import llava_config, llava_state_dict, write_clip_tower, write_shards  # noqa: E402
+from train_helpers import write_tiny_backbones  # noqa: E402
 
 IMG = 4
 SIDE = 28  # the tiny tower's image_size: a 2x2 patch grid of 14 px patches
@@ -209,19 +210,11 @@ def test_export_to_transformers_llava_is_refused():
 
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     from polyfocus.data.images import ImageProcessor
     from polyfocus.data.synthworld import export
-    from polyfocus.data.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("s2_train")
-    torch.manual_seed(0)
-    tok = build_tokenizer(save_dir=root / "vicuna")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "vicuna")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                     image_size=SIDE, patch_size=14)).save_pretrained(root / "clip")
+    write_tiny_backbones(root, SIDE)
     ImageProcessor(image_size=SIDE).save_pretrained(root / "clip")  # the tower's own processor says 28
     export(str(root / "data"), 4, image_size=84, families=["caption"], split="pretrain")
     return root

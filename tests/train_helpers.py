@@ -55,6 +55,22 @@ def train_recording(monkeypatch, config, overrides):
     return run.train(str(config), overrides)
 
 
+def write_tiny_backbones(root, clip_size: int) -> None:
+    """root/vicuna (a 2-layer Llama with the project's tokenizer) and root/clip (a 3-layer CLIP tower of clip_size px,
+    14 px patches): LLaVA's stage-1 starting point, tiny and seeded."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from polyfocus.data.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(save_dir=root / "vicuna")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "vicuna")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     image_size=clip_size, patch_size=14)).save_pretrained(root / "clip")
+
+
 def changed(trainer) -> set[str]:
     """Names of the tensors a `train_recording` run moved."""
     import torch
