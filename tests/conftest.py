@@ -20,3 +20,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The tiny saved checkpoint and its pipeline that the eval, chat and strategy tests share (a module may define its own).
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from eval_helpers import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    from polyfocus.infer.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(ckpt, device="cpu")

@@ -20,7 +20,6 @@ import yaml
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from eval_helpers import save_tiny_checkpoint
 from polyfocus import PolyfocusForConditionalGeneration
 from polyfocus.cli import main
 from polyfocus.config import IGNORE_INDEX
@@ -75,16 +74,6 @@ def scripted(turn: str) -> str | None:
     if "\nA. " in turn:
         return "ABCD"[h % 4] if ZOOM_PROMPT in turn else "ABCD"[(h // 7) % 4]
     return None
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return Pipeline.from_pretrained(ckpt, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,13 @@ import threading
 
 import pytest
 
-from eval_helpers import read_jsonl, save_tiny_checkpoint
+from eval_helpers import read_jsonl
 from polyfocus.cli import main
 from polyfocus.data.synthworld import export
 from polyfocus.eval.benchmarks import EvalDataError, Row
 from polyfocus.eval.runner import EvalRunError, evaluate, get_chunk, read_answers, sha256, summary_table
-from polyfocus.infer.pipeline import Pipeline
 
 GEN = {"max_new_tokens": 4, "quiet": True}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return Pipeline.from_pretrained(ckpt, device="cpu")
 
 
 @pytest.fixture(scope="module")
