@@ -9,9 +9,13 @@ modules' initialisation and the data order.
         --variant mmfuser='{"stage1": {"fusion": "mmfuser"}}' --seeds 0 1 2
 
 A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to both stages, or per stage under
-"stage1" / "stage2". Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and
-settings is never repeated: rerun the same command to resume, and comparisons under one --out share their
-baseline runs. The table (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
+"stage1" / "stage2"; its "strategy" key (default "plain") is how the model answers at evaluation, e.g. "dualfocus".
+"{shared}" in a variant stands for the shared directory (data, tokenizer, towers), e.g. MG-LLaVA's ConvNeXt:
+
+    python bench/science.py --name mg_llava --render-size 512 --hires-tower-steps 1500 --variant baseline='{}' \
+        --variant hires='{"stage1": {"fusion": "convgate", "hires_tower": "{shared}/hires_tower"}}'
+Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and settings is never
+repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs. The table (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
 """
 
 from __future__ import annotations
@@ -36,14 +40,16 @@ def shared_backbones(out: Path, args) -> None:
     if (out / "tower" / "config.json").is_file():
         return
     demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects, demo.VQA_FAMILIES,
-                   seed=0)
-    demo.make_backbones(out, demo.demo_model_config(args.image_size), args.tower_steps, args.batch_size,
-                        args.max_objects, seed=0)
+                   seed=0, render_size=args.render_size)
+    model_config = demo.demo_model_config(args.image_size)
+    if args.hires_tower_steps:  # before the tower: its config.json marks the directory as complete
+        demo.make_hires_tower(out, model_config, args.hires_tower_steps, args.batch_size, args.max_objects, seed=0)
+    demo.make_backbones(out, model_config, args.tower_steps, args.batch_size, args.max_objects, seed=0)
 
 
 def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
     recipe = demo.default_recipe(run_dir, (args.pretrain_steps, args.finetune_steps), args.batch_size)
-    common = {k: v for k, v in variant.items() if k not in ("stage1", "stage2")}
+    common = {k: v for k, v in variant.items() if k not in ("stage1", "stage2", "strategy")}
     for stage, stage_args in recipe.items():
         stage_args.update(tokenizer_name_or_path=str(shared / "tokenizer"), seed=seed, disable_tqdm=True,
                           data_path=[str(shared / "data" / Path(p).name) for p in stage_args["data_path"]])
@@ -54,9 +60,24 @@ def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> d
 
 
 def settings_of(args) -> dict:
-    """What besides the variant and seed decides a run's result."""
-    return {k: getattr(args, k) for k in ("pretrain_steps", "finetune_steps", "tower_steps", "train_scenes",
-                                          "test_scenes", "image_size", "max_objects", "batch_size")}
+    """What besides the variant and seed decides a run's result (the render size and the ConvNeXt only when set)."""
+    settings = {k: getattr(args, k) for k in ("pretrain_steps", "finetune_steps", "tower_steps", "train_scenes",
+                                              "test_scenes", "image_size", "max_objects", "batch_size")}
+    return {**settings, **{k: getattr(args, k) for k in ("render_size", "hires_tower_steps") if getattr(args, k)}}
+
+
+def shared_dir(out: Path, settings: dict) -> Path:
+    """e.g. shared/112-3000-2000-100-3, or shared/112r512-3000h1500-2000-100-3 with 512 px scenes and a ConvNeXt."""
+    size = f"{settings['image_size']}" + (f"r{settings['render_size']}" if "render_size" in settings else "")
+    towers = f"{settings['tower_steps']}" + (f"h{settings['hires_tower_steps']}" if "hires_tower_steps" in settings
+                                             else "")
+    return out / "shared" / "-".join([size, towers, *(f"{settings[k]}" for k in ("train_scenes", "test_scenes",
+                                                                                     "max_objects"))])
+
+
+def with_shared(variant: dict, shared: Path) -> dict:
+    """The variant with "{shared}" replaced by the shared directory."""
+    return json.loads(json.dumps(variant).replace("{shared}", str(shared)))
 
 
 def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
@@ -69,7 +90,8 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
         config_file.write_text(yaml.safe_dump(stage_args, sort_keys=False))
         with contextlib.redirect_stdout(io.StringIO()):
             train(str(config_file))
-    _, results, _ = demo.evaluate_model(run_dir / "stage2", shared / "data")
+    strategy = variant.get("strategy", "plain")
+    _, results, _ = demo.evaluate_model(run_dir / "stage2", shared / "data", strategy=strategy)
     return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": round(time.perf_counter() - t0)}
 
 
@@ -118,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=demo.DEFAULT_IMAGE_SIZE)
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--render-size", type=int, help="render the scenes at this size (default: --image-size)")
+    p.add_argument("--hires-tower-steps", type=int, default=0, help="pretrain MG-LLaVA's ConvNeXt, {shared}/hires_tower")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     settings = settings_of(args)
-    shared = out / "shared" / "-".join(f"{settings[k]}" for k in ("image_size", "tower_steps", "train_scenes",
-                                                                   "test_scenes", "max_objects"))
+    shared = shared_dir(out, settings)
     shared_backbones(shared, args)
     log = out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -134,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             result = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
             if result is None:
                 run_dir = out / "runs" / f"{args.name}-{name}-seed{seed}"
-                result = {**key, **run_one(shared, run_dir, variant, seed, args)}
+                result = {**key, **run_one(shared, run_dir, with_shared(variant, shared), seed, args)}
                 with log.open("a") as f:  # one line per finished run: an interrupted comparison resumes here
                     f.write(json.dumps(result) + "\n")
                 done.append(result)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).parent.parent / "bench" / "science.py"
 
@@ -51,3 +52,35 @@ def test_finished_runs_are_reused_by_later_comparisons_and_resumes(science, tmp_
                  "--finetune-steps", "7"])  # other settings: not the same runs
     assert calls[-2:] == [("{}", 0), ("{}", 1)]
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
+
+
+def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("science", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trained, scored = [], []
+    monkeypatch.setattr(module.demo, "make_llm", lambda *a: None)
+    monkeypatch.setattr(module, "train", lambda config: trained.append(Path(config).read_text()))
+    monkeypatch.setattr(module.demo, "evaluate_model",
+                        lambda model, data, strategy: scored.append(strategy) or ("", {"all": {"accuracy": 1}}, {}))
+    args = module.argparse.Namespace(pretrain_steps=1, finetune_steps=1, batch_size=2, image_size=112)
+    variant = {"strategy": "dualfocus", "stage2": {"data_path": ["/d/train.json", "/d/dualfocus_train.json"]}}
+    module.run_one(tmp_path / "shared", tmp_path / "run", variant, 0, args)
+    assert scored == ["dualfocus"]
+    assert not any(yaml.safe_load(text).get("strategy") for text in trained)
+    assert "/d/dualfocus_train.json" in trained[1] and "/d/dualfocus_train.json" not in trained[0]
+    module.run_one(tmp_path / "shared", tmp_path / "run", {}, 0, args)
+    assert scored == ["dualfocus", "plain"]
+
+
+def test_shared_directory_names_its_settings_and_fills_variants(science, tmp_path):
+    module, calls = science
+    module.main(["--name", "mg", "--out", str(tmp_path), "--seeds", "0", "--render-size", "512",
+                 "--hires-tower-steps", "1500", "--variant", 'hires={"stage1": {"hires_tower": "{shared}/hires_tower"}}'])
+    shared = tmp_path / "shared" / "112r512-3000h1500-2000-100-3"
+    assert calls == [(json.dumps({"stage1": {"hires_tower": f"{shared}/hires_tower"}}), 0)]
+    run = json.loads((tmp_path / "runs.jsonl").read_text())
+    assert run["spec"] == {"stage1": {"hires_tower": "{shared}/hires_tower"}}  # the key stays free of the path
+    assert run["settings"]["render_size"] == 512 and run["settings"]["hires_tower_steps"] == 1500
+    module.main(["--name", "plain", "--out", str(tmp_path), "--seeds", "0", "--variant", "baseline={}"])
+    assert "render_size" not in json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[1])["settings"]
