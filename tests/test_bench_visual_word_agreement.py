@@ -1,0 +1,30 @@
+"""bench/visual_word_agreement.py: chance is the best single word said on every patch, counted by hand."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from polyfocus.data.images import ImageProcessor
+from polyfocus.data.synthworld import Scene, SceneObject
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+@pytest.fixture
+def bench():
+    spec = importlib.util.spec_from_file_location("visual_word_agreement", BENCH / "visual_word_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_best_constant_word_is_the_largest_share_of_on_object_patches(bench):
+    # 112 px, 8 x 8 patches of 14 px, centres at 7, 21, 35, ...: a red circle over 2 x 2 centres, a blue square
+    # over 3 x 3, a green square over 2 x 2 -> 17 patches on objects
+    objects = [SceneObject("circle", "red", "large", (0, 0, 28, 28)),
+               SceneObject("square", "blue", "large", (56, 56, 98, 98)),
+               SceneObject("square", "green", "large", (0, 56, 28, 84))]
+    scene = Scene("s", 0, 112, "grey", "plain", 0, objects)
+    best = bench.best_constant_word([scene], ImageProcessor(image_size=112), side=8)
+    assert best == pytest.approx({"either": 13 / 17, "shape": 13 / 17, "colour": 9 / 17})
