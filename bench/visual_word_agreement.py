@@ -2,7 +2,9 @@
 
 Over the patches of synthworld's held-out scenes whose centre lies in an object's box, the fraction whose argmax
 visual word is the object's shape, its colour, or either (`patch_word_agreement`). Next to it, chance as a model
-that ignores the image could reach it: the best single word said on every patch.
+that ignores the image could reach it: the best single word said on every patch. And how peaked the visual words
+are: the mean entropy of a patch's distribution (log V when uniform) and how many different argmax words the
+scenes' patches get.
 
     python bench/visual_word_agreement.py --data polyfocus_demo/data --split test \
         --model runs/science/runs/vw_lmm-visual_words-seed0/stage2 ...
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ import torch
 from polyfocus.data.synthworld import COLOURS, SHAPES, Scene
 from polyfocus.infer.pipeline import load_image_processor, load_tokenizer
 from polyfocus.model.convert import load_model
+from polyfocus.data.synthworld import render
 from polyfocus.model.visual_words import patch_boxes, patch_word_agreement, word_agreement_counts
 
 ATTRIBUTES = ("either", "shape", "colour")
@@ -38,6 +42,20 @@ def best_constant_word(scenes: list[Scene], image_processor, side: int) -> dict[
             scores.append(hits / total if total else 0.0)
         best[attribute] = max(scores)
     return best
+
+
+@torch.no_grad()
+def word_statistics(model, image_processor, scenes: list[Scene]) -> dict[str, float]:
+    """Mean entropy (nats) of the patches' visual-word distributions, against log V, and the distinct argmax words."""
+    entropies, argmax = [], set()
+    for scene in scenes:
+        features = model.get_image_features(image_processor([render(scene)]).to(model.device))  # [1, N, D]
+        logp = model.vm_head(features).float().log_softmax(-1)  # [1, N, V]
+        entropies.append(-(logp.exp() * logp).sum(-1).mean().item())
+        argmax.update(logp.argmax(-1).flatten().tolist())
+    vocab = model.vm_head.out_features
+    return {"entropy": round(sum(entropies) / len(entropies), 3), "log_vocab": round(math.log(vocab), 3),
+            "distinct_argmax_words": len(argmax)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             chance = best_constant_word(scenes, processor, side)
         print(json.dumps({"bench": "visual_word_agreement", "model": model_dir, "scenes": len(scenes),
                           "agreement": {a: round(v, 4) for a, v in agreement.items()},
-                          "best_constant_word": {a: round(v, 4) for a, v in chance.items()}}), flush=True)
+                          "best_constant_word": {a: round(v, 4) for a, v in chance.items()},
+                          **word_statistics(model, processor, scenes)}), flush=True)
 
 
 if __name__ == "__main__":
