@@ -1,0 +1,69 @@
+"""Where a DualFocus model's answers come from on synthworld's held-out scenes. One JSON line per model.
+
+Per family: the macro (plain) answer's accuracy, the micro answer's, the chosen one's; how often the two differ and
+how often the micro answer is then chosen; and the mean IoU between the predicted box and the question's evidence
+box (the best-matching one when a question has several). The figures behind docs/results.md's DualFocus section.
+
+    python bench/dualfocus_breakdown.py --data runs/science/shared/112-3000-2000-100-3/data \
+        --model runs/science/runs/dualfocus-dualfocus-seed0/stage2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from polyfocus.data.dualfocus import parse_box_text
+from polyfocus.data.formats import load_samples
+from polyfocus.eval.synthworld import family_of, iou, question_of, score
+from polyfocus.infer.dualfocus import DualFocus
+from polyfocus.infer.pipeline import Pipeline
+
+
+def breakdown(samples, results) -> dict[str, dict]:
+    """samples: synthworld test samples (with their evidence `boxes`); results: DualFocusResult per sample."""
+    counts = defaultdict(Counter)
+    for sample, result in zip(samples, results):
+        c = counts[family_of(sample)]
+        c["questions"] += 1
+        c["macro"] += score(sample, result.macro)
+        c["chosen"] += score(sample, result.answer)
+        if result.micro is not None:
+            c["zoomed"] += 1
+            c["micro"] += score(sample, result.micro)
+            differ = result.macro.strip().lower() != result.micro.strip().lower()
+            c["differ"] += differ
+            c["micro_chosen"] += differ and result.choice == "micro"
+        box, evidence = parse_box_text(result.box_text or ""), sample.extra.get("boxes") or []
+        if box and evidence:
+            c["iou"] += max(iou(box, e) for e in evidence)
+            c["boxes"] += 1
+    return {family: {"questions": c["questions"], "macro": round(c["macro"] / c["questions"], 4),
+                     "micro": round(c["micro"] / c["zoomed"], 4) if c["zoomed"] else None,
+                     "chosen": round(c["chosen"] / c["questions"], 4), "zoomed": c["zoomed"],
+                     "differ": c["differ"], "micro_chosen_when_differ": c["micro_chosen"],
+                     "box_iou": round(c["iou"] / c["boxes"], 4) if c["boxes"] else None}
+            for family, c in counts.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", required=True, help="DualFocus-trained model directories")
+    p.add_argument("--data", required=True, help="a synthworld export (test.json, images/)")
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+
+    data = Path(args.data)
+    samples = load_samples(data / "test.json")
+    requests = [([str(data / p) for p in s.images], question_of(s)) for s in samples]
+    for model in args.model:
+        results = DualFocus(Pipeline.from_pretrained(model)).answer(requests, max_new_tokens=8,
+                                                                    batch_size=args.batch_size)
+        print(json.dumps({"bench": "dualfocus_breakdown", "model": model,
+                          "families": breakdown(samples, results)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
