@@ -243,6 +243,10 @@ class PolyfocusConfig(PreTrainedConfig):
         if self.hires_config.model_type not in ("convnext", "convnextv2"):
             raise ValueError(f"hires_config must be a ConvNeXt config (MG-LLaVA's tower), got "
                              f"{self.hires_config.model_type!r}")
+        hires = self.hires_config  # ConvNextModel builds num_stages stages; the sizes here follow hidden_sizes
+        if not len(hires.depths) == len(hires.hidden_sizes) == hires.num_stages:
+            raise ValueError(f"hires_config: depths {hires.depths} and hidden_sizes {hires.hidden_sizes} must both "
+                             f"have num_stages ({hires.num_stages}) entries")
         if self.fusion == "s2":
             raise ValueError("object_tokens with fusion='s2': S2 takes its own image sizes; use fusion None, "
                              "'convgate' or 'mmfuser' with object tokens")

@@ -261,6 +261,8 @@ def test_images_of_the_wrong_size_are_a_clear_error():
     ({"object_tokens": True, "hires_config": TINY_HIRES, "box_iou_threshold": 2.0}, "box_iou_threshold"),
     ({"fusion": "convgate", "hires_config": {"model_type": "swin"}}, "must be a ConvNeXt config"),
     ({"fusion": "s2", "object_tokens": True}, "S2 takes its own image sizes"),
+    ({"fusion": "convgate", "hires_config": {"depths": [1] * 5, "hidden_sizes": [4, 8, 12, 16, 20]}},
+     r"must both have num_stages \(4\) entries"),  # 5 stages listed, ConvNextConfig's num_stages left at 4
 ])
 def test_bad_config_is_a_clear_error(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -320,6 +322,21 @@ def test_object_tokens_need_their_boxes_and_the_right_count():
         mg(input_ids=ids, pixel_values=pixels)
     with pytest.raises(ValueError, match=r"1 image\(s\) give 17 visual tokens \(16 each plus 1 object tokens\)"):
         mg(input_ids=ids, pixel_values=pixels, image_boxes=BOXES[1:2])
+
+
+def test_beam_search_keeps_each_images_boxes():
+    """generate repeats tensor arguments row by row for beams: image_boxes' image indices must not be scrambled by
+    it (the image id is in the vocabulary here). Same beams as from the prompt's embeddings, made once."""
+    _, mg = plain_and_mg(object_tokens=True)
+    randomise(mg.mm_object_projector, scale=1.0)
+    pixels, boxes = hires_pixels(1), torch.tensor([[0, 10.0, 20.0, 60.0, 90.0], [0, 70.0, 3.0, 128.0, 40.0]])
+    ids = torch.tensor([[1, 9, *[IMG] * 18, 7]])
+    kwargs = {"max_new_tokens": 3, "num_beams": 2, "do_sample": False, "return_dict_in_generate": True,
+              "output_scores": True, "pad_token_id": 0}
+    out = mg.generate(input_ids=ids, pixel_values=pixels, image_boxes=boxes, **kwargs)
+    want = mg.generate(input_ids=ids, inputs_embeds=mg.embed_inputs(ids, pixels, image_boxes=boxes), **kwargs)
+    torch.testing.assert_close(out.sequences_scores, want.sequences_scores)
+    assert torch.equal(out.sequences, want.sequences)
 
 
 def test_object_tokens_without_conv_gate():

@@ -253,10 +253,13 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         embeddings and image positions show id 0 in the returned sequences."""
         image_id = self.config.image_token_id
         out_of_vocab = not 0 <= image_id < self.get_input_embeddings().num_embeddings
-        if input_ids is not None and pixel_values is not None and out_of_vocab:
+        # MG-LLaVA's image_boxes too: generate repeats tensor arguments row by row for beams / several sequences per
+        # prompt, which would hand every copy's boxes to the first copy of the image.
+        if input_ids is not None and pixel_values is not None and (out_of_vocab or "image_boxes" in kwargs):
             boxes = kwargs.pop("image_boxes", None)
             kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values, image_boxes=boxes)
-            input_ids, pixel_values = input_ids.masked_fill(input_ids == image_id, 0), None
+            input_ids = input_ids.masked_fill(input_ids == image_id, 0) if out_of_vocab else input_ids
+            pixel_values = None
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 
     def chat(self, image, question: str, tokenizer=None, **kwargs):
