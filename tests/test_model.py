@@ -208,3 +208,18 @@ def test_generate_with_out_of_vocab_image_id_and_a_repetition_penalty():
     sentinel = make_model(image_token_id=-200).generate(input_ids=ids.masked_fill(ids == IMG, -200), **kwargs)
     in_vocab = make_model().generate(input_ids=ids, **kwargs)
     assert torch.equal(sentinel[:, -8:], in_vocab[:, -8:])
+
+
+def test_beam_search_with_two_images_in_a_prompt_keeps_their_order():
+    """generate repeats tensor arguments row by row for beams: a prompt's images [a, b] must not become the
+    [a, a, b, b] of two copies. Same beams as from the prompt's embeddings, made once."""
+    model = make_model()
+    n = model.config.num_image_tokens
+    ids = torch.tensor([[1, 9, *[IMG] * n, 7, *[IMG] * n, 8]])
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    out = model.generate(input_ids=ids, pixel_values=pixels, **kwargs)
+    want = model.generate(input_ids=ids, inputs_embeds=model.embed_inputs(ids, pixels), **kwargs)
+    torch.testing.assert_close(out.sequences_scores, want.sequences_scores)
+    assert torch.equal(out.sequences, want.sequences)

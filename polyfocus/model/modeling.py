@@ -248,17 +248,17 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         return CausalLMOutputWithVisualWords(**fields, lm_loss=outputs.loss, vw_loss=vw_loss)
 
     def generate(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None, **kwargs):
-        """transformers' generate. With an image id outside the vocabulary (LLaVA's -200), logits processors that
-        index the vocabulary with input_ids (repetition penalty, ...) would fail, so the prompt goes in as
-        embeddings and image positions show id 0 in the returned sequences."""
-        image_id = self.config.image_token_id
-        out_of_vocab = not 0 <= image_id < self.get_input_embeddings().num_embeddings
-        # MG-LLaVA's image_boxes too: generate repeats tensor arguments row by row for beams / several sequences per
-        # prompt, which would hand every copy's boxes to the first copy of the image.
-        if input_ids is not None and pixel_values is not None and (out_of_vocab or "image_boxes" in kwargs):
-            boxes = kwargs.pop("image_boxes", None)
+        """transformers' generate, with the prompt's images embedded once, up front. Why: for beams or several
+        sequences per prompt, generate repeats every tensor argument row by row, which scrambles images (and
+        MG-LLaVA's image_boxes) whenever a prompt holds other than exactly one image: a prompt's images [a, b] become
+        [a, a, b, b] where its copies need [a, b, a, b]. And with an image id outside the vocabulary (LLaVA's -200),
+        logits processors that index the vocabulary with input_ids (repetition penalty, ...) would fail, so image
+        positions show id 0 in the returned sequences then."""
+        if input_ids is not None and pixel_values is not None:
+            image_id, boxes = self.config.image_token_id, kwargs.pop("image_boxes", None)
             kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values, image_boxes=boxes)
-            input_ids = input_ids.masked_fill(input_ids == image_id, 0) if out_of_vocab else input_ids
+            if not 0 <= image_id < self.get_input_embeddings().num_embeddings:
+                input_ids = input_ids.masked_fill(input_ids == image_id, 0)
             pixel_values = None
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 
