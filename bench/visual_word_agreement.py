@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from polyfocus.data.synthworld import COLOURS, SHAPES, Scene
+from polyfocus.data.synthworld import COLOURS, SHAPES, Scene, render
 from polyfocus.infer.pipeline import load_image_processor, load_tokenizer
 from polyfocus.model.convert import load_model
-from polyfocus.data.synthworld import render
-from polyfocus.model.visual_words import patch_boxes, patch_word_agreement, word_agreement_counts
+from polyfocus.model.visual_words import (
+    patch_boxes,
+    patch_word_agreement,
+    word_agreement_counts,
+)
 
 ATTRIBUTES = ("either", "shape", "colour")
 

@@ -1,20 +1,14 @@
 """bench/caption_fidelity.py: the fidelity figures of hand-made captions, worked out by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).parent.parent / "bench" / "caption_fidelity.py"
+from bench_helpers import load_bench_script
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("caption_fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("caption_fidelity")
 
 
 def caption_file(path, captions):

@@ -1,23 +1,17 @@
 """bench/dualfocus_breakdown.py: the per-family counts on hand-made answers, worked out by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_bench_script
 
 from polyfocus.data.formats import load_samples
 from polyfocus.infer.dualfocus import DualFocusResult
 
-SCRIPT = Path(__file__).parent.parent / "bench" / "dualfocus_breakdown.py"
-
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("dualfocus_breakdown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("dualfocus_breakdown")
 
 
 def colour_sample(i, answer, boxes):

@@ -1,22 +1,16 @@
 """bench/visual_word_agreement.py: chance is the best single word said on every patch, counted by hand."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_bench_script
 
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.synthworld import Scene, SceneObject
 
-BENCH = Path(__file__).parent.parent / "bench"
-
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("visual_word_agreement", BENCH / "visual_word_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("visual_word_agreement")
 
 
 def test_best_constant_word_is_the_largest_share_of_on_object_patches(bench):

@@ -1,20 +1,16 @@
 """bench/science.py: runs are reused across comparisons and resumed, and the table is the mean ± std over seeds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-
-SCRIPT = Path(__file__).parent.parent / "bench" / "science.py"
+from bench_helpers import load_bench_script
 
 
 @pytest.fixture
 def science(monkeypatch):
-    spec = importlib.util.spec_from_file_location("science", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("science")
     calls = []
 
     def fake_run(shared, run_dir, variant, seed, args):  # accuracy decided by the variant and seed alone
@@ -55,9 +51,7 @@ def test_finished_runs_are_reused_by_later_comparisons_and_resumes(science, tmp_
 
 
 def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("science", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("science")
     trained, scored = [], []
     monkeypatch.setattr(module.demo, "make_llm", lambda *a: None)
     monkeypatch.setattr(module, "train", lambda config: trained.append(Path(config).read_text()))

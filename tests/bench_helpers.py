@@ -1,0 +1,14 @@
+"""bench/ holds scripts, not a package: the tests load a script as a module by its path."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py, executed as a fresh module."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
