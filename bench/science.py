@@ -14,8 +14,10 @@ A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to
 
     python bench/science.py --name mg_llava --render-size 512 --hires-tower-steps 1500 --variant baseline='{}' \
         --variant hires='{"stage1": {"fusion": "convgate", "hires_tower": "{shared}/hires_tower"}}'
+
 Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and settings is never
-repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs. The table (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
+repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs. The table
+(mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
 """
 
 from __future__ import annotations
