@@ -3,7 +3,8 @@
 synthworld knows the truth: each pretraining scene's dense caption (pretrain.json). For the captions of the same
 images (DenseFusion's engine output, the short alt-text captions, any LLaVA/DenseFusion captioning file), matched by
 image path: the fraction identical to the truth, the bag-of-words F1, the fraction of the truth's sentences said
-word for word, the object F1 of synthworld's caption scorer, and the mean length in words. --exclude drops images
+word for word, the object F1 of synthworld's caption scorer (the colour+shape kinds named, and the label codes
+quoted), the same F1 over the kinds alone, and the mean length in words. --exclude drops images
 (e.g. those the caption engine was trained on).
 
     python bench/caption_fidelity.py --truth runs/science/shared/112-3000-2000-100-3/data/pretrain.json \
@@ -20,7 +21,7 @@ import statistics
 from collections import Counter
 
 from polyfocus.data.formats import load_samples
-from polyfocus.eval.synthworld import caption_score
+from polyfocus.eval.synthworld import caption_score, mentions
 
 
 def captions_by_image(path: str) -> dict[str, str]:
@@ -41,6 +42,12 @@ def word_f1(truth: str, caption: str) -> float:
     return 2 * sum((t & c).values()) / (sum(t.values()) + sum(c.values()))
 
 
+def kind_f1(truth: str, caption: str) -> float:
+    """F1 over the 'colour shape' kinds two captions name, label codes left out (a kind has a space, a code none)."""
+    t, c = ({m for m in mentions(text) if " " in m} for text in (truth, caption))
+    return 2 * len(t & c) / (len(t) + len(c)) if t or c else 1.0
+
+
 def fidelity(truth: dict[str, str], captions: dict[str, str]) -> dict[str, float]:
     pairs = [(truth[image], caption) for image, caption in captions.items() if image in truth]
     if not pairs:
@@ -51,6 +58,7 @@ def fidelity(truth: dict[str, str], captions: dict[str, str]) -> dict[str, float
             "sentences_recalled": round(statistics.mean(len(sentences(t) & sentences(c)) / len(sentences(t))
                                                         for t, c in pairs), 4),
             "object_f1": round(statistics.mean(caption_score(t, c) for t, c in pairs), 4),
+            "kind_f1": round(statistics.mean(kind_f1(t, c) for t, c in pairs), 4),
             "words": round(statistics.mean(sum(words(c).values()) for _, c in pairs), 1)}
 
 
