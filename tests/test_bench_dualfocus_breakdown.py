@@ -26,14 +26,17 @@ def test_breakdown_counts_by_hand(bench, tmp_path):
     (tmp_path / "test.json").write_text(json.dumps(records))
     samples = load_samples(tmp_path / "test.json")
     results = [
-        # differ, micro chosen and right; box = the second evidence box: IoU 1
-        DualFocusResult("red", macro="blue", box_text="[0.50, 0.50, 1.00, 1.00]", micro="red", choice="micro"),
-        # differ, macro kept and right; box a quarter of the evidence: IoU 0.25
-        DualFocusResult("blue", macro="blue", box_text="[0.00, 0.00, 0.50, 0.50]", micro="red", choice="macro"),
+        # differ, micro chosen and right; box = the second evidence box: IoU 1; the crop holds it (100 px image)
+        DualFocusResult("red", macro="blue", box_text="[0.50, 0.50, 1.00, 1.00]", crop_box=(40, 40, 100, 100),
+                        micro="red", choice="micro"),
+        # differ, macro kept and right; box a quarter of the evidence: IoU 0.25; the crop cuts the evidence
+        DualFocusResult("blue", macro="blue", box_text="[0.00, 0.00, 0.50, 0.50]", crop_box=(0, 0, 60, 60),
+                        micro="red", choice="macro"),
         # no box: no zoom, the macro answer (wrong)
         DualFocusResult("red", macro="red", box_text="no box", reason="no box"),
     ]
-    (colour,) = bench.breakdown(samples, results).values()
+    (colour,) = bench.breakdown(samples, results, [(100, 100)] * 3).values()
     assert colour == {"questions": 3, "macro": pytest.approx(1 / 3, abs=1e-4), "micro": 0.5,
                       "chosen": pytest.approx(2 / 3, abs=1e-4), "zoomed": 2, "differ": 2,
-                      "micro_chosen_when_differ": 1, "box_iou": 0.625}
+                      "micro_chosen_when_differ": 1, "box_iou": 0.625, "evidence_in_crop": 0.5,
+                      "crop_area": pytest.approx((0.36 + 0.36) / 2)}
