@@ -17,7 +17,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from polyfocus.model.convert import checkpoint_format, copy_processor_files, load_model, save_llava_hf
+    from polyfocus.model.convert import checkpoint_format, copy_processor_files, has_tokenizer, load_model, save_llava_hf
 
     found = checkpoint_format(args.src)
     wanted = {"hf": "llava-hf", "llava": ("llava", "projector"), "polyfocus": "polyfocus",
@@ -27,11 +27,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model = load_model(args.src, model_base=args.model_base, vision_tower=args.vision_tower,
                        hires_tower=args.hires_tower)
     out = Path(args.out)
+    # an MG-LLaVA .pth or a stage-1 projector has no tokenizer of its own: its LLM (--model-base) has
+    processor_src = args.model_base if args.model_base and not has_tokenizer(args.src) else args.src
     if args.to == "hf":
-        save_llava_hf(model, out, src_dir=args.src)
+        save_llava_hf(model, out, src_dir=processor_src)
     else:
         model.save_pretrained(out)
-        copy_processor_files(args.src, out)
+        copy_processor_files(processor_src, out)
     print(f"{args.src} ({found}) -> {out} ({args.to})")
 
 

@@ -506,6 +506,45 @@ def test_mg_llava_state_dict_loads_over_a_base_llm(tmp_path):
                         hires_tower=tmp_path).eval()
     torch.testing.assert_close(logits_of(loaded, -200), logits_of(model, IMG), rtol=1e-4, atol=1e-4)
 
+    from polyfocus.cli import main
+    from polyfocus.data.tokenizer import build_tokenizer
+
+    build_tokenizer(save_dir=tmp_path / "vicuna")  # the .pth holds no tokenizer: the converted model takes its LLM's
+    main(["convert", str(tmp_path / "iter_5198.pth"), str(tmp_path / "ours"), "--model-base", str(tmp_path / "vicuna"),
+          "--vision-tower", str(tmp_path / "clip"), "--hires-tower", str(tmp_path)])
+    assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (tmp_path / "vicuna" / "tokenizer.json").read_bytes()
+
+
+def test_mg_llava_deepspeed_checkpoint_loads_through_deepspeed(tmp_path, monkeypatch):
+    """xtuner under DeepSpeed saves iter_N.pth/ as a directory, DeepSpeed's checkpoint with tag "iter_N.pth"; it is
+    read as xtuner reads it, through DeepSpeed's zero_to_fp32 (stood in for here: deepspeed is not installed in CI)."""
+    import types
+
+    model = mg_llava_model()
+    write_backbones(model, tmp_path)
+    write_base_llm(model, tmp_path / "vicuna")
+    ckpt = tmp_path / "work_dirs" / "iter_5198.pth"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").touch()
+    calls = []
+
+    def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=None):
+        calls.append((checkpoint_dir, tag))
+        return reference_state(model)
+
+    zero_to_fp32 = types.ModuleType("deepspeed.utils.zero_to_fp32")
+    zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint = get_fp32_state_dict_from_zero_checkpoint
+    assert checkpoint_format(ckpt) == "mg-llava"
+    with pytest.raises(ValueError, match="iter_5198.pth: a DeepSpeed checkpoint; reading it needs deepspeed"):
+        monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed
+        load_model(ckpt, model_base=tmp_path / "vicuna", vision_tower=tmp_path / "clip", hires_tower=tmp_path)
+    for name in ("deepspeed", "deepspeed.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", zero_to_fp32)
+    loaded = load_model(ckpt, model_base=tmp_path / "vicuna", vision_tower=tmp_path / "clip", hires_tower=tmp_path)
+    assert calls == [(str(tmp_path / "work_dirs"), "iter_5198.pth")]
+    torch.testing.assert_close(logits_of(loaded.eval(), -200), logits_of(model, IMG), rtol=1e-4, atol=1e-4)
+
 
 def test_mg_llava_stage1_state_dict_as_pretrain_mm_mlp_adapter():
     """Stage 2 starting from MG-LLaVA's stage-1 weights: projector, fuse_module and bbox_projector all load."""

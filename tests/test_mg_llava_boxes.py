@@ -4,6 +4,7 @@ mapping into the processed image, the dummy box; detectors (synthworld's pixel d
 through transformers on tiny random checkpoints); boxes through the dataset, the collator and the pipeline.
 """
 
+import io
 import json
 import logging
 import math
@@ -394,6 +395,38 @@ def test_pipeline_detects_boxes_for_a_model_with_object_tokens(synth_data):
     no_detector = Pipeline(plain_and_mg(object_tokens=True)[1], tokenizer, ImageProcessor(image_size=128), "v1")
     with pytest.raises(BoxError, match="set the model's box_detector"):
         no_detector.prepare([(render(scene), "What colour?")])
+
+
+def test_the_server_counts_object_tokens_and_answers_as_the_pipeline(synth_data):
+    """`polyfocus serve` with MG-LLaVA: the usage's prompt count holds one image id per detected box (as the prompt
+    the model sees), and the answer is the pipeline's (the job's detections are the ones the batch uses)."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from serve_helpers import data_url, running_server
+    from transformers import AutoTokenizer
+
+    from polyfocus.data.synthworld import make_scene, render
+    from polyfocus.infer.pipeline import Pipeline
+    from polyfocus.infer.server import ServeSettings, create_app
+
+    _, model = plain_and_mg(object_tokens=True, box_detector="synthworld")
+    pipe = Pipeline(model.eval(), AutoTokenizer.from_pretrained(synth_data / "tok"), ImageProcessor(image_size=128),
+                    template="v1")
+    scene = make_scene(5, 128, max_objects=3)
+    buffer = io.BytesIO()
+    render(scene).save(buffer, "PNG")
+    content = [{"type": "image_url", "image_url": {"url": data_url(buffer.getvalue())}},
+               {"type": "text", "text": "What colour?"}]
+    with running_server(create_app(pipe, ServeSettings(model_name="mg", max_model_len=512))) as base:
+        reply = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "mg", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": content}]})
+    assert reply.status_code == 200, reply.text
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    prompt = pipe.prepare([([image], "What colour?")])["input_ids"][0]
+    assert reply.json()["usage"]["prompt_tokens"] == len(prompt) == len(pipe.encode(
+        [{"role": "user", "content": "<image>\nWhat colour?"}], 1)) + len(scene.objects)
+    assert reply.json()["choices"][0]["message"]["content"] == pipe.generate([([image], "What colour?")],
+                                                                            max_new_tokens=3)[0]
 
 
 def test_image_size_of_a_model_with_the_high_resolution_branch():

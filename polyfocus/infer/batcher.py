@@ -61,6 +61,7 @@ class Job:
     stop: Sequence[str] = ()  # the request's stop strings (the template's is added by the scheduler)
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (benches); the request's own stop strings still apply
+    boxes: list | None = None  # MG-LLaVA: each image's detections (BoxRecord), found once when the job was built
     cancelled: bool = False  # set when the client went away: the row stops at the next step
     emit: Callable[[Event], None] = lambda event: None  # called from the scheduler thread; must be thread-safe
     # filled in by the scheduler
@@ -132,7 +133,7 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         pipe = self.pipe
         self.batch_sizes.append(len(batch))
-        inputs = pipe.prepare([(job.images, job.messages) for job in batch])
+        inputs = pipe.prepare([(job.images, job.messages) for job in batch], boxes=[job.boxes for job in batch])
         tracker = RowTracker(batch, pipe.tokenizer, pipe.stop, eos_ids(pipe))
         # EOS is left to the tracker (per row, so that ignore_eos rows can share a batch): eos_token_id=None.
         pipe.model.generate(

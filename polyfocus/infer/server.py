@@ -227,14 +227,18 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
     if chat.strategy.startswith("dualfocus") and not dualfocus_applies(images, messages):
         raise APIError(f"strategy {chat.strategy!r} answers one user message with one image (after an optional "
                        "system message)", param="messages")
+    boxes, object_tokens = None, None
+    if getattr(pipe, "object_boxes", None) is not None:  # MG-LLaVA: detect here, so the count has the object tokens
+        boxes = [pipe.object_boxes.record_of(None, image) for image in images]
+        object_tokens = [len(pipe.image_boxes(image, None, record)) for image, record in zip(images, boxes)]
     try:
-        prompt_tokens = len(pipe.encode(messages, len(images)))
+        prompt_tokens = len(pipe.encode(messages, len(images), object_tokens=object_tokens))
     except TemplateError as e:  # e.g. roles that do not alternate
         raise APIError(f"messages: {e}", param="messages") from None
     max_tokens = completion_budget(chat, prompt_tokens, context_length(pipe, settings), settings)
     return Job(images=images, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                temperature=chat.temperature, top_p=chat.top_p, stop=chat.stop or [], seed=chat.seed,
-               ignore_eos=chat.ignore_eos)
+               ignore_eos=chat.ignore_eos, boxes=boxes)
 
 
 def message_content(message: Message, where: str, settings: ServeSettings) -> tuple[str, list[Image.Image]]:

@@ -80,7 +80,8 @@ def checkpoint_format(path: str | Path) -> str:
     | 'lora' (a peft adapter directory from polyfocus.train.lora) | 'mg-llava' (MG-LLaVA's xtuner state dict, or
     its converted layout: see load_mg_llava)."""
     path = Path(path)
-    if (path.is_file() and path.suffix in (".pth", ".pt")) or (path / "fuse_module").is_dir():
+    if (path.suffix in (".pth", ".pt") and (path.is_file() or _is_deepspeed_checkpoint(path))
+            or (path / "fuse_module").is_dir()):
         return "mg-llava"
     config_file = path / "config.json"
     adapter = (path / "adapter_config.json").is_file()
@@ -257,7 +258,7 @@ def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path,
     from transformers import AutoTokenizer
 
     _refuse_visual_words(model)  # before add_image_token changes the model
-    tokenizer = AutoTokenizer.from_pretrained(src_dir) if src_dir and _has_tokenizer(src_dir) else None
+    tokenizer = AutoTokenizer.from_pretrained(src_dir) if src_dir and has_tokenizer(src_dir) else None
     if not 0 <= model.config.image_token_id < model.config.text_config.vocab_size:
         if tokenizer is None:
             raise ValueError(f"{src_dir}: a tokenizer is needed to add the <image> token for transformers")
@@ -289,7 +290,7 @@ def _save_llava_processor(config: PolyfocusConfig, tokenizer, out_dir: str | Pat
     processor.save_pretrained(out_dir)
 
 
-def _has_tokenizer(path: str | Path) -> bool:
+def has_tokenizer(path: str | Path) -> bool:
     path = Path(path)
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
@@ -498,10 +499,13 @@ MG_LLAVA_PARTS = ("projector", "bbox_projector", "fuse_module")
 def mg_llava_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Path | None]:
     """(MG-LLaVA's state dict under its own names, the LLM directory or None).
 
-    path: the state dict it trains and releases (`iter_*.pth`: xtuner's mmengine checkpoint, its `state_dict`), or
-    its converted layout: xtuner's `pth_to_hf` output (the finetuned LLM + tokenizer at the top, the MLP in
-    `projector/`) plus `bbox_projector/` and `fuse_module/` saved the same way, each holding one weight file."""
+    path: the state dict it trains and releases (`iter_*.pth`: xtuner's mmengine checkpoint, its `state_dict`; with
+    DeepSpeed, a directory of that name holding DeepSpeed's checkpoint), or its converted layout: xtuner's
+    `pth_to_hf` output (the finetuned LLM + tokenizer at the top, the MLP in `projector/`) plus `bbox_projector/` and
+    `fuse_module/` saved the same way, each holding one weight file."""
     path = Path(path)
+    if _is_deepspeed_checkpoint(path):
+        return _deepspeed_fp32_state(path), None
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -515,6 +519,21 @@ def mg_llava_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Path | No
         if folder.is_dir():
             state.update({f"{part}.{key}": value for key, value in _weight_file(folder).items()})
     return state, path
+
+
+def _is_deepspeed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*_model_states.pt"))
+
+
+def _deepspeed_fp32_state(path: Path) -> dict[str, torch.Tensor]:
+    """xtuner under DeepSpeed saves `iter_N.pth/` as a DeepSpeed checkpoint whose tag is the directory's name; like
+    xtuner's own loader, DeepSpeed's zero_to_fp32 rebuilds the fp32 weights (its pickles need deepspeed anyway)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise ValueError(f"{path}: a DeepSpeed checkpoint; reading it needs deepspeed (pip install deepspeed), or "
+                         f"run the zero_to_fp32.py DeepSpeed saved in {path.parent} and pass the file it writes") from None
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), path.name)
 
 
 def _weight_file(folder: Path) -> dict[str, torch.Tensor]:
