@@ -335,6 +335,32 @@ def make_dataset(synth_data, box_json=None, detector=None, max_length=2048, stri
                              object_boxes=boxes)
 
 
+def test_one_box_json_for_several_data_files_is_read_once_and_shared(synth_data, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from polyfocus.cli import main
+    from polyfocus.data import boxes as boxes_module
+    from polyfocus.data.templates import get_template
+    from polyfocus.train.run import build_dataset
+
+    data = synth_data / "data"
+    main(["boxes", str(data / "train.json"), "--out", str(tmp_path / "b.json"), "--detector", "synthworld"])
+    reads = []
+    monkeypatch.setattr(boxes_module, "read_box_json", lambda f, read=boxes_module.read_box_json: reads.append(f) or
+                        read(f))
+    data_args = SimpleNamespace(data_path=[str(data / "train.json")] * 2, box_json_path=[str(tmp_path / "b.json")],
+                                image_folder=None, strict_data=True, validate_data=True)
+    _, model = plain_and_mg(object_tokens=True)
+    dataset = build_dataset(data_args, SimpleNamespace(model_max_length=2048), model,
+                            AutoTokenizer.from_pretrained(synth_data / "tok"), get_template("v1"),
+                            ImageProcessor(image_size=128, aspect_ratio="pad"))
+    first, second = dataset.datasets
+    assert reads == [str(tmp_path / "b.json")] and first.object_boxes is second.object_boxes
+    assert len(dataset) == 2 * len(first) and dataset[len(first)]["image_boxes"].equal(dataset[0]["image_boxes"])
+
+
 def test_dataset_items_hold_one_token_per_box_after_the_images(synth_data, tmp_path):
     from polyfocus.cli import main
     from polyfocus.data.dataset import DataCollator

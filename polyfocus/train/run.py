@@ -221,15 +221,17 @@ def build_dataset(data_args, training_args, model, tokenizer, template, image_pr
     if len(box_files) not in (0, 1, len(data_args.data_path)):
         raise ValueError(f"box_json_path: one box JSON for all {len(data_args.data_path)} data_path files or one "
                          f"each, got {len(box_files)}")
-    parts = []
+    parts, boxes_by_json = [], {}  # one ObjectBoxes per box JSON (or detector): read or loaded once, then shared
     for i, path in enumerate(data_args.data_path):
         object_boxes = None
         if model.config.object_tokens:  # MG-LLaVA: boxes from the box JSON, or the model's detector
             from polyfocus.data.boxes import ObjectBoxes
 
             box_json = box_files[i if len(box_files) > 1 else 0] if box_files else None
-            object_boxes = ObjectBoxes.for_model(model.config, image_processor, box_json,
-                                                 training_args.model_max_length)
+            if box_json not in boxes_by_json:
+                boxes_by_json[box_json] = ObjectBoxes.for_model(model.config, image_processor, box_json,
+                                                                training_args.model_max_length)
+            object_boxes = boxes_by_json[box_json]
         dataset = SupervisedDataset(path, data_args.image_folder, tokenizer, template, image_processor,
                                     model.config.image_token_id, model.config.num_image_tokens,
                                     training_args.model_max_length, strict=data_args.strict_data,
