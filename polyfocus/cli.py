@@ -45,8 +45,16 @@ def cmd_boxes(args: argparse.Namespace) -> None:
         raise SystemExit("polyfocus boxes: give --detector (synthworld, or a local OWLv2 / Grounding DINO directory) "
                          "or --scenes (synthworld's scenes.jsonl: exact boxes)")
     queries = [q.strip() for q in args.queries.split(",") if q.strip()] if args.queries else None
+    if (args.tagger is None) != (args.tag_list is None):
+        raise SystemExit("polyfocus boxes: --tagger (a local CLIP directory) and --tag-list (one tag per line) go "
+                         "together")
     try:
-        detector = make_detector(args.detector, queries, args.threshold) if args.detector else None
+        tagger = None
+        if args.tagger:
+            from polyfocus.densefusion.experts.clip_tags import CLIPTagger
+
+            tagger = CLIPTagger(args.tagger, args.tag_list, top_k=args.top_k, min_probability=args.min_probability)
+        detector = make_detector(args.detector, queries, args.threshold, tagger) if args.detector else None
         records = boxes_for_dataset(args.data, args.image_folder, detector, args.scenes)
     except (BoxError, DataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"polyfocus boxes: {e}") from None
@@ -254,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", default=None, help="comma-separated tags the detector looks for (needed by OWLv2 / "
                                                    "Grounding DINO; synthworld: keep only these labels)")
     p.add_argument("--threshold", type=float, default=None, help="score threshold (OWLv2: 0.2, Grounding DINO: 0.35)")
+    p.add_argument("--tagger", default=None, help="a local CLIP directory: each image's top tags from --tag-list "
+                                                   "are its queries (MG-LLaVA tags with RAM++)")
+    p.add_argument("--tag-list", default=None, help="the tagger's vocabulary: a text file, one tag per line")
+    p.add_argument("--top-k", type=int, default=10, help="tagger: at most this many tags per image")
+    p.add_argument("--min-probability", type=float, default=0.01, help="tagger: drop tags below this probability")
     p.add_argument("--scenes", default=None, help="synthworld's scenes.jsonl: every object's exact box instead")
     p.set_defaults(func=cmd_boxes)
 

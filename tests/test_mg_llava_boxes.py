@@ -285,6 +285,58 @@ def test_detector_errors_are_clear(tmp_path, owlv2_dir):
         make_detector(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="needs text queries"):
         make_detector(str(owlv2_dir))
+    with pytest.raises(ValueError, match="fixed queries or a tagger, not both"):
+        make_detector("synthworld", ["red"], tagger=object())
+
+
+class FixedTagger:
+    def __init__(self, *tags):
+        self.tags = list(tags)
+
+    def tags_of(self, images):
+        return [self.tags for _ in images]
+
+
+def test_owlv2_asked_with_a_taggers_tags_equals_owlv2_asked_with_them_fixed(owlv2_dir):
+    image = Image.new("RGB", (64, 40), (200, 10, 10))
+    fixed = make_detector(str(owlv2_dir), ["red circle", "blue square"], threshold=0.0)(image)
+    tagged = make_detector(str(owlv2_dir), threshold=0.0, tagger=FixedTagger("red circle", "blue square"))(image)
+    assert tagged == fixed and len(fixed.boxes) == 16
+    assert make_detector(str(owlv2_dir), threshold=0.0, tagger=FixedTagger())(image) == BoxRecord()  # no tags
+
+
+def test_polyfocus_boxes_queries_the_detector_with_each_images_clip_tags(tmp_path):
+    """--tagger: a CLIP's top tags for each image (softmax over "a photo of a {tag}." for the tag list, as
+    transformers' CLIPModel scores them) are that image's queries; synthworld's detector keeps matching objects."""
+    from test_densefusion_helpers import tiny_clip
+    from transformers import AutoProcessor, CLIPModel
+
+    from polyfocus.cli import main
+    from polyfocus.data.synthworld import export
+
+    export(str(tmp_path / "data"), 6, image_size=64, families=["colour"], max_objects=3)
+    tags = ["red", "blue", "green", "star", "circle", "square"]
+    (tmp_path / "tags.txt").write_text("\n".join(tags) + "\n")
+    tiny_clip(tmp_path / "clip")
+    main(["boxes", str(tmp_path / "data" / "train.json"), "--out", str(tmp_path / "b.json"), "--detector",
+          "synthworld", "--tagger", str(tmp_path / "clip"), "--tag-list", str(tmp_path / "tags.txt"), "--top-k", "2",
+          "--min-probability", "0"])
+    written = read_box_json(tmp_path / "b.json")
+    model, processor = CLIPModel.from_pretrained(tmp_path / "clip"), AutoProcessor.from_pretrained(tmp_path / "clip")
+    samples = json.loads((tmp_path / "data" / "train.json").read_text())
+    for sample in samples:
+        image = Image.open(tmp_path / "data" / sample["image"])
+        inputs = processor(text=[f"a photo of a {t}." for t in tags], images=image, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            top = model(**inputs).logits_per_image[0].topk(2).indices.tolist()
+        everything = make_detector("synthworld")(image)
+        want = [i for i, label in enumerate(everything.labels) if any(tags[t] in label.split() for t in top)]
+        assert written[str(sample["id"])].boxes == [everything.boxes[i] for i in want], sample["id"]
+    assert sum(len(r.boxes) for r in written.values()) < sum(
+        len(make_detector("synthworld")(Image.open(tmp_path / "data" / x["image"])).boxes) for x in samples)
+    with pytest.raises(SystemExit, match="--tagger .* and --tag-list .* go together"):
+        main(["boxes", str(tmp_path / "data" / "train.json"), "--out", str(tmp_path / "c.json"), "--detector",
+              "synthworld", "--tagger", str(tmp_path / "clip")])
 
 
 # ---- `polyfocus boxes`, the dataset, the pipeline ------------------------------------------------------------------

@@ -323,15 +323,17 @@ class SynthworldDetector:
     with queries, only the detections matching one (a query matches a label, its colour or its shape)."""
 
     def __init__(self, queries: Sequence[str] | None = None):
-        self.queries = [q.strip().lower() for q in queries] if queries else None
+        self.queries = _normalized(queries) if queries else None
 
-    def __call__(self, image: Image.Image) -> BoxRecord:
+    def __call__(self, image: Image.Image, queries: Sequence[str] | None = None) -> BoxRecord:
+        """queries: this image's (a tagger's), instead of the detector's own."""
         from polyfocus.data.synthworld_detector import detect
 
+        queries = _normalized(queries) if queries is not None else self.queries
         record = BoxRecord()
         for box, colour, shape, score in detect(image):
             label = f"{colour} {shape}"
-            if self.queries is None or any(q in (label, colour, shape) for q in self.queries):
+            if queries is None or any(q in (label, colour, shape) for q in queries):
                 record.boxes.append([float(v) for v in box])
                 record.scores.append(float(score))
                 record.labels.append(label)
@@ -343,54 +345,80 @@ class TransformersDetector:
     of {tag}", boxes in the original image as MG-LLaVA's generator makes them) or Grounding DINO (one "tag. tag."
     prompt). Boxes are truncated to integer pixels, as the reference's generator writes them."""
 
-    def __init__(self, path: str | os.PathLike, queries: Sequence[str], threshold: float | None = None,
+    def __init__(self, path: str | os.PathLike, queries: Sequence[str] | None, threshold: float | None = None,
                  device: str | None = None):
+        """queries: the tags to look for; None: each call brings its image's (a tagger's)."""
         from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        if not queries:
+        if queries is not None and not queries:
             raise ValueError(f"{path}: an open-vocabulary detector needs text queries (box_queries / --queries: the "
-                             "tags to look for)")
+                             "tags to look for, or --tagger)")
         self.kind = AutoConfig.from_pretrained(path).model_type
         if self.kind not in ("owlv2", "owlvit", "grounding-dino"):
             raise ValueError(f"{path}: model_type {self.kind!r} is not OWLv2, OWL-ViT or Grounding DINO")
-        self.queries = [q.strip().lower() for q in queries]
+        self.queries = _normalized(queries) if queries is not None else None
         self.threshold = threshold if threshold is not None else (0.2 if self.kind != "grounding-dino" else 0.35)
         self.device = device or "cpu"
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(self.device).eval()
 
     @torch.inference_mode()
-    def __call__(self, image: Image.Image) -> BoxRecord:
+    def __call__(self, image: Image.Image, queries: Sequence[str] | None = None) -> BoxRecord:
+        """queries: this image's (a tagger's), instead of the detector's own; none: no boxes."""
+        queries = _normalized(queries) if queries is not None else self.queries
+        if not queries:
+            return BoxRecord()
         image = image.convert("RGB")
         width, height = image.size
         if self.kind == "grounding-dino":
-            inputs = self.processor(images=image, text=". ".join(self.queries) + ".", return_tensors="pt")
+            inputs = self.processor(images=image, text=". ".join(queries) + ".", return_tensors="pt")
             outputs = self.model(**inputs.to(self.device))
             result = self.processor.post_process_grounded_object_detection(
                 outputs, inputs["input_ids"], threshold=self.threshold, text_threshold=0.25,
                 target_sizes=[(height, width)])[0]
             labels = list(result["text_labels"])
         else:
-            inputs = self.processor(text=[[f"a photo of {q}" for q in self.queries]], images=image,
+            inputs = self.processor(text=[[f"a photo of {q}" for q in queries]], images=image,
                                     padding=True, truncation=True, return_tensors="pt")
             outputs = self.model(**inputs.to(self.device))
             side = max(width, height) if self.kind == "owlv2" else None  # OWLv2 pads to a square (bottom / right)
             target = [(side, side)] if side else [(height, width)]
             result = self.processor.post_process_grounded_object_detection(outputs, threshold=self.threshold,
                                                                            target_sizes=target)[0]
-            labels = [self.queries[int(i)] for i in result["labels"]]
+            labels = [queries[int(i)] for i in result["labels"]]
         return BoxRecord([[float(int(v)) for v in box] for box in result["boxes"].tolist()],
                          [float(s) for s in result["scores"].tolist()], labels)
 
 
-def make_detector(spec: str, queries: Sequence[str] | None = None, threshold: float | None = None):
-    """"synthworld" or a local detector directory (OWLv2 / OWL-ViT / Grounding DINO) → image → BoxRecord."""
+def _normalized(queries: Sequence[str]) -> list[str]:
+    return [q.strip().lower() for q in queries]
+
+
+class TaggedDetector:
+    """MG-LLaVA's box generator: an image tagger's tags are that image's detector queries (RAM++ then OWLv2; here
+    the CLIP tagger, RAM++ not being loadable through transformers). An image with no tags gets no boxes."""
+
+    def __init__(self, tagger, detector):
+        self.tagger, self.detector = tagger, detector
+
+    def __call__(self, image: Image.Image) -> BoxRecord:
+        tags = self.tagger.tags_of([image])[0]
+        return self.detector(image, queries=tags) if tags else BoxRecord()
+
+
+def make_detector(spec: str, queries: Sequence[str] | None = None, threshold: float | None = None, tagger=None):
+    """"synthworld" or a local detector directory (OWLv2 / OWL-ViT / Grounding DINO) → image → BoxRecord.
+    tagger: an image tagger (`tags_of(images)`, e.g. densefusion's CLIPTagger) whose tags replace `queries`."""
+    if tagger is not None and queries:
+        raise ValueError("give the detector fixed queries or a tagger, not both")
     if spec == "synthworld":
-        return SynthworldDetector(queries)
-    if not Path(spec, "config.json").is_file():
+        detector = SynthworldDetector(queries)
+    elif not Path(spec, "config.json").is_file():
         raise ValueError(f"box detector {spec!r}: use 'synthworld' or a local OWLv2 / Grounding DINO directory "
                          "(with config.json)")
-    return TransformersDetector(spec, queries or [], threshold)
+    else:
+        detector = TransformersDetector(spec, None if tagger is not None else queries or [], threshold)
+    return TaggedDetector(tagger, detector) if tagger is not None else detector
 
 
 # ---- `polyfocus boxes` ---------------------------------------------------------------------------------------------

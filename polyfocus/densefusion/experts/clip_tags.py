@@ -57,9 +57,14 @@ class CLIPTagger(Expert):
         logits = self.model.logit_scale.exp() * image_features @ self.text_features.T
         return logits.softmax(dim=-1).float().cpu()
 
-    def __call__(self, items: list[Item]) -> None:
-        probabilities = self.probabilities([item.image for item in items])
-        for item, p in zip(items, probabilities):
+    def tags_of(self, images) -> list[list[str]]:
+        """[B] images -> each image's tags, best first."""
+        tags = []
+        for p in self.probabilities(images):
             values, indices = p.topk(min(self.top_k, len(self.tags)))
-            item.hints.tags = [self.tags[i] for v, i in zip(values.tolist(), indices.tolist())
-                               if v >= self.min_probability]
+            tags.append([self.tags[i] for v, i in zip(values.tolist(), indices.tolist()) if v >= self.min_probability])
+        return tags
+
+    def __call__(self, items: list[Item]) -> None:
+        for item, tags in zip(items, self.tags_of([item.image for item in items])):
+            item.hints.tags = tags
