@@ -28,12 +28,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
                        hires_tower=args.hires_tower)
     out = Path(args.out)
     # an MG-LLaVA .pth or a stage-1 projector has no tokenizer of its own: its LLM (--model-base) has
-    processor_src = args.model_base if args.model_base and not has_tokenizer(args.src) else args.src
+    tokenizer_src = args.model_base if args.model_base and not has_tokenizer(args.src) else args.src
     if args.to == "hf":
-        save_llava_hf(model, out, src_dir=processor_src)
+        save_llava_hf(model, out, src_dir=tokenizer_src)
     else:
         model.save_pretrained(out)
-        copy_processor_files(processor_src, out)
+        copy_processor_files(tokenizer_src, out)
+        copy_processor_files(args.src, out)  # the source's own files, if any, win
     print(f"{args.src} ({found}) -> {out} ({args.to})")
 
 
@@ -48,6 +49,9 @@ def cmd_boxes(args: argparse.Namespace) -> None:
     if (args.tagger is None) != (args.tag_list is None):
         raise SystemExit("polyfocus boxes: --tagger (a local CLIP directory) and --tag-list (one tag per line) go "
                          "together")
+    if args.tagger and (args.scenes or queries or args.top_k < 1):
+        raise SystemExit("polyfocus boxes: --tagger tags images for --detector; it takes no --scenes or --queries, "
+                         "and --top-k >= 1")
     try:
         tagger = None
         if args.tagger:
@@ -56,7 +60,7 @@ def cmd_boxes(args: argparse.Namespace) -> None:
             tagger = CLIPTagger(args.tagger, args.tag_list, top_k=args.top_k, min_probability=args.min_probability)
         detector = make_detector(args.detector, queries, args.threshold, tagger) if args.detector else None
         records = boxes_for_dataset(args.data, args.image_folder, detector, args.scenes)
-    except (BoxError, DataError, ValueError, FileNotFoundError) as e:
+    except (BoxError, DataError, ValueError, OSError) as e:
         raise SystemExit(f"polyfocus boxes: {e}") from None
     write_box_json(records, args.out)
     n_boxes = sum(len(r.boxes) for r in records.values())

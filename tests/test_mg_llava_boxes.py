@@ -334,9 +334,14 @@ def test_polyfocus_boxes_queries_the_detector_with_each_images_clip_tags(tmp_pat
         assert written[str(sample["id"])].boxes == [everything.boxes[i] for i in want], sample["id"]
     assert sum(len(r.boxes) for r in written.values()) < sum(
         len(make_detector("synthworld")(Image.open(tmp_path / "data" / x["image"])).boxes) for x in samples)
+    base = ["boxes", str(tmp_path / "data" / "train.json"), "--out", str(tmp_path / "c.json"), "--detector",
+            "synthworld", "--tagger", str(tmp_path / "clip")]
     with pytest.raises(SystemExit, match="--tagger .* and --tag-list .* go together"):
-        main(["boxes", str(tmp_path / "data" / "train.json"), "--out", str(tmp_path / "c.json"), "--detector",
-              "synthworld", "--tagger", str(tmp_path / "clip")])
+        main(base)
+    for extra in (["--queries", "red"], ["--top-k", "0"]):
+        with pytest.raises(SystemExit, match="it takes no --scenes or --queries, and --top-k >= 1"):
+            main(base + ["--tag-list", str(tmp_path / "tags.txt"), *extra])
+    assert not (tmp_path / "c.json").exists()
 
 
 # ---- `polyfocus boxes`, the dataset, the pipeline ------------------------------------------------------------------
@@ -475,36 +480,60 @@ def test_pipeline_detects_boxes_for_a_model_with_object_tokens(synth_data):
         no_detector.prepare([(render(scene), "What colour?")])
 
 
-def test_the_server_counts_object_tokens_and_answers_as_the_pipeline(synth_data):
-    """`polyfocus serve` with MG-LLaVA: the usage's prompt count holds one image id per detected box (as the prompt
-    the model sees), and the answer is the pipeline's (the job's detections are the ones the batch uses)."""
-    pytest.importorskip("fastapi")
-    httpx = pytest.importorskip("httpx")
-    from serve_helpers import data_url, running_server
+def mg_pipeline(synth_data, **fields):
     from transformers import AutoTokenizer
 
-    from polyfocus.data.synthworld import make_scene, render
     from polyfocus.infer.pipeline import Pipeline
+
+    _, model = plain_and_mg(object_tokens=True, **fields)
+    return Pipeline(model.eval(), AutoTokenizer.from_pretrained(synth_data / "tok"), ImageProcessor(image_size=128),
+                    template="v1")
+
+
+def ask_server(base: str, png: bytes, **request):
+    import httpx
+    from serve_helpers import data_url
+
+    content = [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": "What colour?"}]
+    return httpx.post(base + "/v1/chat/completions", timeout=60, json={
+        "model": "mg", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": content}],
+        **request})
+
+
+def test_the_server_counts_object_tokens_and_answers_as_the_pipeline(synth_data):
+    """`polyfocus serve` with MG-LLaVA: the usage's prompt count holds one image id per detected box (as the prompt
+    the model sees); the detector runs once per image (the batch reuses the job's detections) and the answer is the
+    pipeline's. DualFocus, whose scoring feeds images without boxes, is refused up front (also when streaming); a
+    model with object tokens and no detector is refused at start."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from serve_helpers import running_server
+
+    from polyfocus.data.synthworld import make_scene, render
     from polyfocus.infer.server import ServeSettings, create_app
 
-    _, model = plain_and_mg(object_tokens=True, box_detector="synthworld")
-    pipe = Pipeline(model.eval(), AutoTokenizer.from_pretrained(synth_data / "tok"), ImageProcessor(image_size=128),
-                    template="v1")
+    pipe = mg_pipeline(synth_data, box_detector="synthworld")
+    detect, calls = pipe.object_boxes.detector, []
+    pipe.object_boxes.detector = lambda image: calls.append(1) or detect(image)
     scene = make_scene(5, 128, max_objects=3)
     buffer = io.BytesIO()
     render(scene).save(buffer, "PNG")
-    content = [{"type": "image_url", "image_url": {"url": data_url(buffer.getvalue())}},
-               {"type": "text", "text": "What colour?"}]
-    with running_server(create_app(pipe, ServeSettings(model_name="mg", max_model_len=512))) as base:
-        reply = httpx.post(base + "/v1/chat/completions", timeout=60, json={
-            "model": "mg", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": content}]})
+    settings = ServeSettings(model_name="mg", max_model_len=512)
+    with running_server(create_app(pipe, settings)) as base:
+        reply = ask_server(base, buffer.getvalue())
+        refused = [ask_server(base, buffer.getvalue(), strategy="dualfocus", stream=stream) for stream in (False, True)]
     assert reply.status_code == 200, reply.text
+    assert len(calls) == 1
     image = Image.open(io.BytesIO(buffer.getvalue()))
     prompt = pipe.prepare([([image], "What colour?")])["input_ids"][0]
     assert reply.json()["usage"]["prompt_tokens"] == len(prompt) == len(pipe.encode(
         [{"role": "user", "content": "<image>\nWhat colour?"}], 1)) + len(scene.objects)
     assert reply.json()["choices"][0]["message"]["content"] == pipe.generate([([image], "What colour?")],
                                                                             max_new_tokens=3)[0]
+    assert [r.status_code for r in refused] == [400, 400]
+    assert all("object tokens" in r.json()["error"]["message"] for r in refused)
+    with pytest.raises(ValueError, match="object tokens but no box_detector"):
+        create_app(mg_pipeline(synth_data), settings)
 
 
 def test_image_size_of_a_model_with_the_high_resolution_branch():

@@ -26,6 +26,7 @@ import binascii
 import io
 import math
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -52,6 +53,7 @@ try:
 except ImportError as e:  # an optional extra
     raise ImportError("polyfocus serve needs FastAPI and uvicorn: pip install 'polyfocus[serve]'") from e
 
+DETECTOR_LOCK = threading.Lock()
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may try to decode; nothing exotic
 # The image processor pads to a max(w, h) square ("pad") or scales the short side to the input size ("square"):
 # a 1 x 16M-pixel image passes a pixel limit and would then need terabytes. So the aspect ratio is bounded (as
@@ -227,9 +229,13 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
     if chat.strategy.startswith("dualfocus") and not dualfocus_applies(images, messages):
         raise APIError(f"strategy {chat.strategy!r} answers one user message with one image (after an optional "
                        "system message)", param="messages")
+    if chat.strategy.startswith("dualfocus") and getattr(pipe.model.config, "object_tokens", False):
+        raise APIError(f"strategy {chat.strategy!r} does not run on this model: its scoring feeds images without "
+                       "MG-LLaVA's object tokens", param="strategy")
     boxes, object_tokens = None, None
     if getattr(pipe, "object_boxes", None) is not None:  # MG-LLaVA: detect here, so the count has the object tokens
-        boxes = [pipe.object_boxes.record_of(None, image) for image in images]
+        with DETECTOR_LOCK:  # request threads share the detector (and its fast tokenizer: "Already borrowed")
+            boxes = [pipe.object_boxes.record_of(None, image) for image in images]
         object_tokens = [len(pipe.image_boxes(image, None, record)) for image, record in zip(images, boxes)]
     try:
         prompt_tokens = len(pipe.encode(messages, len(images), object_tokens=object_tokens))
@@ -420,6 +426,10 @@ STRATEGIES: dict[str, Callable[[Batcher, Job], AsyncIterator[Event]]] = {"plain"
 def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     context = context_length(pipe, settings)
+    if getattr(pipe, "object_boxes", None) is not None and pipe.object_boxes.detector is None:
+        raise ValueError("this model has MG-LLaVA's object tokens but no box_detector: the server detects each "
+                         "image's boxes, so set box_detector (synthworld, or a local OWLv2 / Grounding DINO "
+                         "directory) and box_queries in its config.json")
     # Settle the fast tokenizer's padding/truncation state now: transformers changes it on the first call when a
     # tokenizer.json holds other settings, and such a change racing another thread's call fails ("Already borrowed").
     pipe.encode([{"role": "user", "content": "Hi"}], 0)
