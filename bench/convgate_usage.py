@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from polyfocus.data.synthworld import Scene, render
+from polyfocus.data.synthworld import read_scenes, render
 from polyfocus.infer.pipeline import load_image_processor
 from polyfocus.model.convert import load_model
 
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scenes", type=int, default=100, help="at most this many scenes of the split")
     args = p.parse_args(argv)
 
-    records = [json.loads(line) for line in (Path(args.data) / "scenes.jsonl").read_text().splitlines()]
-    scenes = [Scene.from_dict(r) for r in records if r.get("split") == args.split][: args.scenes]
+    scenes = read_scenes(args.data, args.split)[: args.scenes]
     for model_dir in args.model:
         model = load_model(model_dir).eval()
         if model.config.fusion != "convgate":

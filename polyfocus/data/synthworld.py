@@ -33,6 +33,7 @@ import os
 import random
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -387,6 +388,17 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     return {"split": split, "n_scenes": n, "n_samples": len(samples), "families": counts,
             "seed": seed, "image_size": image_size, "json": json_path,
             "images": os.path.join(out_dir, "images"), "scenes": scenes_path}
+
+
+def read_scenes(data_dir: str | os.PathLike, split: str) -> list[Scene]:
+    """The scenes of `split` in an export's data_dir/scenes.jsonl, in order."""
+    scenes_file = Path(data_dir) / "scenes.jsonl"
+    if not scenes_file.is_file():
+        raise FileNotFoundError(f"{scenes_file}: no synthworld scenes (export a split first: polyfocus synth / demo)")
+    scenes = [Scene.from_dict(d) for d in map(json.loads, scenes_file.read_text().splitlines()) if d["split"] == split]
+    if not scenes:
+        raise ValueError(f"{scenes_file}: no scenes of split {split!r}")
+    return scenes
 
 
 def llava_sample(scene: Scene, task, include_scene: bool = False) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polyfocus.data.synthworld import Scene, llava_sample
+from polyfocus.data.synthworld import llava_sample, read_scenes
 from polyfocus.data.synthworld_tasks import make_task
 
 
@@ -24,13 +24,8 @@ def synthworld_inputs(data: str | Path, out: str | Path, split: str = "pretrain"
     """Write out/images.jsonl and out/short_captions.json for the scenes of `split` in data/scenes.jsonl."""
     from polyfocus.densefusion.engine import write_atomic
 
-    data, out = Path(data), Path(out)
-    scenes_file = data / "scenes.jsonl"
-    if not scenes_file.is_file():
-        raise FileNotFoundError(f"{scenes_file}: no synthworld scenes (export a split first: polyfocus synth / demo)")
-    scenes = [Scene.from_dict(d) for d in map(json.loads, scenes_file.read_text().splitlines()) if d["split"] == split]
-    if not scenes:
-        raise ValueError(f"{scenes_file}: no scenes of split {split!r}")
+    out = Path(out)
+    scenes = read_scenes(data, split)
     out.mkdir(parents=True, exist_ok=True)
     samples = [llava_sample(scene, make_task(scene, "caption")) for scene in scenes]
     images = [{"image_id": scene.id, "image_path": s["image"], "alt_text": s["conversations"][1]["value"]}
