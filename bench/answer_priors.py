@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from polyfocus.data.formats import load_samples
-from polyfocus.eval.synthworld import question_of
 from polyfocus.infer.pipeline import Pipeline
+from polyfocus.synthworld.scorer import question_of
 
 FORMS = ("above or below", "to the left or to the right")
 

@@ -21,7 +21,7 @@ import statistics
 from collections import Counter
 
 from polyfocus.data.formats import load_samples
-from polyfocus.eval.synthworld import caption_score, mentions
+from polyfocus.synthworld.scorer import caption_score, mentions
 
 
 def captions_by_image(path: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import time
 import torch
 
 from polyfocus import PolyfocusForConditionalGeneration
-from polyfocus.model.convert import to_llava_hf
+from polyfocus.checkpoints import to_llava_hf
 from polyfocus.model.presets import tiny_config
 
 

@@ -19,9 +19,9 @@ import json
 
 import torch
 
-from polyfocus.data.synthworld import read_scenes, render
+from polyfocus.checkpoints import load_model
 from polyfocus.infer.pipeline import load_image_processor
-from polyfocus.model.convert import load_model
+from polyfocus.synthworld.scenes import read_scenes, render
 
 
 @torch.no_grad()

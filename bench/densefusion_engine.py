@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import emit
 
 from polyfocus.densefusion.engine import EngineSpec, run_engine
@@ -30,11 +29,11 @@ SHARD, BATCH, NEW_TOKENS = 16, 8, 32
 def make_inputs(root: Path, n: int) -> tuple[Path, Path]:
     from polyfocus import PolyfocusForConditionalGeneration
     from polyfocus.data.images import ImageProcessor
-    from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.demo import demo_model_config
-    from polyfocus.densefusion.synthworld import synthworld_inputs
     from polyfocus.model.presets import tiny_config
+    from polyfocus.synthworld.densefusion import synthworld_inputs
+    from polyfocus.synthworld.scenes import export
 
     export(str(root / "data"), n, image_size=112, families=["dense_caption"], split="pretrain", max_objects=3)
     synthworld_inputs(root / "data", root / "inputs")

@@ -20,9 +20,10 @@ from PIL import Image
 
 from polyfocus.data.dualfocus import parse_box_text
 from polyfocus.data.formats import load_samples
-from polyfocus.eval.synthworld import family_of, iou, question_of, score
+from polyfocus.data.prompts import iou
 from polyfocus.infer.dualfocus import DualFocus
 from polyfocus.infer.pipeline import Pipeline
+from polyfocus.synthworld.scorer import family_of, question_of, score
 
 
 def holds(crop: tuple, box: tuple, width: int, height: int) -> bool:

@@ -23,20 +23,19 @@ import tempfile
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
-
 from common import bench_config, emit
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from polyfocus import PolyfocusForConditionalGeneration
 from polyfocus.config import PolyfocusConfig
 from polyfocus.data.dualfocus import BOX_PROMPT, ZOOM_PROMPT
 from polyfocus.data.formats import load_samples
 from polyfocus.data.images import ImageProcessor, load_image
-from polyfocus.data.synthworld import export
 from polyfocus.data.tokenizer import build_tokenizer
-from polyfocus.eval.synthworld import question_of
 from polyfocus.infer.dualfocus import DualFocus
 from polyfocus.infer.pipeline import Pipeline
+from polyfocus.synthworld.scenes import export
+from polyfocus.synthworld.scorer import question_of
 
 BOX_REPLY = "[0.25, 0.30, 0.60, 0.75]"
 MAX_NEW_TOKENS = 16

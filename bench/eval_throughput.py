@@ -13,16 +13,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import emit, interleaved
 
 from polyfocus import PolyfocusForConditionalGeneration
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import export
 from polyfocus.data.tokenizer import build_tokenizer, default_tokenizer
 from polyfocus.eval.runner import evaluate
 from polyfocus.infer.pipeline import Pipeline
 from polyfocus.model.presets import tiny_config
+from polyfocus.synthworld.scenes import export
 
 SCENES, FAMILIES, NEW_TOKENS, BATCH = 16, ["colour", "shape", "existence", "mc"], 8, 8
 

@@ -99,7 +99,7 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
 
 def majority_baseline(data: Path) -> dict[str, float]:
     from polyfocus.data.formats import load_samples
-    from polyfocus.eval.synthworld import majority_baseline
+    from polyfocus.synthworld.scorer import majority_baseline
 
     return majority_baseline(load_samples(data / "train.json"), load_samples(data / "test.json"))
 

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-from polyfocus.data.synthworld import export, make_scene, render
+from polyfocus.synthworld.scenes import export, make_scene, render
 
 TARGET_SCENES_PER_S = 100
 

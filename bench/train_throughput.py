@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 
 import torch
+from common import emit
 from transformers import Trainer
 
-from common import emit
 from polyfocus import PolyfocusForConditionalGeneration
+from polyfocus.checkpoints import to_llava_hf
 from polyfocus.data.dataset import DataCollator, SupervisedDataset
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import export
 from polyfocus.data.tokenizer import default_tokenizer
-from polyfocus.model.convert import to_llava_hf
 from polyfocus.model.presets import tiny_config
+from polyfocus.synthworld.scenes import export
 from polyfocus.train.args import TrainingArguments
 from polyfocus.train.trainer import PolyfocusTrainer
 

@@ -18,14 +18,11 @@ import math
 
 import torch
 
-from polyfocus.data.synthworld import COLOURS, SHAPES, Scene, read_scenes, render
+from polyfocus.checkpoints import load_model
 from polyfocus.infer.pipeline import load_image_processor, load_tokenizer
-from polyfocus.model.convert import load_model
-from polyfocus.model.visual_words import (
-    patch_boxes,
-    patch_word_agreement,
-    word_agreement_counts,
-)
+from polyfocus.model.visual_words import patch_boxes
+from polyfocus.synthworld.scenes import COLOURS, SHAPES, Scene, read_scenes, render
+from polyfocus.synthworld.scorer import patch_word_agreement, word_agreement_counts
 
 ATTRIBUTES = ("either", "shape", "colour")
 

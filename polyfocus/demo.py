@@ -3,7 +3,7 @@
 1. data: synthworld train scenes (dense captions for stage 1; the VQA families for stage 2) and held-out test
    scenes; a tokenizer trained on the built-in corpus;
 2. the backbones LLaVA would download: a vision tower pretrained here on the objects of freshly generated scenes
-   (polyfocus/train/tower.py: the stand-in for CLIP) and a randomly initialised tiny LLM, each saved as a
+   (polyfocus/synthworld/tower.py: the stand-in for CLIP) and a randomly initialised tiny LLM, each saved as a
    transformers checkpoint directory;
 3. stage 1 (pretrain) and stage 2 (finetune) from those two directories, through `polyfocus train` with YAML
    recipes written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
@@ -78,8 +78,8 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
               seed: int, render_size: int | None = None) -> None:
     """render_size: the scenes' pixel size when not the tower's (MG-LLaVA's high-resolution branch needs more
     pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112)."""
-    from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
+    from polyfocus.synthworld.scenes import export
 
     data = out / "data"
     for split, n, families in (("pretrain", train_scenes, ["dense_caption"]), ("train", train_scenes, families),
@@ -117,7 +117,7 @@ def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: 
 
     from polyfocus.data.images import ImageProcessor
     from polyfocus.model.presets import tiny_config
-    from polyfocus.train.tower import pretrain_tower
+    from polyfocus.synthworld.tower import pretrain_tower
 
     make_llm(out, out / "tokenizer", model_config, seed)
     vision_config = tiny_config(**model_config).vision_config
@@ -138,7 +138,7 @@ def make_hires_tower(out: Path, model_config: dict, steps: int, batch_size: int,
     from transformers import ConvNextConfig, ConvNextModel
 
     from polyfocus.model.presets import tiny_config
-    from polyfocus.train.hires_tower import pretrain_hires_tower
+    from polyfocus.synthworld.hires_tower import pretrain_hires_tower
 
     config = ConvNextConfig(**{**DEMO_HIRES, **(model_config.get("hires_config") or {})})
     size = tiny_config(**{**model_config, "hires_config": config.to_dict(), "fusion": "convgate"}).hires_image_size
@@ -153,8 +153,8 @@ def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32,
                    strategy: str = "plain") -> tuple[str, dict, dict]:
     """Per-family accuracy on data/test.json; strategy "dualfocus" answers with DualFocus (docs/dualfocus.md)."""
     from polyfocus.data.formats import load_samples
-    from polyfocus.eval.synthworld import evaluate, format_table, majority_baseline, question_of
     from polyfocus.infer.pipeline import Pipeline
+    from polyfocus.synthworld.scorer import evaluate, format_table, majority_baseline, question_of
 
     pipe = Pipeline.from_pretrained(model_dir)
     test = load_samples(data / "test.json")
@@ -166,9 +166,9 @@ def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32,
 
 
 def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: int, seed: int) -> str:
-    from polyfocus.data.synthworld import make_scene, render
-    from polyfocus.data.synthworld_tasks import make_task
     from polyfocus.infer.pipeline import Pipeline
+    from polyfocus.synthworld.scenes import make_scene, render
+    from polyfocus.synthworld.tasks import make_task
 
     task, i = None, 0
     while task is None:  # the first fresh scene that has an unambiguous colour question

@@ -1,6 +1,7 @@
 """bench/answer_priors.py: the modal share per question form, counted by hand."""
 
 import pytest
+
 from bench_helpers import load_bench_script
 
 

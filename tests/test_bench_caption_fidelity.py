@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from bench_helpers import load_bench_script
 
 

@@ -1,14 +1,11 @@
 """bench/convgate_usage.py: the gate and both shares, against the Conv-Gate's formula on the inputs it saw."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_helpers import load_bench_script
 
-sys.path.insert(0, str(Path(__file__).parent))
+from bench_helpers import load_bench_script
 from test_mg_llava import hires_pixels, plain_and_mg, randomise  # noqa: E402
 
 

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from bench_helpers import load_bench_script
 
 from polyfocus.data.formats import load_samples
 from polyfocus.infer.dualfocus import DualFocusResult
+
+from bench_helpers import load_bench_script
 
 
 @pytest.fixture

@@ -2,10 +2,11 @@
 
 
 import pytest
-from bench_helpers import load_bench_script
 
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import Scene, SceneObject
+from polyfocus.synthworld.scenes import Scene, SceneObject
+
+from bench_helpers import load_bench_script
 
 
 @pytest.fixture

@@ -198,13 +198,12 @@ def test_max_new_tokens_is_capped_by_the_context(ckpt, pipe, monkeypatch):
     assert pipe.chat(red, QUESTIONS[0], max_new_tokens=50, logits_processor=force) == "red red"
 
 
-def test_model_chat(ckpt, pipe, two_turns):
+def test_a_pipeline_around_a_model_built_in_memory(ckpt, pipe, two_turns):
+    """The pipeline is the chat API (no `model.chat`): one around the in-memory model answers as the loaded one."""
     _, model, red, _ = ckpt
     answer = two_turns[0][1]["content"]
-    assert pipe.model.chat(red, QUESTIONS[0], max_new_tokens=8) == answer  # tokenizer etc. from its directory
-    with pytest.raises(ValueError, match="pass tokenizer="):
-        model.chat(red, QUESTIONS[0])  # built in memory: no directory to take a tokenizer from
-    assert model.chat(red, QUESTIONS[0], tokenizer=pipe.tokenizer, max_new_tokens=8) == answer
+    in_memory = Pipeline(model, pipe.tokenizer, pipe.image_processor)
+    assert in_memory.chat(red, QUESTIONS[0], max_new_tokens=8) == answer
 
 
 def test_cli_prompt_prints_the_pipeline_answer(ckpt, two_turns, capsys):

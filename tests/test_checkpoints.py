@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from polyfocus import PolyfocusForConditionalGeneration
-from polyfocus.model.convert import checkpoint_format, load_model, save_llava_hf
+from polyfocus.checkpoints import checkpoint_format, load_model, save_llava_hf
 from polyfocus.model.presets import tiny_config
 
 IMG = 4
@@ -251,6 +251,7 @@ def test_hf_export_keeps_image_settings(tmp_path, aspect):
     """The exported processor uses the source's own mean/std (SigLIP's 0.5) and the model's aspect ratio,
     and converting back recovers the aspect ratio."""
     from transformers import AutoProcessor
+
     from polyfocus.data.images import ImageProcessor
     from polyfocus.data.tokenizer import default_tokenizer
 

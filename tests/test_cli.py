@@ -3,7 +3,7 @@
 import json
 
 from polyfocus.cli import main
-from polyfocus.data.synthworld import Scene
+from polyfocus.synthworld.scenes import Scene
 
 
 def test_synth_writes_the_requested_families_and_scenes(tmp_path, capsys):

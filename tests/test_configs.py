@@ -198,12 +198,11 @@ def test_transformers_fills_every_auto(name, monkeypatch):
     "auto" gets a value and nothing contradicts the recipe. (transformers insists on the deepspeed package being
     installed before it reads a DeepSpeed config; here the check is skipped and accelerate's config reader, which
     transformers uses when deepspeed is installed, is put in explicitly.)"""
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
     from transformers.integrations import deepspeed as hf_deepspeed
 
     from polyfocus.model.modeling import PolyfocusForConditionalGeneration
     from polyfocus.model.presets import tiny_config
-
-    from accelerate.utils.deepspeed import HfDeepSpeedConfig
 
     monkeypatch.setattr(hf_deepspeed, "dep_version_check", lambda *a, **k: None)
     # Without deepspeed installed, transformers' class derives from `object` instead of accelerate's config class.
@@ -344,10 +343,10 @@ def test_recipes_run_chained_on_tiny_models(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+    from polyfocus.checkpoints import load_model
     from polyfocus.cli import main
-    from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
-    from polyfocus.model.convert import load_model
+    from polyfocus.synthworld.scenes import export
     from polyfocus.train.run import train
 
     monkeypatch.chdir(tmp_path)
@@ -460,15 +459,12 @@ def test_vw_lmm_synthworld_recipe_is_the_demo_stage_plus_visual_words(name, tmp_
 def test_vw_lmm_recipes_run_chained_on_tiny_models(tmp_path, monkeypatch):
     """Stage 3 then stage 4 as written (paths, sizes and hardware flags overridden) from a tiny LLaVA-style model:
     stage 3 trains the head alone, stage 4 the projector, the LLM and the head."""
-    import sys
-
     from polyfocus import PolyfocusForConditionalGeneration
-    from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.model.presets import tiny_config
+    from polyfocus.synthworld.scenes import export
     from polyfocus.train import run
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from train_helpers import trainer_with
 
     def remember(trainer):

@@ -8,8 +8,8 @@ from transformers import AutoModel
 
 from polyfocus.cli import main
 from polyfocus.data.formats import load_samples
-from polyfocus.eval.synthworld import ALL, evaluate
 from polyfocus.infer.pipeline import Pipeline
+from polyfocus.synthworld.scorer import ALL, evaluate
 from polyfocus.train.args import parse_args
 
 

@@ -6,18 +6,15 @@ import base64
 import http.server
 import io
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from polyfocus.densefusion.captioners import FileCaptioner, build_captioner
-from polyfocus.densefusion.experts import Item
+from polyfocus.experts import Item
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_densefusion_helpers import http_server, tiny_captioner  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 40, 220), (40, 160, 60)]
@@ -64,6 +61,7 @@ def test_openai_captioner_against_polyfocus_serve_matches_local_generation(model
     pytest.importorskip("openai")
     from polyfocus.infer.pipeline import Pipeline
     from polyfocus.infer.server import ServeSettings, create_app
+
     from serve_helpers import running_server
 
     pipe = Pipeline.from_pretrained(model_dir, device="cpu")

@@ -2,8 +2,6 @@
 clusters with known duplicates, top-k per cluster, the resolution filter, and `polyfocus densefusion curate`."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from PIL import Image
 
 from polyfocus.densefusion.curate import curate, kmeans, load_embeddings, semdedup, top_k
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_densefusion_helpers import tiny_clip  # noqa: E402
 
 pytest.importorskip("faiss")

@@ -4,10 +4,8 @@ serves good images, error statuses, flaky and slow endpoints, HTML and truncated
 import http.server
 import io
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -15,8 +13,7 @@ from PIL import Image
 from polyfocus.densefusion import download as download_module
 from polyfocus.densefusion.download import download, read_url_records
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_densefusion_helpers import http_server  # noqa: E402
+from test_densefusion_helpers import http_server
 
 pytest.importorskip("httpx")
 

@@ -16,11 +16,10 @@ import pytest
 
 from polyfocus.densefusion import engine as engine_module
 from polyfocus.densefusion.engine import EngineSpec, run_engine
-from polyfocus.densefusion.experts import Detection
 from polyfocus.densefusion.sources import read_items
+from polyfocus.experts import Detection
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_densefusion_helpers import synthworld_data  # noqa: E402
+from test_densefusion_helpers import synthworld_data
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 14
@@ -123,7 +122,7 @@ class HalfDoneExpert:
 
 
 def test_an_expert_failing_mid_batch_fails_its_image_only(data, tmp_path, monkeypatch):
-    from polyfocus.densefusion import experts
+    from polyfocus import experts
 
     monkeypatch.setitem(experts.EXPERTS, "half_done", "test_densefusion_engine:HalfDoneExpert")
     run(data, tmp_path, spec=spec(data, experts=["half_done", "alt_text"]), batch_size=4)
@@ -229,7 +228,7 @@ def test_rerun_with_other_settings_or_images_is_refused(data, reference):
 
 
 def test_url_only_images_must_be_downloaded_first(tmp_path):
-    from polyfocus.densefusion.experts import Item
+    from polyfocus.experts import Item
 
     with pytest.raises(ValueError, match="download them first"):
         run_engine([Item("a", url="http://x/a.jpg")], str(tmp_path), tmp_path / "out",

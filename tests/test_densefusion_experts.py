@@ -1,19 +1,16 @@
-"""DenseFusion's vision experts (polyfocus/densefusion/experts): each one alone, against hand-made images, the
+"""DenseFusion's vision experts (polyfocus/experts): each one alone, against hand-made images, the
 synthworld metadata, or a naive computation with the same model."""
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from polyfocus.data.synthworld import make_scene, render
-from polyfocus.densefusion.experts import Detection, Hints, Item, build_experts, expert_class
+from polyfocus.experts import Detection, Hints, Item, build_experts, expert_class
+from polyfocus.synthworld.scenes import make_scene, render
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_densefusion_helpers import tiny_clip, tiny_owlv2  # noqa: E402
 
 TAGS = ["red star", "blue circle", "green square", "cat", "text"]
@@ -67,7 +64,7 @@ def test_clip_tags_are_the_models_own_zero_shot_ranking(clip_dir):
     are the top k of them above the floor, best first."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from polyfocus.densefusion.experts.base import hf_image_processor
+    from polyfocus.experts.base import hf_image_processor
 
     images = [Image.new("RGB", (40, 30), c) for c in ((220, 30, 30), (30, 40, 220), (250, 250, 250))]
     items = items_of(*images)
@@ -112,7 +109,7 @@ def naive_owlv2(owl_dir, image, queries, threshold, nms_iou, max_detections):
     square-padded frame (OWLv2 pads right/bottom), then greedy per-label NMS in a Python loop."""
     from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-    from polyfocus.densefusion.experts.base import hf_image_processor
+    from polyfocus.experts.base import hf_image_processor
 
     model = Owlv2ForObjectDetection.from_pretrained(owl_dir).eval()
     tokens = AutoTokenizer.from_pretrained(owl_dir)([f"a photo of {q}" for q in queries], padding="max_length",

@@ -94,7 +94,7 @@ def tiny_captioner(path: Path, image_size: int = 56) -> Path:
 
 def synthworld_data(path: Path, n: int, image_size: int = 112, split: str = "pretrain") -> Path:
     """A synthworld split with dense captions (as `polyfocus demo` exports its pretraining data)."""
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
 
     export(str(path), n, image_size=image_size, families=["dense_caption"], split=split, max_objects=3)
     return path
@@ -118,7 +118,7 @@ def test_tiny_directories_load(tmp_path):
     """The helpers' directories are what the experts read: AutoModel, AutoTokenizer and the PIL image processors."""
     from transformers import AutoModel, AutoTokenizer
 
-    from polyfocus.densefusion.experts.base import hf_image_processor
+    from polyfocus.experts.base import hf_image_processor
 
     for build in (tiny_clip, tiny_owlv2):
         path = build(tmp_path / build.__name__)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from polyfocus.densefusion.experts import Detection, Hints
 from polyfocus.densefusion.prompts import ENGINE_INSTRUCTION, META_INSTRUCTION, fusion_prompt, hint_block
+from polyfocus.experts import Detection, Hints
 
 HINTS = Hints(
     alt_text="Happy birthday Anna! cake ideas",

@@ -6,7 +6,6 @@ chain (engine data -> caption engine -> captions -> stage 1) end to end."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from polyfocus.config import PolyfocusConfig
 from polyfocus.train.args import parse_args
 from polyfocus.train.freeze import _vision_filter, trainable_parts
 
-sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import changed, train_recording, write_tiny_backbones  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +127,7 @@ CPU = HARDWARE + ["--bf16", "false", "--report_to", "none", "--dataloader_num_wo
 def backbones(tmp_path_factory):
     """A tiny "Vicuna" and "CLIP" (28 px, 3 layers), DenseFusion-1M-style jsonl over synthworld images, and a
     LLaVA instruction file."""
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
 
     root = tmp_path_factory.mktemp("df_train")
     write_tiny_backbones(root, 28)
@@ -178,9 +176,9 @@ def test_documented_synthworld_chain_end_to_end(tmp_path, monkeypatch):
     """docs/densefusion.md's synthworld commands, through the CLI, on a few scenes and steps: engine training data,
     the caption engine, its captions of every image, stage 1 on them."""
     from polyfocus import demo
+    from polyfocus.checkpoints import load_model
     from polyfocus.cli import main
     from polyfocus.data.formats import load_samples
-    from polyfocus.model.convert import load_model
 
     monkeypatch.chdir(tmp_path)
     out = Path("polyfocus_demo")

@@ -25,17 +25,25 @@ from polyfocus.cli import main
 from polyfocus.config import IGNORE_INDEX
 from polyfocus.data.dataset import SupervisedDataset
 from polyfocus.data.dualfocus import (
-    BOX_PROMPT, ZOOM_PROMPT, Question, box_text, convert, parse_box_text, split_prompt, zoom, zoom_box,
+    BOX_PROMPT,
+    ZOOM_PROMPT,
+    Question,
+    box_text,
+    convert,
+    parse_box_text,
+    split_prompt,
+    zoom,
+    zoom_box,
 )
 from polyfocus.data.formats import DataError, load_samples
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import export
 from polyfocus.data.templates import encode
 from polyfocus.eval.runner import evaluate, read_answers
-from polyfocus.eval.synthworld import question_of
 from polyfocus.infer.dualfocus import DualFocus, make_item, pick, select
 from polyfocus.infer.pipeline import Pipeline, with_strategy
 from polyfocus.model.presets import tiny_config
+from polyfocus.synthworld.scenes import export
+from polyfocus.synthworld.scorer import question_of
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES = ["[0.10, 0.20, 0.50, 0.60]", "I cannot tell", "[0.00, 0.00, 0.00, 0.00]", "[0.70, 0.70, 0.72, 0.71]",
@@ -515,7 +523,7 @@ def test_released_checkpoint_layout_loads(tmp_path):
     original LLaVA-1.5 checkpoint, with the same logits."""
     from test_checkpoints import llava_config, llava_state_dict, logits, make_model, write_clip_tower, write_shards
 
-    from polyfocus.model.convert import checkpoint_format, load_model
+    from polyfocus.checkpoints import checkpoint_format, load_model
 
     model = make_model()
     write_clip_tower(model, tmp_path / "clip", full_clip=True)
@@ -555,9 +563,9 @@ def test_recipes(tmp_path):
 def test_synthworld_recipe_trains_on_both_files(ckpt, data, tmp_path, monkeypatch):
     """configs/dualfocus/synthworld_finetune.yaml on the tiny checkpoint: the plain and the DualFocus records train
     together (batches mixing one- and two-image samples) and the weights move."""
-    from train_helpers import trainer_with
-
     from polyfocus.train import run
+
+    from train_helpers import trainer_with
 
     convert(data / "train.json", tmp_path / "dualfocus_train.json")
     seen = []

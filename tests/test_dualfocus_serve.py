@@ -11,12 +11,13 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
-from serve_helpers import data_url, png_bytes, running_server, save_tiny_checkpoint  # noqa: E402
 
 from polyfocus.infer import dualfocus  # noqa: E402
 from polyfocus.infer.dualfocus import DualFocus  # noqa: E402
 from polyfocus.infer.pipeline import Pipeline  # noqa: E402
 from polyfocus.infer.server import ServeSettings, create_app  # noqa: E402
+
+from serve_helpers import data_url, png_bytes, running_server, save_tiny_checkpoint  # noqa: E402
 
 QUESTION = "What colour is the star?"
 IMAGE = png_bytes((90, 60), (200, 60, 30))

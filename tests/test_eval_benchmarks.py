@@ -12,13 +12,14 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
-from eval_helpers import FakeOpenAI, Scripted, png, read_jsonl, save_tiny_checkpoint, write_json, write_jsonl
-from polyfocus.data.synthworld import export
 from polyfocus.eval.benchmarks import BENCHMARKS, EvalDataError, get_benchmark
 from polyfocus.eval.benchmarks.judged import MMVET_RETRY
 from polyfocus.eval.judge import Judge, JudgeError
 from polyfocus.eval.runner import evaluate, sha256
 from polyfocus.infer.pipeline import Pipeline
+from polyfocus.synthworld.scenes import export
+
+from eval_helpers import FakeOpenAI, Scripted, png, read_jsonl, save_tiny_checkpoint, write_json, write_jsonl
 
 SA = "\nAnswer the question using a single word or phrase."
 MC = "\nAnswer with the option's letter from the given choices directly."

@@ -7,11 +7,12 @@ import threading
 
 import pytest
 
-from eval_helpers import read_jsonl
 from polyfocus.cli import main
-from polyfocus.data.synthworld import export
 from polyfocus.eval.benchmarks import EvalDataError, Row
 from polyfocus.eval.runner import EvalRunError, evaluate, get_chunk, read_answers, sha256, summary_table
+from polyfocus.synthworld.scenes import export
+
+from eval_helpers import read_jsonl
 
 GEN = {"max_new_tokens": 4, "quiet": True}
 

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from polyfocus.data.prompts import mcq_letter
 from polyfocus.eval.benchmarks.base import Row
-from polyfocus.eval.benchmarks.gqa import mcq_letter
 from polyfocus.eval.benchmarks.judged import LLaVABench, mmvet_score, parse_review_scores
 from polyfocus.eval.benchmarks.mmbench import MMBench, can_infer
 from polyfocus.eval.benchmarks.mme import MME, mme_yes_no
@@ -15,7 +15,11 @@ from polyfocus.eval.benchmarks.pope import pope_metrics, pope_yes_no
 from polyfocus.eval.benchmarks.refcoco import box_to_pixels
 from polyfocus.eval.benchmarks.scienceqa import sqa_letter
 from polyfocus.eval.vqa_eval import (
-    normalize_answer, official_vqa_accuracy, process_punctuation, soft_score, textvqa_accuracy,
+    normalize_answer,
+    official_vqa_accuracy,
+    process_punctuation,
+    soft_score,
+    textvqa_accuracy,
 )
 
 # ----------------------------------------------------------------------------- the VQA normaliser

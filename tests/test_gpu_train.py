@@ -51,10 +51,10 @@ def free_port() -> int:
 def ws(tmp_path_factory):
     """A tokenizer, 40 synthworld samples, a tiny saved polyfocus checkpoint and the recipe that trains it."""
     from polyfocus.data.images import ImageProcessor
-    from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.model.modeling import PolyfocusForConditionalGeneration
     from polyfocus.model.presets import tiny_config
+    from polyfocus.synthworld.scenes import export
 
     root = tmp_path_factory.mktemp("gpu_train")
     tok = build_tokenizer(save_dir=root / "base")
@@ -115,7 +115,7 @@ def saved_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def check_run(out: Path, trainable_dtype: torch.dtype | tuple[torch.dtype, ...], frozen_dtype: torch.dtype) -> None:
     """Loss down, weights finite, dtypes as the engine keeps them, output directory loadable."""
-    from polyfocus.model.convert import load_model
+    from polyfocus.checkpoints import load_model
 
     curve = losses(out)
     assert len(curve) == STEPS, f"logged {len(curve)} losses for {STEPS} steps"

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from polyfocus import PolyfocusForConditionalGeneration
+from polyfocus.checkpoints import checkpoint_format, load_adapter, load_model, merge_lora
 from polyfocus.cli import main
 from polyfocus.data.images import ImageProcessor
-from polyfocus.model.convert import checkpoint_format, load_model
 from polyfocus.model.presets import tiny_config
-from polyfocus.train.lora import apply_lora, load_adapter, lora_config, merge_lora
+from polyfocus.train.lora import apply_lora, lora_config
 
 IMG = 4
 # peft's get_peft_model reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
@@ -131,7 +131,7 @@ def test_qlora_4bit_keeps_tower_and_projector_unquantized(base_dir):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from polyfocus.train.lora import load_quantized
+    from polyfocus.checkpoints import load_quantized
 
     model = load_quantized(base_dir, bits=4)
     assert isinstance(model.language_model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)

@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_checkpoints import write_base_llm, write_clip_tower  # noqa: E402
 from transformers import ConvNextConfig, ConvNextModel
 
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
+from polyfocus.checkpoints import checkpoint_format, load_model, to_llava_hf
+from polyfocus.checkpoints.convnext import load_hires_tower
 from polyfocus.data.images import ImageProcessor
-from polyfocus.model.convert import checkpoint_format, load_model, to_llava_hf
-from polyfocus.model.fusion.convgate import ConvGate, hires_stages, load_hires_tower, low_res_pixels
+from polyfocus.model.fusion.convgate import ConvGate
+from polyfocus.model.hires import hires_stages, low_res_pixels
 from polyfocus.model.objects import naive_box_features
 from polyfocus.model.presets import tiny_config
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_checkpoints import write_base_llm, write_clip_tower  # noqa: E402
 
 IMG = 4
 TINY_HIRES = {"depths": [1, 1, 2, 1], "hidden_sizes": [8, 16, 24, 32]}  # ConvNeXt's stride pattern, tiny widths
@@ -548,8 +548,8 @@ def test_mg_llava_deepspeed_checkpoint_loads_through_deepspeed(tmp_path, monkeyp
 
 def test_mg_llava_stage1_state_dict_as_pretrain_mm_mlp_adapter():
     """Stage 2 starting from MG-LLaVA's stage-1 weights: projector, fuse_module and bbox_projector all load."""
+    from polyfocus.checkpoints.llava import load_projector_weights
     from polyfocus.train.run import load_projector  # noqa: F401 (the training path calls load_projector_weights)
-    from polyfocus.model.convert import load_projector_weights
 
     model = mg_llava_model()
     stage1 = {k: v for k, v in reference_state(model).items() if not k.startswith("llm.")}
@@ -566,8 +566,8 @@ def test_qlora_keeps_the_new_parts_unquantized():
     """QLoRA quantizes the LLM's body only: bitsandbytes matches skip names as module-name prefixes, so the
     high-resolution ConvNeXt (its pwconv Linears) and the object projector must be listed by their own names
     ("mm_projector" does not cover "mm_object_projector")."""
+    from polyfocus.checkpoints import SKIP_QUANTIZATION
     from polyfocus.train.freeze import PARTS
-    from polyfocus.train.lora import SKIP_QUANTIZATION
 
     model = PolyfocusForConditionalGeneration(mg_config(object_tokens=True))
     for name, module in model.named_modules():

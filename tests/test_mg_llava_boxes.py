@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,20 @@ import torch
 from PIL import Image
 
 from polyfocus.data.boxes import (
-    BoxError, BoxPolicy, BoxRecord, ObjectBoxes, batched_nms, boxes_for_dataset, limit, make_detector, nms,
-    read_box_json, to_processed, write_box_json,
+    BoxError,
+    BoxPolicy,
+    BoxRecord,
+    ObjectBoxes,
+    batched_nms,
+    limit,
+    nms,
+    read_box_json,
+    to_processed,
+    write_box_json,
 )
 from polyfocus.data.images import ImageProcessor
+from polyfocus.experts.detectors import make_detector
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_mg_llava import TINY_HIRES, plain_and_mg  # noqa: E402
 
 # ---- the box JSON ------------------------------------------------------------------------------------------------
@@ -152,7 +159,7 @@ def test_square_mapping_crops_and_drops_like_the_reference():
 def test_boxes_point_at_their_objects_in_the_processed_pixels():
     """A synthworld scene on a wide canvas, through the real processor at 256: each box's centre pixel in the
     processed tensor has its object's colour."""
-    from polyfocus.data.synthworld import COLOURS, make_scene, render
+    from polyfocus.synthworld.scenes import COLOURS, make_scene, render
 
     scene = make_scene(3, 200, max_objects=4)
     canvas = Image.new("RGB", (300, 200), (188, 188, 184))
@@ -194,7 +201,7 @@ def test_near_the_length_limit_one_box_per_label():
 
 
 def test_synthworld_detector_as_a_box_source_finds_every_object():
-    from polyfocus.data.synthworld import make_scene, render
+    from polyfocus.synthworld.scenes import make_scene, render
 
     scene = make_scene(11, 256, max_objects=5)
     record = make_detector("synthworld")(render(scene))
@@ -257,8 +264,13 @@ def test_owlv2_detector_from_a_local_directory(owlv2_dir):
 
 
 def test_grounding_dino_detector_from_a_local_directory(tmp_path):
-    from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessorPil, GroundingDinoProcessor)
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+    )
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "red", "circle", "blue", "square"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
@@ -308,11 +320,12 @@ def test_owlv2_asked_with_a_taggers_tags_equals_owlv2_asked_with_them_fixed(owlv
 def test_polyfocus_boxes_queries_the_detector_with_each_images_clip_tags(tmp_path):
     """--tagger: a CLIP's top tags for each image (softmax over "a photo of a {tag}." for the tag list, as
     transformers' CLIPModel scores them) are that image's queries; synthworld's detector keeps matching objects."""
-    from test_densefusion_helpers import tiny_clip
     from transformers import AutoProcessor, CLIPModel
 
     from polyfocus.cli import main
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
+
+    from test_densefusion_helpers import tiny_clip
 
     export(str(tmp_path / "data"), 6, image_size=64, families=["colour"], max_objects=3)
     tags = ["red", "blue", "green", "star", "circle", "square"]
@@ -349,8 +362,8 @@ def test_polyfocus_boxes_queries_the_detector_with_each_images_clip_tags(tmp_pat
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
-    from polyfocus.data.synthworld import export
     from polyfocus.data.tokenizer import build_tokenizer
+    from polyfocus.synthworld.scenes import export
 
     root = tmp_path_factory.mktemp("mg_boxes")
     export(str(root / "data"), 4, image_size=128, families=["colour", "count"])
@@ -462,8 +475,8 @@ def test_pipeline_detects_boxes_for_a_model_with_object_tokens(synth_data):
     image id per box; explicit boxes replace the detector's; generation runs."""
     from transformers import AutoTokenizer
 
-    from polyfocus.data.synthworld import make_scene, render
     from polyfocus.infer.pipeline import Pipeline
+    from polyfocus.synthworld.scenes import make_scene, render
 
     _, model = plain_and_mg(object_tokens=True, box_detector="synthworld")
     tokenizer = AutoTokenizer.from_pretrained(synth_data / "tok")
@@ -492,6 +505,7 @@ def mg_pipeline(synth_data, **fields):
 
 def ask_server(base: str, png: bytes, **request):
     import httpx
+
     from serve_helpers import data_url
 
     content = [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": "What colour?"}]
@@ -507,10 +521,10 @@ def test_the_server_counts_object_tokens_and_answers_as_the_pipeline(synth_data)
     model with object tokens and no detector is refused at start."""
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
-    from serve_helpers import running_server
-
-    from polyfocus.data.synthworld import make_scene, render
     from polyfocus.infer.server import ServeSettings, create_app
+    from polyfocus.synthworld.scenes import make_scene, render
+
+    from serve_helpers import running_server
 
     pipe = mg_pipeline(synth_data, box_detector="synthworld")
     detect, calls = pipe.object_boxes.detector, []

@@ -4,7 +4,6 @@ synthworld ConvNeXt pretraining.
 """
 
 import inspect
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ import yaml
 from polyfocus.train.args import parse_args
 from polyfocus.train.freeze import trainable_parts
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_mg_llava import TINY_HIRES, convnext_to_open_clip  # noqa: E402
-from train_helpers import changed as changed_tensors, train_recording, write_tiny_backbones  # noqa: E402
+from train_helpers import changed as changed_tensors  # noqa: E402
+from train_helpers import train_recording, write_tiny_backbones
 
 REPO = Path(__file__).resolve().parents[1]
 MG = REPO / "configs" / "mg_llava"
@@ -103,7 +102,7 @@ def backbones(tmp_path_factory):
     from transformers import ConvNextConfig, ConvNextModel
 
     from polyfocus.cli import main
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
 
     root = tmp_path_factory.mktemp("mg_train")
     write_tiny_backbones(root, 56)
@@ -218,11 +217,11 @@ def test_demo_switches_the_branch_on(tmp_path, monkeypatch):
 
 
 def test_hires_tower_pretraining_saves_a_loadable_convnext(tmp_path):
-    """A few steps of polyfocus/train/hires_tower.py: the saved tower loads as MG-LLaVA's; accuracies per head."""
+    """A few steps of polyfocus/synthworld/hires_tower.py: the saved tower loads as MG-LLaVA's; accuracies per head."""
     from transformers import ConvNextConfig
 
-    from polyfocus.model.fusion.convgate import load_hires_tower
-    from polyfocus.train.hires_tower import SceneBoxes, pretrain_hires_tower
+    from polyfocus.checkpoints.convnext import load_hires_tower
+    from polyfocus.synthworld.hires_tower import SceneBoxes, pretrain_hires_tower
 
     item = SceneBoxes(1, 64)[0]
     assert item["pixel_values"].shape == (3, 64, 64) and item["boxes"].shape[1] == 4

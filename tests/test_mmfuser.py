@@ -6,22 +6,20 @@ The deformable attention itself is tested in tests/test_deformable_attention.py.
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_checkpoints import llava_config, write_base_llm, write_clip_tower, write_shards  # noqa: E402
 
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
-from polyfocus.model.convert import checkpoint_format, load_model, to_llava_hf
+from polyfocus.checkpoints import checkpoint_format, load_model, to_llava_hf
 from polyfocus.model.fusion import MMFuser
 from polyfocus.model.fusion.deformable_attention import centre_grid
 from polyfocus.model.presets import tiny_config
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_checkpoints import llava_config, write_base_llm, write_clip_tower, write_shards  # noqa: E402
 from train_helpers import changed, train_recording, write_tiny_backbones  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,7 +384,7 @@ TINY_TOWER_LEVELS = ["--mmfuser_kv_layers", "0", "1"]  # the recipes name CLIP-L
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     """A tiny "Vicuna" and "CLIP" pair (LLaVA's stage-1 starting point) and synthworld data."""
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
 
     root = tmp_path_factory.mktemp("mmfuser_train")
     write_tiny_backbones(root, 56)

@@ -5,8 +5,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from polyfocus import PolyfocusForConditionalGeneration
+from polyfocus.checkpoints import to_llava_hf
 from polyfocus.config import IGNORE_INDEX
-from polyfocus.model.convert import to_llava_hf
 from polyfocus.model.presets import tiny_config
 
 IMG = 4  # image_token_id of the tiny configs

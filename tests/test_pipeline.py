@@ -7,10 +7,10 @@ from polyfocus import PolyfocusForConditionalGeneration
 from polyfocus.config import IGNORE_INDEX
 from polyfocus.data.dataset import DataCollator, SupervisedDataset
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import export
 from polyfocus.data.templates import encode, get_template
 from polyfocus.data.tokenizer import default_tokenizer
 from polyfocus.model.presets import tiny_config
+from polyfocus.synthworld.scenes import export
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,18 @@ model (one scale == the plain model), checkpoints (ours and LLaVA-S2's config), 
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from test_checkpoints import llava_config, llava_state_dict, write_clip_tower, write_shards  # noqa: E402
 
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
-from polyfocus.model.convert import load_model
+from polyfocus.checkpoints import load_model
 from polyfocus.model.fusion.s2 import merge_chessboard, split_chessboard
 from polyfocus.model.presets import tiny_config
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_checkpoints import llava_config, llava_state_dict, write_clip_tower, write_shards  # noqa: E402
 from train_helpers import write_tiny_backbones  # noqa: E402
 
 IMG = 4
@@ -199,7 +196,7 @@ def test_llava_s2_original_checkpoint_loads(tmp_path):
 
 
 def test_export_to_transformers_llava_is_refused():
-    from polyfocus.model.convert import to_llava_hf
+    from polyfocus.checkpoints import to_llava_hf
 
     with pytest.raises(ValueError, match="no fusion module"):
         to_llava_hf(plain_and_s2()[1])
@@ -211,7 +208,7 @@ def test_export_to_transformers_llava_is_refused():
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     from polyfocus.data.images import ImageProcessor
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
 
     root = tmp_path_factory.mktemp("s2_train")
     write_tiny_backbones(root, SIDE)

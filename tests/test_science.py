@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from bench_helpers import load_bench_script
 
 

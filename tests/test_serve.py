@@ -27,6 +27,7 @@ from polyfocus.infer import batcher as batcher_module  # noqa: E402
 from polyfocus.infer.batcher import visible_text  # noqa: E402
 from polyfocus.infer.pipeline import Pipeline, answer_text  # noqa: E402
 from polyfocus.infer.server import ServeSettings, create_app, decode_image  # noqa: E402
+
 from serve_helpers import data_url, png_bytes, running_server, save_tiny_checkpoint  # noqa: E402
 
 MODEL = "tiny"

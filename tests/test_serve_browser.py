@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from polyfocus.infer.pipeline import Pipeline  # noqa: E402
 from polyfocus.infer.server import ServeSettings, create_app  # noqa: E402
+
 from serve_helpers import data_url, png_bytes, running_server, save_tiny_checkpoint  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

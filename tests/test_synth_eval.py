@@ -1,15 +1,25 @@
-"""Scoring of synthworld answers (polyfocus.eval.synthworld): normalisation, option letters, IoU,
+"""Scoring of synthworld answers (polyfocus.synthworld.scorer): normalisation, option letters, IoU,
 captions, per-family accuracy, the majority baseline and the printed table."""
 
 import pytest
 
 from polyfocus.data.formats import Sample, load_samples
-from polyfocus.data.synthworld import export
-from polyfocus.data.synthworld_tasks import FAMILIES
-from polyfocus.eval.synthworld import (caption_score, evaluate, format_table, iou,
-                                       majority_answers, majority_baseline, mentions,
-                                       normalize_answer, option_letter, parse_box, question_of,
-                                       reference_of, score)
+from polyfocus.data.prompts import iou, parse_box
+from polyfocus.synthworld.scenes import export
+from polyfocus.synthworld.scorer import (
+    caption_score,
+    evaluate,
+    format_table,
+    majority_answers,
+    majority_baseline,
+    mentions,
+    normalize_answer,
+    option_letter,
+    question_of,
+    reference_of,
+    score,
+)
+from polyfocus.synthworld.tasks import FAMILIES
 
 
 def _sample(family, answer, question="q?", **meta):

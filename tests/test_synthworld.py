@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from polyfocus.data.synthworld import COLOURS, SHAPES, SIZES, Scene, export, make_scene, render
-from polyfocus.data.synthworld_tasks import (FAMILIES, POPE_STRATEGIES, TOP_K, WorldStats,
-                                             existence_task, make_task)
+from polyfocus.synthworld.scenes import COLOURS, SHAPES, SIZES, Scene, export, make_scene, render
+from polyfocus.synthworld.tasks import FAMILIES, POPE_STRATEGIES, TOP_K, WorldStats, existence_task, make_task
 
 SEEDS = range(30)
 

@@ -1,12 +1,12 @@
-"""The pixel-based synthworld detector (polyfocus/data/synthworld_detector.py): its boxes, colours and shapes against
+"""The pixel-based synthworld detector (polyfocus/synthworld/detector.py): its boxes, colours and shapes against
 the scenes' own metadata."""
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from polyfocus.data.synthworld import COLOURS, Scene, SceneObject, make_scene, render
-from polyfocus.data.synthworld_detector import detect
+from polyfocus.synthworld.detector import detect
+from polyfocus.synthworld.scenes import COLOURS, Scene, SceneObject, make_scene, render
 
 
 def iou(a, b) -> float:

@@ -4,9 +4,9 @@ import torch
 from transformers import AutoModel
 
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import COLOURS, SHAPES, make_scene, render
 from polyfocus.model.presets import tiny_config
-from polyfocus.train.tower import ObjectClassifier, SceneObjects, box_weights, collate_objects, pretrain_tower
+from polyfocus.synthworld.scenes import COLOURS, SHAPES, make_scene, render
+from polyfocus.synthworld.tower import ObjectClassifier, SceneObjects, box_weights, collate_objects, pretrain_tower
 
 ATTRIBUTES = {"colour": list(COLOURS), "shape": list(SHAPES)}
 

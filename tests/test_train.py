@@ -22,15 +22,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from polyfocus.data.synthworld import export
+from polyfocus.checkpoints import load_model
 from polyfocus.data.templates import get_template
 from polyfocus.data.tokenizer import build_tokenizer
-from polyfocus.model.convert import load_model
+from polyfocus.synthworld.scenes import export
 from polyfocus.train import run
 from polyfocus.train.args import parse_args
 from polyfocus.train.trainer import STAGING
 
-sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import trainer_with  # noqa: E402
 
 HELPER = Path(__file__).parent / "train_helpers.py"

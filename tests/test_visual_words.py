@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,18 @@ from PIL import Image
 
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
 from polyfocus.data.images import ImageProcessor
-from polyfocus.data.synthworld import Scene, SceneObject, export, render
 from polyfocus.data.tokenizer import build_tokenizer, default_tokenizer
 from polyfocus.model.presets import tiny_config
 from polyfocus.model.visual_words import (
-    CausalLMOutputWithVisualWords, patch_boxes, patch_visual_words, patch_word_agreement, pseudo_image_features,
-    visual_word_loss, word_agreement_counts,
+    CausalLMOutputWithVisualWords,
+    patch_boxes,
+    patch_visual_words,
+    pseudo_image_features,
+    visual_word_loss,
 )
+from polyfocus.synthworld.scenes import Scene, SceneObject, export, render
+from polyfocus.synthworld.scorer import patch_word_agreement, word_agreement_counts
 
-sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import trainer_with  # noqa: E402
 
 IMG = 4  # image_token_id of the tiny configs
@@ -305,7 +307,7 @@ STAGES = {
 
 def test_from_backbones_builds_the_head_for_real(ws):
     """from_backbones builds on the meta device: the head must come out real, a copy of the loaded LM head."""
-    from polyfocus.model.backbones import from_backbones
+    from polyfocus.checkpoints.backbones import from_backbones
 
     model = from_backbones(ws / "llm", ws / "clip", IMG, dtype=torch.bfloat16, visual_words=True)
     head, lm_head = model.vm_head.weight, model.language_model.lm_head.weight
@@ -375,7 +377,7 @@ def test_lora_trains_the_head_in_full_and_keeps_it_in_the_adapter(ws, monkeypatc
     in the merged model (else the adapter would silently lose it)."""
     from safetensors.torch import load_file
 
-    from polyfocus.train.lora import merge_lora
+    from polyfocus.checkpoints import merge_lora
 
     trainer = train(ws, monkeypatch, "lora", ["--stage", "finetune", "--visual_words", "true", "--lora_enable", "true",
                                               "--lora_r", "4", "--lora_alpha", "8"])
@@ -404,9 +406,9 @@ def save_vw_checkpoint(path: Path, **overrides) -> Path:
 
 
 def test_cli_visual_words(tmp_path):
+    from polyfocus.checkpoints import load_model
     from polyfocus.cli import main
     from polyfocus.infer.pipeline import load_tokenizer
-    from polyfocus.model.convert import load_model
 
     model_dir = save_vw_checkpoint(tmp_path / "model")
     image = Image.effect_noise((90, 60), 80).convert("RGB")  # not square: cells map through the padding
@@ -444,9 +446,9 @@ def test_cli_visual_words_refuses_topk_zero(tmp_path):
 
 
 def test_cli_visual_words_refuses_a_model_without_a_head(tmp_path):
-    from eval_helpers import save_tiny_checkpoint
-
     from polyfocus.cli import main
+
+    from eval_helpers import save_tiny_checkpoint
 
     save_tiny_checkpoint(tmp_path / "plain")
     Image.new("RGB", (56, 56)).save(tmp_path / "img.png")
@@ -521,8 +523,8 @@ def test_patch_word_agreement_through_the_model(monkeypatch):
 def test_qlora_keeps_the_head_unquantized():
     """QLoRA quantizes the LLM's body only: the head (a Linear(d, V) that trains in full as a `modules_to_save` module
     and that PIF reads) is, like the projector and the fuser, in the list bitsandbytes skips."""
+    from polyfocus.checkpoints import SKIP_QUANTIZATION
     from polyfocus.train.freeze import PARTS
-    from polyfocus.train.lora import SKIP_QUANTIZATION
 
     for part in ("visual_words", "projector", "fusion", "vision_tower"):
         assert PARTS[part][0].rstrip(".") in SKIP_QUANTIZATION, part

@@ -1,4 +1,4 @@
-"""Object boxes for MG-LLaVA's object tokens (spec mg_llava.md §1, §7, §9): the box JSON, detectors, and the
+"""Object boxes for MG-LLaVA's object tokens (spec mg_llava.md §1, §7, §9): the box JSON, and the
 filtering and mapping that turn an image's detections into the model's `image_boxes`.
 
 Box JSON (MG-LLaVA's `box_json_path`, what `polyfocus boxes` writes): a JSON list of records
@@ -29,11 +29,11 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
 
+from polyfocus.data.files import read_json, write_atomic
 from polyfocus.data.images import ImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -106,13 +106,7 @@ def _is_number(value) -> bool:
 def read_box_json(path: str | os.PathLike) -> dict[str, BoxRecord]:
     """MG-LLaVA's box JSON (a list of records, or a mapping id → record) → {str(id): BoxRecord}."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such box JSON") from None
-    except json.JSONDecodeError as e:
-        raise BoxError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    data = read_json(path, BoxError)
     if isinstance(data, dict):
         data = [{"id": key, **value} if isinstance(value, dict) else value for key, value in data.items()]
     if not isinstance(data, list):
@@ -130,11 +124,7 @@ def read_box_json(path: str | os.PathLike) -> dict[str, BoxRecord]:
 
 def write_box_json(records: dict, path: str | os.PathLike) -> None:
     """{sample id: BoxRecord} → MG-LLaVA's box JSON (a list, written atomically)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([record.to_json(key) for key, record in records.items()], f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps([record.to_json(key) for key, record in records.items()]))
 
 
 # ---- filtering ---------------------------------------------------------------------------------------------------
@@ -248,9 +238,11 @@ class ObjectBoxes:
 
     @classmethod
     def for_model(cls, config, processor: ImageProcessor, box_json: str | Sequence[str] | None = None,
-                  max_length: int | None = None, required: bool = True) -> ObjectBoxes:
-        """From a model config: its box policy, and its detector (config.box_detector) unless box JSON is given.
-        required: refuse to make one with neither (training); inference may bring its boxes with the request."""
+                  max_length: int | None = None, required: bool = True,
+                  detector: Callable | None = None) -> ObjectBoxes:
+        """From a model config: its box policy, and `detector` (the one config.box_detector names:
+        polyfocus.experts.detectors.model_detector) unless box JSON is given. required: refuse to make one with
+        neither (training); inference may bring its boxes with the request."""
         files = [box_json] if isinstance(box_json, (str, os.PathLike)) else list(box_json or [])
         records = {}
         for file in files:
@@ -258,7 +250,7 @@ class ObjectBoxes:
                 if key in records:
                     raise BoxError(f"{file}: id {key!r} is also in an earlier box JSON")
                 records[key] = record
-        detector = make_detector(config.box_detector, config.box_queries) if config.box_detector else None
+        detector = None if files else detector
         if required and not files and detector is None:
             raise ValueError("this model has object tokens: give boxes (box_json_path, from `polyfocus boxes`) or a "
                              "detector (box_detector: synthworld, or a local OWLv2 / Grounding DINO directory)")
@@ -315,125 +307,20 @@ def indexed(per_image: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], 1) for i, b in enumerate(per_image)])
 
 
-# ---- detectors ---------------------------------------------------------------------------------------------------
-
-
-class SynthworldDetector:
-    """synthworld's pixel detector (polyfocus.data.synthworld_detector) as a box source: labels "<colour> <shape>";
-    with queries, only the detections matching one (a query matches a label, its colour or its shape)."""
-
-    def __init__(self, queries: Sequence[str] | None = None):
-        self.queries = _normalized(queries) if queries else None
-
-    def __call__(self, image: Image.Image, queries: Sequence[str] | None = None) -> BoxRecord:
-        """queries: this image's (a tagger's), instead of the detector's own."""
-        from polyfocus.data.synthworld_detector import detect
-
-        queries = _normalized(queries) if queries is not None else self.queries
-        record = BoxRecord()
-        for box, colour, shape, score in detect(image):
-            label = f"{colour} {shape}"
-            if queries is None or any(q in (label, colour, shape) for q in queries):
-                record.boxes.append([float(v) for v in box])
-                record.scores.append(float(score))
-                record.labels.append(label)
-        return record
-
-
-class TransformersDetector:
-    """An open-vocabulary detector through transformers, from a local directory: OWLv2 / OWL-ViT (queries "a photo
-    of {tag}", boxes in the original image as MG-LLaVA's generator makes them) or Grounding DINO (one "tag. tag."
-    prompt). Boxes are truncated to integer pixels, as the reference's generator writes them."""
-
-    def __init__(self, path: str | os.PathLike, queries: Sequence[str] | None, threshold: float | None = None,
-                 device: str | None = None):
-        """queries: the tags to look for; None: each call brings its image's (a tagger's)."""
-        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
-
-        if queries is not None and not queries:
-            raise ValueError(f"{path}: an open-vocabulary detector needs text queries (box_queries / --queries: the "
-                             "tags to look for, or --tagger)")
-        self.kind = AutoConfig.from_pretrained(path).model_type
-        if self.kind not in ("owlv2", "owlvit", "grounding-dino"):
-            raise ValueError(f"{path}: model_type {self.kind!r} is not OWLv2, OWL-ViT or Grounding DINO")
-        self.queries = _normalized(queries) if queries is not None else None
-        self.threshold = threshold if threshold is not None else (0.2 if self.kind != "grounding-dino" else 0.35)
-        self.device = device or "cpu"
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(self.device).eval()
-
-    @torch.inference_mode()
-    def __call__(self, image: Image.Image, queries: Sequence[str] | None = None) -> BoxRecord:
-        """queries: this image's (a tagger's), instead of the detector's own; none: no boxes."""
-        queries = _normalized(queries) if queries is not None else self.queries
-        if not queries:
-            return BoxRecord()
-        image = image.convert("RGB")
-        width, height = image.size
-        if self.kind == "grounding-dino":
-            inputs = self.processor(images=image, text=". ".join(queries) + ".", return_tensors="pt")
-            outputs = self.model(**inputs.to(self.device))
-            result = self.processor.post_process_grounded_object_detection(
-                outputs, inputs["input_ids"], threshold=self.threshold, text_threshold=0.25,
-                target_sizes=[(height, width)])[0]
-            labels = list(result["text_labels"])
-        else:
-            inputs = self.processor(text=[[f"a photo of {q}" for q in queries]], images=image,
-                                    padding=True, truncation=True, return_tensors="pt")
-            outputs = self.model(**inputs.to(self.device))
-            side = max(width, height) if self.kind == "owlv2" else None  # OWLv2 pads to a square (bottom / right)
-            target = [(side, side)] if side else [(height, width)]
-            result = self.processor.post_process_grounded_object_detection(outputs, threshold=self.threshold,
-                                                                           target_sizes=target)[0]
-            labels = [queries[int(i)] for i in result["labels"]]
-        return BoxRecord([[float(int(v)) for v in box] for box in result["boxes"].tolist()],
-                         [float(s) for s in result["scores"].tolist()], labels)
-
-
-def _normalized(queries: Sequence[str]) -> list[str]:
-    return [q.strip().lower() for q in queries]
-
-
-class TaggedDetector:
-    """MG-LLaVA's box generator: an image tagger's tags are that image's detector queries (RAM++ then OWLv2; here
-    the CLIP tagger, RAM++ not being loadable through transformers). An image with no tags gets no boxes."""
-
-    def __init__(self, tagger, detector):
-        self.tagger, self.detector = tagger, detector
-
-    def __call__(self, image: Image.Image) -> BoxRecord:
-        tags = self.tagger.tags_of([image])[0]
-        return self.detector(image, queries=tags) if tags else BoxRecord()
-
-
-def make_detector(spec: str, queries: Sequence[str] | None = None, threshold: float | None = None, tagger=None):
-    """"synthworld" or a local detector directory (OWLv2 / OWL-ViT / Grounding DINO) → image → BoxRecord.
-    tagger: an image tagger (`tags_of(images)`, e.g. densefusion's CLIPTagger) whose tags replace `queries`."""
-    if tagger is not None and queries:
-        raise ValueError("give the detector fixed queries or a tagger, not both")
-    if spec == "synthworld":
-        detector = SynthworldDetector(queries)
-    elif not Path(spec, "config.json").is_file():
-        raise ValueError(f"box detector {spec!r}: use 'synthworld' or a local OWLv2 / Grounding DINO directory "
-                         "(with config.json)")
-    else:
-        detector = TransformersDetector(spec, None if tagger is not None else queries or [], threshold)
-    return TaggedDetector(tagger, detector) if tagger is not None else detector
-
-
 # ---- `polyfocus boxes` ---------------------------------------------------------------------------------------------
 
 
 def boxes_for_dataset(data_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                      detector: Callable | None = None, scenes: str | os.PathLike | None = None) -> dict:
+                      detector: Callable | None = None, truth: dict[str, BoxRecord] | None = None,
+                      truth_source: str = "") -> dict:
     """{sample id: BoxRecord} for every one-image sample of a LLaVA / messages file: from `detector` run on each
-    image, or synthworld's exact boxes (`scenes`: its scenes.jsonl; samples name theirs in "scene_id")."""
+    image, or the true boxes of each sample's scene (`truth`: {scene id: record}, e.g. synthworld's
+    `scene_box_records`; samples name their scene in "scene_id")."""
     from polyfocus.data.formats import load_samples
     from polyfocus.data.images import load_image
 
     samples = load_samples(data_path)
     root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(data_path))
-    truth = _scene_records(scenes) if scenes is not None else None
     records = {}
     for sample in samples:
         if len(sample.images) != 1:
@@ -443,21 +330,8 @@ def boxes_for_dataset(data_path: str | os.PathLike, image_root: str | os.PathLik
         if truth is not None:
             scene_id = sample.extra.get("scene_id")
             if scene_id not in truth:
-                raise BoxError(f"{data_path}: sample {sample.name}: scene {scene_id!r} is not in {scenes}")
+                raise BoxError(f"{data_path}: sample {sample.name}: scene {scene_id!r} is not in {truth_source}")
             records[str(sample.id)] = truth[scene_id]
         else:
             records[str(sample.id)] = detector(load_image(os.path.join(root, sample.images[0])))
-    return records
-
-
-def _scene_records(path) -> dict[str, BoxRecord]:
-    """synthworld's scenes.jsonl → {scene id: every object's exact box, score 1, label "<colour> <shape>"}."""
-    records = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                scene = json.loads(line)
-                objects = scene["objects"]
-                records[scene["id"]] = BoxRecord([[float(v) for v in o["box"]] for o in objects], [1.0] * len(objects),
-                                                 [f"{o['colour']} {o['shape']}" for o in objects])
     return records

@@ -30,7 +30,6 @@ box is the union of the objects the question and answer annotations point at (sp
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections import defaultdict
@@ -40,11 +39,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from polyfocus.data.files import read_json
 from polyfocus.data.formats import DataError, Sample, load_samples, save_samples
 from polyfocus.data.images import ImageLoadError, load_image
-from polyfocus.data.synthworld_tasks import box_text  # '[0.12, 0.34, 0.56, 0.78]': DualFocus's box2str (§2.1)
+from polyfocus.data.prompts import MC_ANSWER, MC_ANSWER_CN, SHORT_ANSWER, box_text  # box_text: DualFocus's box2str
 from polyfocus.data.templates import IMAGE_TOKEN
-from polyfocus.eval.benchmarks.base import MC_ANSWER, MC_ANSWER_CN, SHORT_ANSWER
 
 BOX_PROMPT = "Please provide the bounding box coordinate of the region this question asks: "
 ZOOM_PROMPT = "Please combine the information from these two images and answer this question: "
@@ -286,7 +285,7 @@ def gqa_questions(path: Path, scene_graphs: str | os.PathLike) -> list[VQA]:
     ({imageId: {"width", "height", "objects": {id: {"x", "y", "w", "h"}}}}); images are "<imageId>.jpg". The box
     is the union of every object the question, answer and fullAnswer annotations point at; the prompt is LLaVA's
     GQA prompt (question + the short-answer line)."""
-    questions, graphs = _read_json(path), _read_json(Path(scene_graphs))
+    questions, graphs = read_json(path, DataError), read_json(scene_graphs, DataError)
     out = []
     for qid, q in questions.items():
         where = f"{path}: question {qid}"
@@ -305,13 +304,3 @@ def gqa_questions(path: Path, scene_graphs: str | os.PathLike) -> list[VQA]:
         boxes = [[o["x"], o["y"], o["x"] + o["w"], o["y"] + o["h"]] for o in (objects[i] for i in sorted(referenced))]
         out.append(VQA(str(qid), f"{q['imageId']}.jpg", q["question"] + SHORT_ANSWER, q["answer"], boxes, {}))
     return out
-
-
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}", "malformed_json") from None

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from polyfocus.data.files import write_atomic
+
 ROLES = ("system", "user", "assistant")
 LLAVA_TO_ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 ROLE_TO_LLAVA = {v: k for k, v in LLAVA_TO_ROLE.items()}
@@ -163,7 +165,7 @@ def to_messages(sample: Sample) -> dict:
 # ---- files -------------------------------------------------------------------------------------------------
 
 
-def _read_records(path: str, on_error: Callable[[DataError], None] | None) -> list[tuple[str, object]]:
+def read_records(path: str, on_error: Callable[[DataError], None] | None) -> list[tuple[str, object]]:
     """(where, record) pairs from a JSON list or a JSONL file, told apart by the first non-blank character."""
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
@@ -210,7 +212,7 @@ def load_samples(path: str | os.PathLike, on_error: Callable[[DataError], None] 
     """
     path = os.fspath(path)
     samples = []
-    for where, record in _read_records(path, on_error):
+    for where, record in read_records(path, on_error):
         try:
             samples.append(sample_from_record(record, where))
         except DataError as e:
@@ -227,16 +229,11 @@ def save_samples(samples: list[Sample], path: str | os.PathLike, to: str = "llav
     if convert is None:
         raise ValueError(f"to must be 'llava' or 'messages', got {to!r}")
     records = [convert(s) for s in samples]
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            json.dump(records, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-    os.replace(tmp, path)  # never leave a half-written annotation file behind
+    if os.fspath(path).endswith(".jsonl"):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+    write_atomic(path, text)  # never leave a half-written annotation file behind
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str = "llava") -> int:

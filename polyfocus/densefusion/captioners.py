@@ -22,7 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from polyfocus.densefusion.experts.base import Item
+from polyfocus.experts.base import Item
 
 
 @dataclass
@@ -113,12 +113,12 @@ class FileCaptioner(Captioner):
     name = "file"
 
     def __init__(self, path: str):
-        from polyfocus.data.formats import _read_records
+        from polyfocus.data.formats import read_records
         from polyfocus.densefusion.sources import _first_answer
 
         self.path = path
         self.captions: dict[str, str] = {}
-        for _, record in _read_records(path, None):
+        for _, record in read_records(path, None):
             text = record.get("caption") if isinstance(record.get("caption"), str) else _first_answer(record)
             if text is None:
                 continue

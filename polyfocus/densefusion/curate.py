@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polyfocus.densefusion.experts import Item
+from polyfocus.data.files import write_atomic
+from polyfocus.experts import Item
 
 RANKS = ("centroid", "semdedup")
 
@@ -49,7 +50,7 @@ def embed_images(items: list[Item], image_root: str, model: str, batch_size: int
     from transformers import AutoModel
 
     from polyfocus.data.images import load_image
-    from polyfocus.densefusion.experts.base import default_device, hf_image_processor, pooled
+    from polyfocus.experts.base import default_device, hf_image_processor, pooled
 
     device = default_device(device)
     encoder = AutoModel.from_pretrained(model).to(device).eval()
@@ -125,7 +126,6 @@ def curate(items: list[Item], image_root: str, out: str | os.PathLike, model: st
            embeddings: dict[str, np.ndarray] | None = None, batch_size: int = 32, device: str | None = None) -> dict:
     """Write out/selected.jsonl (the chosen images, input order, with their cluster), out/curation.json and
     out/embeddings.npz (image_ids, embeddings: pass it back as `embeddings` to recluster without the model)."""
-    from polyfocus.densefusion.engine import write_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

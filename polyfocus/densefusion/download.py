@@ -32,6 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from polyfocus.data.files import write_atomic
 from polyfocus.data.images import MAX_IMAGE_PIXELS
 
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
@@ -51,7 +52,7 @@ class DownloadError(Exception):
 def read_url_records(source: str | os.PathLike) -> list[dict]:
     """Records with a `url` (and an `image_id`, made from the url when missing) from a JSONL / JSON list, or a text
     file of URLs (optionally "URL<TAB>alt-text")."""
-    from polyfocus.data.formats import _read_records
+    from polyfocus.data.formats import read_records
     from polyfocus.densefusion.sources import url_id
 
     source = os.fspath(source)
@@ -63,7 +64,7 @@ def read_url_records(source: str | os.PathLike) -> list[dict]:
                 records.append({"image_id": url_id(url), "url": url, **({"alt_text": alt} if alt else {})})
         return records
     records = []
-    for where, record in _read_records(source, None):
+    for where, record in read_records(source, None):
         if not isinstance(record, dict) or not isinstance(record.get("url"), str):
             raise ValueError(f"{source}: {where}: a record with a 'url' string is needed, got {record!r:.80}")
         records.append({**record, "image_id": str(record.get("image_id", record.get("key", url_id(record["url"]))))})
@@ -179,7 +180,6 @@ def download(records: list[dict], out: str | os.PathLike, workers: int = 16, bac
     options: Downloader's (retries, timeout, backoff, min_short_edge, max_pixels, max_bytes, user_agent)."""
     from tqdm.auto import tqdm
 
-    from polyfocus.densefusion.engine import write_atomic
 
     out = Path(out)
     stems: dict[str, str] = {}
@@ -216,7 +216,6 @@ def download_with_img2dataset(records: list[dict], out: Path, workers: int, retr
         from img2dataset import download as img2dataset_download
     except ImportError as e:
         raise ImportError("backend img2dataset needs it installed: pip install img2dataset") from e
-    from polyfocus.densefusion.engine import write_atomic
 
     staging = out / "img2dataset"
     urls = out / "img2dataset_urls.jsonl"

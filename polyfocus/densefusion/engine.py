@@ -34,9 +34,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from polyfocus.data.files import write_atomic
 from polyfocus.data.images import load_image
-from polyfocus.densefusion.experts import Item, build_experts
 from polyfocus.densefusion.prompts import fusion_prompt
+from polyfocus.experts import Item, build_experts
 
 SHARDS = "shards"
 
@@ -141,15 +142,6 @@ def write_shard(out: Path, shard: int, records: list[dict], stats: dict) -> None
     """Timings first, then the records: the record file's appearance (an atomic rename) marks the shard done."""
     write_atomic(out / SHARDS / f"{shard:05d}.json", json.dumps(stats))
     write_atomic(shard_path(out, shard), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare(items: list[Item], image_root: str, out: Path, spec: EngineSpec) -> list[int]:

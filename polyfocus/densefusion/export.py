@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from polyfocus.data.formats import DENSE_CAPTION_PROMPT, Sample, _read_records, save_samples
-from polyfocus.densefusion.experts import Hints
+from polyfocus.data.formats import DENSE_CAPTION_PROMPT, Sample, read_records, save_samples
 from polyfocus.densefusion.prompts import fusion_prompt
+from polyfocus.experts import Hints
 
 FORMATS = ("llava", "engine-sft")
 
@@ -26,7 +26,7 @@ def export(records_file: str | os.PathLike, out: str | os.PathLike, format: str 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     samples = []
-    for where, record in _read_records(os.fspath(records_file), None):
+    for where, record in read_records(os.fspath(records_file), None):
         caption = record.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"{records_file}: {where}: no caption (a failed image? those are in failed.jsonl)")

@@ -20,7 +20,7 @@ queries. The image itself goes to the captioner as its visual input, before this
 
 from __future__ import annotations
 
-from polyfocus.densefusion.experts.base import Hints
+from polyfocus.experts.base import Hints
 
 META_INSTRUCTION = """\
 You write image descriptions that let a blind person understand an image completely. Follow these policies:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from polyfocus.densefusion.engine import EngineSpec, ShardWorker, shard_items, write_shard
-from polyfocus.densefusion.experts import Item
+from polyfocus.experts import Item
 
 
 class RayShardWorker:

@@ -15,8 +15,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from polyfocus.data.formats import DataError, _read_records
-from polyfocus.densefusion.experts.base import Item
+from polyfocus.data.formats import DataError, read_records
+from polyfocus.experts.base import Item
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -39,7 +39,7 @@ def read_items(source: str | os.PathLike, alt_text_field: str = "alt_text",
                  if line.strip() and not line.startswith("#")]
     else:
         items = [_record_item(record, source, where, alt_text_field)
-                 for where, record in _read_records(str(source), None)]
+                 for where, record in read_records(str(source), None)]
     items = items[:limit] if limit is not None else items
     seen: dict[str, int] = {}
     for i, item in enumerate(items):

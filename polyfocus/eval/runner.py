@@ -38,6 +38,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from polyfocus.data.files import write_atomic
 from polyfocus.eval.benchmarks import Benchmark, EvalDataError, Row, get_benchmark
 
 IMAGE_TOKEN = "<image>"
@@ -392,13 +393,6 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- summary across benchmarks

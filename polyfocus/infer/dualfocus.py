@@ -47,9 +47,8 @@ from transformers import DynamicCache
 from polyfocus.config import IGNORE_INDEX
 from polyfocus.data.dualfocus import ZOOM_PROMPT, Question, box_turn, parse_box_text, split_prompt, zoom, zoom_turn
 from polyfocus.data.images import load_image
+from polyfocus.data.prompts import LETTERS, SHORT_ANSWER, mcq_letter
 from polyfocus.data.templates import IMAGE_TOKEN, encode
-from polyfocus.eval.benchmarks.base import SHORT_ANSWER
-from polyfocus.eval.benchmarks.gqa import LETTERS, mcq_letter
 from polyfocus.infer.batcher import GREEDY_BELOW
 from polyfocus.infer.pipeline import normalize_request
 

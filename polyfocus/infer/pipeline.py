@@ -28,8 +28,16 @@ from transformers import AutoTokenizer, TextIteratorStreamer
 from polyfocus.data.boxes import BoxRecord, ObjectBoxes, indexed
 from polyfocus.data.images import CONFIG_NAME, ImageProcessor, load_image
 from polyfocus.data.templates import (
-    AUTO_NAMES, IMAGE_TOKEN, TEMPLATES, Template, TemplateError, TokenizerTemplate, encode, get_template,
+    AUTO_NAMES,
+    IMAGE_TOKEN,
+    TEMPLATES,
+    Template,
+    TemplateError,
+    TokenizerTemplate,
+    encode,
+    get_template,
 )
+from polyfocus.experts.detectors import model_detector
 
 ImageInput = str | os.PathLike | Image.Image
 # A request: (images, messages). messages is a chat ([{"role", "content"}, ...] with one "<image>" per image)
@@ -52,7 +60,8 @@ class Pipeline:
         # MG-LLaVA's object tokens: each image's boxes, from the request or the model's detector (config.box_detector)
         self.object_boxes = object_boxes
         if object_boxes is None and getattr(model.config, "object_tokens", False):
-            self.object_boxes = ObjectBoxes.for_model(model.config, image_processor, required=False)
+            self.object_boxes = ObjectBoxes.for_model(model.config, image_processor, required=False,
+                                                      detector=model_detector(model.config))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, template: str | None = None, device: str | None = None,
@@ -62,7 +71,7 @@ class Pipeline:
         template: a built-in template name; default "auto" = the tokenizer's chat_template (a training run
         saves the tokenizer with its template's Jinja as chat_template).
         """
-        from polyfocus.model.convert import load_model
+        from polyfocus.checkpoints import load_model
 
         model = load_model(path, **({"dtype": dtype} if dtype is not None else {}))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -216,22 +225,6 @@ class Pipeline:
             pieces.append(piece)
             yield piece
         history += [user, {"role": "assistant", "content": "".join(pieces)}]
-
-
-def model_chat(model, image: ImageInput | None, question: str, tokenizer=None, image_processor=None,
-               template: str | None = None, history: list[dict] | None = None, stream: bool = False, **gen_kwargs):
-    """`PolyfocusForConditionalGeneration.chat`: a Pipeline around `model`, with the tokenizer and image
-    processor of the directory it was loaded from (`model.name_or_path`) unless given."""
-    path = model.name_or_path
-    if tokenizer is None:
-        if not path or not Path(path).is_dir():
-            raise ValueError("model.chat: the model was not loaded from a local directory "
-                             f"(name_or_path={path!r}); pass tokenizer=")
-        tokenizer = load_tokenizer(path)
-    if image_processor is None:
-        image_processor = load_image_processor(path, model.config)
-    pipe = Pipeline(model, tokenizer, image_processor, template)
-    return pipe.chat(image, question, history, stream=stream, **gen_kwargs)
 
 
 STRATEGIES = ("plain", "dualfocus", "dualfocus_answer")  # how an answer is produced (server.py: async versions)

@@ -16,12 +16,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from polyfocus.config import IGNORE_INDEX, PolyfocusConfig
 from polyfocus.model.fusion import FUSION_MODULES, build_fusion
-from polyfocus.model.fusion.convgate import build_hires_tower, hires_stages, low_res_pixels
+from polyfocus.model.hires import build_hires_tower, hires_stages, low_res_pixels
 from polyfocus.model.objects import box_features, with_object_tokens
 from polyfocus.model.projector import build_projector
 from polyfocus.model.vision import build_vision_tower, select_features
 from polyfocus.model.visual_words import (
-    CausalLMOutputWithVisualWords, build_visual_word_head, init_visual_word_head, pseudo_image_features,
+    CausalLMOutputWithVisualWords,
+    build_visual_word_head,
+    init_visual_word_head,
+    pseudo_image_features,
     visual_word_loss,
 )
 
@@ -261,13 +264,6 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
                 input_ids = input_ids.masked_fill(input_ids == image_id, 0)
             pixel_values = None
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-
-    def chat(self, image, question: str, tokenizer=None, **kwargs):
-        """`model.chat(image, question)`: one chat turn, with the tokenizer and image processor of the directory
-        the model was loaded from. See `polyfocus.infer.pipeline.Pipeline.chat` (history=, stream=, ...)."""
-        from polyfocus.infer.pipeline import model_chat  # lazy: the pipeline imports this module
-
-        return model_chat(self, image, question, tokenizer=tokenizer, **kwargs)
 
 
 # `AutoModelForImageTextToText.from_pretrained(dir)` finds us once polyfocus is imported.

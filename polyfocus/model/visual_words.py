@@ -120,7 +120,7 @@ def visual_word_loss(lm_logits: torch.Tensor, is_image: torch.Tensor, visual_wor
     return total / max(row.shape[0], 1)  # M = 0: a zero that keeps the head in the graph
 
 
-# ---- per-patch words: the picture of the README and the synthworld check ---------------------------------------
+# ---- per-patch words: the picture of the README (polyfocus visual-words) ----------------------------------------
 
 
 def grid_side(config) -> int:
@@ -217,43 +217,3 @@ def draw_visual_words(image: Image.Image, word_map: dict) -> Image.Image:
 
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled font: nothing to download
-
-
-# ---- does a patch's visual word name what is under it (synthworld) ---------------------------------------------
-
-
-def patch_word_agreement(model, tokenizer, image_processor, scenes, attribute: str = "either") -> float:
-    """Fraction of the patches lying on an object (patch centre inside the object's box) whose argmax visual word
-    is the object's shape ("shape"), its colour ("colour"), or either ("either"). Scenes are synthworld `Scene`s,
-    rendered at their own size. 0.0 when no patch lies on an object."""
-    from polyfocus.data.synthworld import render
-
-    hits = total = 0
-    for scene in scenes:
-        image = render(scene)
-        _, ids = patch_visual_words(model, image_processor([image]))
-        words = [[token_text(tokenizer, i).strip().lower() for i in row] for row in ids[0, ..., 0].tolist()]
-        boxes = patch_boxes(image.size, len(words), image_processor)
-        scene_hits, scene_total = word_agreement_counts(scene, words, boxes, attribute)
-        hits, total = hits + scene_hits, total + scene_total
-    return hits / total if total else 0.0
-
-
-def word_agreement_counts(scene, words: list[list[str]], boxes, attribute: str = "either") -> tuple[int, int]:
-    """(patches whose word names the object under them, patches on an object) for one scene.
-
-    words, boxes: [row][col] grids, boxes in the pixels of the scene's image (scene.image_size)."""
-    if attribute not in ("either", "shape", "colour"):
-        raise ValueError(f"attribute must be either, shape or colour, got {attribute!r}")
-    hits = total = 0
-    for word_row, box_row in zip(words, boxes):
-        for word, (x1, y1, x2, y2) in zip(word_row, box_row):
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            under = next((o for o in scene.objects
-                          if o.box[0] <= cx < o.box[2] and o.box[1] <= cy < o.box[3]), None)
-            if under is None:
-                continue
-            names = {"shape": {under.shape}, "colour": {under.colour}}.get(attribute, {under.shape, under.colour})
-            total += 1
-            hits += word in names
-    return hits, total

@@ -92,7 +92,7 @@ def load_tokenizer(model_args):
 
 def build_model(model_args, data_args, training_args, tokenizer):
     """Start from a checkpoint, from an LLM + vision tower, or from a fresh `model_config`."""
-    from polyfocus.model.convert import checkpoint_format, load_model
+    from polyfocus.checkpoints import checkpoint_format, load_model
 
     dtype = torch.bfloat16 if training_args.bf16 else None
     overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS if getattr(model_args, k) is not None}
@@ -104,14 +104,14 @@ def build_model(model_args, data_args, training_args, tokenizer):
         kwargs = {"model_base": model_args.model_base, "vision_tower": model_args.vision_tower, "dtype": dtype,
                   "attn_implementation": model_args.attn_implementation}
         if model_args.lora_enable and model_args.bits in (4, 8):  # QLoRA: the LLM is loaded quantized (CUDA)
-            from polyfocus.train.lora import load_quantized
+            from polyfocus.checkpoints import load_quantized
 
             model = load_quantized(path, bits=model_args.bits, **kwargs)
         else:
             model = load_model(path, **kwargs)
         print(f"loaded {checkpoint_format(path)} checkpoint {path}")
     elif path:
-        from polyfocus.model.backbones import from_backbones
+        from polyfocus.checkpoints.backbones import from_backbones
 
         if not model_args.vision_tower:
             raise ValueError(f"{path} is a plain LLM: give vision_tower (a local CLIP/SigLIP directory)")
@@ -124,8 +124,8 @@ def build_model(model_args, data_args, training_args, tokenizer):
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     elif model_args.model_config is not None:
-        from polyfocus.model.presets import tiny_config
         from polyfocus.model.modeling import PolyfocusForConditionalGeneration
+        from polyfocus.model.presets import tiny_config
 
         kwargs = model_args.model_config
         kwargs = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
@@ -134,7 +134,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
         model = PolyfocusForConditionalGeneration(tiny_config(**kwargs, **overrides))
         model.config._attn_implementation = model_args.attn_implementation
         if model_args.hires_tower:  # MG-LLaVA's ConvNeXt from its directory (its config must match hires_config)
-            from polyfocus.model.fusion.convgate import load_hires_tower
+            from polyfocus.checkpoints.convnext import load_hires_tower
 
             if model.hires_tower is None:
                 raise ValueError("hires_tower given, but nothing uses it: add fusion: convgate or object_tokens: true")
@@ -194,7 +194,7 @@ def load_projector(model, file: str) -> None:
     model.mm_projector.*) or ours (convert.load_projector_weights)."""
     from safetensors.torch import load_file
 
-    from polyfocus.model.convert import load_projector_weights
+    from polyfocus.checkpoints.llava import load_projector_weights
 
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file}: no projector weights (pretrain_mm_mlp_adapter)")
@@ -226,11 +226,13 @@ def build_dataset(data_args, training_args, model, tokenizer, template, image_pr
         object_boxes = None
         if model.config.object_tokens:  # MG-LLaVA: boxes from the box JSON, or the model's detector
             from polyfocus.data.boxes import ObjectBoxes
+            from polyfocus.experts.detectors import model_detector
 
             box_json = box_files[i if len(box_files) > 1 else 0] if box_files else None
             if box_json not in boxes_by_json:
+                detector = None if box_json else model_detector(model.config)
                 boxes_by_json[box_json] = ObjectBoxes.for_model(model.config, image_processor, box_json,
-                                                                training_args.model_max_length)
+                                                                training_args.model_max_length, detector=detector)
             object_boxes = boxes_by_json[box_json]
         dataset = SupervisedDataset(path, data_args.image_folder, tokenizer, template, image_processor,
                                     model.config.image_token_id, model.config.num_image_tokens,

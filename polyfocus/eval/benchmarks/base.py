@@ -25,9 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-MC_ANSWER = "\nAnswer with the option's letter from the given choices directly."
-MC_ANSWER_CN = "\n请直接回答选项字母。"
+from polyfocus.data import files
 
 ImageRef = str | Path | Callable[[], Image.Image]  # a file, or something that decodes one (base64 in a TSV)
 
@@ -85,13 +83,7 @@ class Benchmark:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EvalDataError(f"file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise EvalDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return files.read_json(path, EvalDataError)
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

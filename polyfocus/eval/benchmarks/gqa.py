@@ -17,12 +17,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from polyfocus.data.prompts import LETTERS, MC_ANSWER, SHORT_ANSWER, mcq_letter
 from polyfocus.eval.benchmarks.base import (
-    MC_ANSWER, SHORT_ANSWER, Benchmark, EvalDataError, Row, field_of, percent, read_json, read_jsonl, with_suffix,
+    Benchmark,
+    EvalDataError,
+    Row,
+    field_of,
+    percent,
+    read_json,
+    read_jsonl,
+    with_suffix,
 )
 from polyfocus.eval.benchmarks.vqa import llava_question_rows, write_json
-
-LETTERS = ("A", "B", "C", "D")  # a tuple: substrings such as "" must not count as letters
 
 
 class GQA(Benchmark):
@@ -123,13 +129,3 @@ class GQAMCQ(GQA):
                 "prediction": predicted}
 
 
-def mcq_letter(answer: str, options: list[str]) -> str:
-    """DualFocus's process_outputs: the first character if it is a-d (as the reference reads it: "Blue" -> B),
-    otherwise the letter of the first option whose text the answer contains, otherwise the answer itself."""
-    text = answer.strip()
-    if text[:1].lower() in ("a", "b", "c", "d"):
-        return text[0].upper()
-    for letter, option in zip(LETTERS, options):
-        if option.lower() in text.lower():
-            return letter
-    return text

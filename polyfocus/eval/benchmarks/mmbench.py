@@ -29,9 +29,8 @@ import csv
 import sys
 from pathlib import Path
 
-from polyfocus.eval.benchmarks.base import (
-    MC_ANSWER, MC_ANSWER_CN, Benchmark, EvalDataError, Row, base64_image, percent,
-)
+from polyfocus.data.prompts import MC_ANSWER, MC_ANSWER_CN
+from polyfocus.eval.benchmarks.base import Benchmark, EvalDataError, Row, base64_image, percent
 
 LETTERS = ("A", "B", "C", "D")  # a tuple: substrings such as "" must not count as letters
 ROUND = 1_000_000

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 
-from polyfocus.eval.benchmarks.base import SHORT_ANSWER, Benchmark, EvalDataError, Row
+from polyfocus.data.prompts import SHORT_ANSWER
+from polyfocus.eval.benchmarks.base import Benchmark, EvalDataError, Row
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pickle
 
+from polyfocus.data.prompts import iou, parse_box
 from polyfocus.eval.benchmarks.base import Benchmark, EvalDataError, Row, field_of, percent, read_json
-from polyfocus.eval.synthworld import iou, parse_box
 
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import re
 
-from polyfocus.eval.benchmarks.base import (
-    MC_ANSWER, Benchmark, EvalDataError, Row, field_of, percent, read_json,
-)
+from polyfocus.data.prompts import MC_ANSWER
+from polyfocus.eval.benchmarks.base import Benchmark, EvalDataError, Row, field_of, percent, read_json
 
 OPTIONS = ("A", "B", "C", "D", "E")  # a tuple: "" in "ABCDE" would be True
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polyfocus.eval.benchmarks.base import MC_ANSWER, Benchmark, EvalDataError, Row, field_of, percent, read_json
+from polyfocus.data.prompts import MC_ANSWER
+from polyfocus.eval.benchmarks.base import Benchmark, EvalDataError, Row, field_of, percent, read_json
 
 CHOICES = ("choice_a", "choice_b", "choice_c", "choice_d")
 

@@ -1,14 +1,14 @@
 """synthworld's own benchmark: a split exported by `polyfocus synth` (`<split>.json` + `images/`), scored per task
-family by polyfocus.eval.synthworld (exact match after normalisation, option letters, IoU >= 0.5 boxes, caption
+family by polyfocus.synthworld.scorer (exact match after normalisation, option letters, IoU >= 0.5 boxes, caption
 F1). The prompt is the sample's user turn as exported (it already carries "<image>\\n" and the LLaVA-1.5
 answer-format instruction of its family)."""
 
 from __future__ import annotations
 
 from polyfocus.data.formats import DataError, load_samples
-from polyfocus.data.synthworld_tasks import FAMILIES
-from polyfocus.eval import synthworld
 from polyfocus.eval.benchmarks.base import Benchmark, EvalDataError, Row, percent
+from polyfocus.synthworld import scorer
+from polyfocus.synthworld.tasks import FAMILIES
 
 
 class Synthworld(Benchmark):
@@ -30,18 +30,18 @@ class Synthworld(Benchmark):
             raise EvalDataError(str(e)) from None
         rows = []
         for sample in samples:
-            question = synthworld.question_of(sample)
+            question = scorer.question_of(sample)
             if len(question) != 1 or "family" not in sample.extra:
                 raise EvalDataError(f"{path}: sample {sample.name} is not a single-turn synthworld question")
             self.samples[sample.id] = sample
             rows.append(Row(question_id=sample.id, prompt=question[0]["content"],
                             images=[self.data / p for p in sample.images], question=question[0]["content"],
-                            reference=synthworld.reference_of(sample), where=f"{path}: sample {sample.name}",
+                            reference=scorer.reference_of(sample), where=f"{path}: sample {sample.name}",
                             meta={"family": sample.extra["family"]}))
         return rows
 
     def score_one(self, row: Row, answer: str) -> dict:
-        return {"score": synthworld.score(self.samples[row.question_id], answer)}
+        return {"score": scorer.score(self.samples[row.question_id], answer)}
 
     def aggregate(self, rows, judged) -> dict:
         groups: dict[str, list[float]] = {}

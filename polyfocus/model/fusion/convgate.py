@@ -21,29 +21,10 @@ Attribute names are the reference's (`DualPathFuseModule`), so its weights load 
 
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-
-from polyfocus.config import CLIP_CONVNEXT_L
-
-OPEN_CLIP_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
-# timm ConvNeXt (open_clip's `visual.trunk`) → transformers' ConvNextModel; the head is not used (MG-LLaVA drops it).
-OPEN_CLIP_TO_CONVNEXT = (
-    (r"^visual\.trunk\.stem\.0\.", "embeddings.patch_embeddings."),
-    (r"^visual\.trunk\.stem\.1\.", "embeddings.layernorm."),
-    (r"^visual\.trunk\.stages\.(\d+)\.downsample\.", r"encoder.stages.\1.downsampling_layer."),
-    (r"^visual\.trunk\.stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"encoder.stages.\1.layers.\2.dwconv."),
-    (r"^visual\.trunk\.stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
-    (r"^visual\.trunk\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"encoder.stages.\1.layers.\2.pwconv1."),
-    (r"^visual\.trunk\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"encoder.stages.\1.layers.\2.pwconv2."),
-    (r"^visual\.trunk\.stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"encoder.stages.\1.layers.\2.layer_scale_parameter"),
-)
 
 
 class ConvGate(nn.Module):
@@ -93,91 +74,3 @@ class ConvGate(nn.Module):
         l = grid.flatten(2).transpose(1, 2)  # [B, H*W, C_L]
         gate = self.gate(torch.cat([l, h], dim=-1).mean(dim=1))[:, None, :]  # [B, 1, 1]: one scalar per image
         return l + gate.tanh() * h
-
-
-# ---- the high-resolution tower ---------------------------------------------------------------------------------
-
-
-def build_hires_tower(config) -> nn.Module:
-    from transformers import AutoModel
-
-    # A ConvNeXt has no attention: the sdpa / flash setting a checkpoint is loaded with does not apply to it.
-    return AutoModel.from_config(config.hires_config, attn_implementation="eager")
-
-
-def hires_stages(tower: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """The ConvNeXt's four stage outputs [B, C_s, H/4/2^s, W/4/2^s] (its hidden states after the stem). Run without
-    autograd when the tower is frozen (MG-LLaVA's `optimize_vision_tower_aux=False`)."""
-    dtype = next(tower.parameters()).dtype
-    trains = any(p.requires_grad for p in tower.parameters()) and torch.is_grad_enabled()
-    with torch.set_grad_enabled(trains):
-        return list(tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states[1:])
-
-
-def low_res_pixels(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
-    """The low-resolution tower's input: the normalised high-resolution tensor, downsampled bilinearly (no
-    antialias), as MG-LLaVA makes it; not a second bicubic resize of the image."""
-    if pixel_values.shape[-1] == size and pixel_values.shape[-2] == size:
-        return pixel_values
-    return F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def open_clip_to_convnext(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An open_clip CLIP-ConvNeXt state dict → transformers ConvNextModel keys (the trunk only; the head, the text
-    tower and the projection are dropped, as MG-LLaVA drops them)."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in OPEN_CLIP_TO_CONVNEXT:
-            new, hits = re.subn(pattern, replacement, key)
-            if hits:
-                out[new] = value
-                break
-    return out
-
-
-def convnext_config_of(state: dict[str, torch.Tensor]):
-    """The ConvNextConfig that a ConvNeXt state dict (transformers names) was made with: depths, widths, patch."""
-    from transformers import ConvNextConfig
-
-    blocks: dict[int, set[int]] = {}
-    for key in state:
-        match = re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.", key)
-        if match:
-            blocks.setdefault(int(match[1]), set()).add(int(match[2]))
-    stages = sorted(blocks)
-    widths = [state[f"encoder.stages.{i}.layers.0.dwconv.weight"].shape[0] for i in stages]
-    patch = state["embeddings.patch_embeddings.weight"].shape[-1]
-    return ConvNextConfig(**{**CLIP_CONVNEXT_L, "num_stages": len(stages), "depths": [len(blocks[i]) for i in stages],
-                             "hidden_sizes": widths, "patch_size": patch})
-
-
-def load_hires_tower(path: str | os.PathLike, config=None) -> nn.Module:
-    """A local high-resolution tower: a transformers ConvNeXt directory (config.json + weights), or open_clip's
-    CLIP-ConvNeXt weights (a directory holding open_clip_pytorch_model.bin / open_clip_model.safetensors, as on the
-    hub, or that file). `config`: the ConvNextConfig the open_clip weights must fit (None: read off the weights,
-    e.g. depths 3/3/27/3 and widths 192...1536 for CLIP-ConvNeXt-L)."""
-    from transformers import AutoModel, ConvNextModel
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return AutoModel.from_pretrained(path)
-    file = path if path.is_file() else next((path / n for n in OPEN_CLIP_WEIGHTS if (path / n).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{path}: no high-resolution tower here: expected a transformers ConvNeXt directory "
-                                f"(config.json) or open_clip weights ({' / '.join(OPEN_CLIP_WEIGHTS)})")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(file)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    state = open_clip_to_convnext(state.get("state_dict", state))
-    if not state:
-        raise ValueError(f"{file}: no open_clip ConvNeXt trunk weights (visual.trunk.stem.* / visual.trunk.stages.*)")
-    tower = ConvNextModel(config if config is not None else convnext_config_of(state))
-    result = tower.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("layernorm.")]  # the pooled head norm: unused
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{file}: the weights do not match the ConvNeXt config: missing {missing[:5]}, unexpected "
-                         f"{result.unexpected_keys[:5]}")
-    return tower

@@ -9,7 +9,7 @@ shallower layers of the same vision tower (keys/values), through deformable atte
 
 So at initialisation the model is the plain LLaVA model, bit for bit. No FFN, dropout or positional embedding,
 as in the reference code. Attribute names are the reference's (`MSCrossAttnBlock`), so its checkpoints load by
-name (polyfocus/model/convert.py).
+name (polyfocus/checkpoints/).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ covers) and classified into the object's attributes (colour and shape on synthwo
 as a plain transformers vision checkpoint, the kind of directory `vision_tower:` takes, and stays frozen in
 stages 1 and 2 as LLaVA's CLIP does.
 
-    python -c "from polyfocus.train.tower import pretrain_tower; help(pretrain_tower)"
+    python -c "from polyfocus.synthworld.tower import pretrain_tower; help(pretrain_tower)"
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class SceneObjects(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        from polyfocus.data.synthworld import make_scene, render
+        from polyfocus.synthworld.scenes import make_scene, render
 
         size = self.processor.image_size
         scene = make_scene(f"{self.seed}/{self.split}/{i}", size, self.max_objects)
@@ -93,15 +93,17 @@ class ObjectClassifier(nn.Module):
 
 
 @torch.no_grad()
-def object_accuracy(model: ObjectClassifier, dataset: SceneObjects, batch_size: int = 64) -> dict[str, float]:
-    """Fraction of objects whose attribute the pooled features classify correctly, per attribute."""
+def attribute_accuracy(model: nn.Module, dataset, collate, batch_size: int = 64) -> dict[str, float]:
+    """Per attribute head, the fraction of its items (objects, plate characters) the pooled features classify
+    right; `model(**collate(items))["correct"]` gives a boolean per item and head. Heads that saw no item are left
+    out."""
     model.eval()
     correct = {name: [] for name in model.heads}
     for start in range(0, len(dataset), batch_size):
-        batch = collate_objects([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         for name, ok in model(**batch)["correct"].items():
             correct[name].append(ok)
-    return {name: torch.cat(ok).float().mean().item() for name, ok in correct.items()}
+    return {name: torch.cat(ok).float().mean().item() for name, ok in correct.items() if ok}
 
 
 def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_size: int = 32,
@@ -112,7 +114,7 @@ def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_
 
     Cosine schedule with warmup through transformers' Trainer (progress bar and logs as in `polyfocus train`).
     """
-    from polyfocus.data.synthworld import COLOURS, SHAPES
+    from polyfocus.synthworld.scenes import COLOURS, SHAPES
 
     torch.manual_seed(seed)
     attributes = {"colour": list(COLOURS), "shape": list(SHAPES)}
@@ -131,4 +133,4 @@ def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_
             data_collator=collate_objects).train()
     tower.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    return object_accuracy(model, scenes(test_scenes, "tower-test"))
+    return attribute_accuracy(model, scenes(test_scenes, "tower-test"), collate_objects)

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from polyfocus.data.files import write_atomic
+
 # ----------------------------------------------------------------------------- vocabulary
 
 # Far apart in RGB and far from every background, so "what colour" is answerable from pixels.
@@ -358,7 +360,7 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     test exported with one seed hold different scenes. Deterministic in (n, seed, split, ...).
     """
     # Tasks are built on top of scenes; importing them here keeps the module graph acyclic.
-    from polyfocus.data.synthworld_tasks import FAMILIES, WorldStats, make_task
+    from polyfocus.synthworld.tasks import FAMILIES, WorldStats, make_task
 
     if families is None:
         families = ["caption"] if split == "pretrain" else list(FAMILIES)
@@ -373,7 +375,7 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
 
     samples, counts = [], {f: 0 for f in families}
     for scene in scenes:
-        _write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)))
+        write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)), fsync=False)
         for family in families:
             task = make_task(scene, family, stats=stats)
             if task is None:  # no unambiguous question of this family in this scene
@@ -382,7 +384,7 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
             counts[family] += 1
 
     json_path = os.path.join(out_dir, f"{split}.json")
-    _write_atomic(json_path, json.dumps(samples, ensure_ascii=False).encode())
+    write_atomic(json_path, json.dumps(samples, ensure_ascii=False))
     scenes_path = os.path.join(out_dir, "scenes.jsonl")
     _write_scenes(scenes_path, split, scenes)
     return {"split": split, "n_scenes": n, "n_samples": len(samples), "families": counts,
@@ -434,11 +436,4 @@ def _write_scenes(path: str, split: str, scenes: list[Scene]):
         with open(path) as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("split") != split]
     lines = [json.dumps({"split": split, **s.to_dict()}) + "\n" for s in scenes]
-    _write_atomic(path, "".join(kept + lines).encode())
-
-
-def _write_atomic(path: str, data: bytes):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept + lines))

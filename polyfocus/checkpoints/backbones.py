@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, ConvNextConfig
 
+from polyfocus.checkpoints.common import vision_config_of, vision_state
+from polyfocus.checkpoints.convnext import load_hires_tower
 from polyfocus.config import PolyfocusConfig
-from polyfocus.model.convert import _vision_config, _vision_state
 from polyfocus.model.fusion import build_fusion
-from polyfocus.model.fusion.convgate import build_hires_tower, load_hires_tower
+from polyfocus.model.hires import build_hires_tower
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 from polyfocus.model.projector import build_projector
 from polyfocus.model.vision import build_vision_tower
@@ -35,7 +36,7 @@ def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id:
         hires = load_hires_tower(hires_tower, ConvNextConfig(**given) if given else None)
         config_fields["hires_config"] = hires.config.to_dict()
     config = PolyfocusConfig(
-        vision_config=_vision_config(Path(tower_path)).to_dict(),
+        vision_config=vision_config_of(Path(tower_path)).to_dict(),
         text_config=AutoConfig.from_pretrained(llm_path).to_dict(),
         image_token_id=image_token_id,
         mm_vision_tower=str(tower_path),
@@ -49,7 +50,7 @@ def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id:
     # The tower and projector are rebuilt for real (to_empty would leave non-persistent buffers such as CLIP's
     # position_ids uninitialised).
     model.vision_tower = build_vision_tower(config)
-    model.vision_tower.load_state_dict(_vision_state(AutoModel.from_pretrained(tower_path)), strict=True)
+    model.vision_tower.load_state_dict(vision_state(AutoModel.from_pretrained(tower_path)), strict=True)
     model.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.text_config.hidden_size)
     model.mm_projector.apply(model._init_weights)
     model.mm_fusion = build_fusion(config)  # MMFuser & co. initialise themselves (an identity at first); None: plain

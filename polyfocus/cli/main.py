@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from polyfocus.cli.options import parse_options
+
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from polyfocus.data.synthworld import export
+    from polyfocus.synthworld.scenes import export
 
     families = args.families.split(",") if args.families else None
     summary = export(args.out, args.n, seed=args.seed, image_size=args.image_size, families=families, split=args.split)
@@ -17,7 +19,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from polyfocus.model.convert import checkpoint_format, copy_processor_files, has_tokenizer, load_model, save_llava_hf
+    from polyfocus.checkpoints import checkpoint_format, copy_processor_files, has_tokenizer, load_model, save_llava_hf
 
     found = checkpoint_format(args.src)
     wanted = {"hf": "llava-hf", "llava": ("llava", "projector"), "polyfocus": "polyfocus",
@@ -39,8 +41,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_boxes(args: argparse.Namespace) -> None:
-    from polyfocus.data.boxes import BoxError, boxes_for_dataset, make_detector, write_box_json
+    from polyfocus.data.boxes import BoxError, boxes_for_dataset, write_box_json
     from polyfocus.data.formats import DataError
+    from polyfocus.experts.detectors import make_detector
+    from polyfocus.synthworld.detector import scene_box_records
 
     if (args.detector is None) == (args.scenes is None):
         raise SystemExit("polyfocus boxes: give --detector (synthworld, or a local OWLv2 / Grounding DINO directory) "
@@ -55,11 +59,12 @@ def cmd_boxes(args: argparse.Namespace) -> None:
     try:
         tagger = None
         if args.tagger:
-            from polyfocus.densefusion.experts.clip_tags import CLIPTagger
+            from polyfocus.experts.clip_tags import CLIPTagger
 
             tagger = CLIPTagger(args.tagger, args.tag_list, top_k=args.top_k, min_probability=args.min_probability)
         detector = make_detector(args.detector, queries, args.threshold, tagger) if args.detector else None
-        records = boxes_for_dataset(args.data, args.image_folder, detector, args.scenes)
+        truth = scene_box_records(args.scenes) if args.scenes else None
+        records = boxes_for_dataset(args.data, args.image_folder, detector, truth, args.scenes)
     except (BoxError, DataError, ValueError, OSError) as e:
         raise SystemExit(f"polyfocus boxes: {e}") from None
     write_box_json(records, args.out)
@@ -117,9 +122,9 @@ def cmd_dualfocus_data(args: argparse.Namespace) -> None:
 def cmd_visual_words(args: argparse.Namespace) -> None:
     import torch
 
+    from polyfocus.checkpoints import load_model
     from polyfocus.data.images import ImageLoadError, load_image
     from polyfocus.infer.pipeline import load_image_processor, load_tokenizer
-    from polyfocus.model.convert import load_model
     from polyfocus.model.visual_words import draw_visual_words, visual_word_map
 
     if args.topk < 1:
@@ -157,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from polyfocus.train.lora import base_of, merge_lora
+    from polyfocus.checkpoints import base_of, merge_lora
 
     try:
         base = base_of(args.adapter_dir, args.model_base)
@@ -185,14 +190,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
         max_objects=args.max_objects, families=families, seed=args.seed, **optional)
 
 
-def _option_value(text: str):
-    """--option values: JSON where it parses (true, 3, "x"), else the plain string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from polyfocus.eval.benchmarks import BENCHMARKS, EvalDataError
     from polyfocus.eval.judge import JudgeError
@@ -206,12 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     if not (args.model and args.benchmark and args.data):
         raise SystemExit("polyfocus eval: --model, --benchmark and --data are required (or --summary DIR / --list)")
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = _option_value(value)
+    options = parse_options(args.option, "--option")
     judge = {k: v for k, v in (("base_url", args.judge_base_url), ("model", args.judge_model),
                                ("api_key", args.judge_api_key)) if v is not None}
     try:
@@ -394,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.set_defaults(func=cmd_eval)
 
-    from polyfocus.densefusion.cli import add_parser as add_densefusion_parser
+    from polyfocus.cli.densefusion import add_parser as add_densefusion_parser
 
     add_densefusion_parser(verbs)  # polyfocus densefusion run | download | curate | export | synthworld
 
@@ -415,7 +407,3 @@ def main(argv: list[str] | None = None) -> None:
         return cmd_train(argparse.Namespace(config=argv[1] if has_config else None), argv[2 if has_config else 1:])
     args = build_parser().parse_args(argv)
     args.func(args)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -7,23 +7,7 @@ import json
 import os
 from pathlib import Path
 
-
-def _options(pairs: list[str], flag: str, dotted: bool) -> dict:
-    """["ocr.scale=3", ...] -> {"ocr": {"scale": 3}} (dotted) or ["model=x"] -> {"model": "x"}; values are JSON
-    where they parse (3, true, [1, 2]), else strings."""
-    from polyfocus.cli import _option_value
-
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        name, dot, option = key.partition(".")
-        if not sep or (dotted and not (dot and name and option)):
-            raise SystemExit(f"{flag} {pair!r}: expected {'EXPERT.KEY' if dotted else 'KEY'}=VALUE")
-        if dotted:
-            options.setdefault(name, {})[option] = _option_value(value)
-        else:
-            options[key] = _option_value(value)
-    return options
+from polyfocus.cli.options import parse_options
 
 
 def _image_root(args) -> str:
@@ -37,8 +21,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from polyfocus.densefusion.sources import read_items
 
     spec = EngineSpec(experts=[e for e in args.experts.split(",") if e], captioner=args.captioner,
-                      expert_options=_options(args.expert_option, "--expert-option", dotted=True),
-                      captioner_options=_options(args.captioner_option, "--captioner-option", dotted=False),
+                      expert_options=parse_options(args.expert_option, "--expert-option", dotted=True),
+                      captioner_options=parse_options(args.captioner_option, "--captioner-option", dotted=False),
                       prompt=args.prompt, shard_size=args.shard_size)
     items = read_items(args.images, alt_text_field=args.alt_text_field, limit=args.limit)
     summary = run_engine(items, _image_root(args), args.out, spec, workers=args.workers, batch_size=args.batch_size,
@@ -83,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_synthworld(args: argparse.Namespace) -> None:
-    from polyfocus.densefusion.synthworld import synthworld_inputs
+    from polyfocus.synthworld.densefusion import synthworld_inputs
 
     print(json.dumps(synthworld_inputs(args.data, args.out, args.split), indent=1))
 

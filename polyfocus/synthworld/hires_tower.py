@@ -2,14 +2,14 @@
 
 MG-LLaVA freezes an open_clip CLIP-ConvNeXt-L; nothing can be downloaded here and a random tower gives the LLM
 nothing to read (docs/benchmarks.md, for the CLIP stand-in), so the demo teaches a small ConvNeXt what synthworld's
-objects look like, as polyfocus/train/tower.py does for the low-resolution tower. Each object's box is pooled from
+objects look like, as polyfocus/synthworld/tower.py does for the low-resolution tower. Each object's box is pooled from
 the tower exactly as the object tokens pool it (`box_features`: RoIAlign mean over the multi-stage map) and, apart,
 from the last stage alone (what the Conv-Gate fuses); linear heads classify the object's colour and shape and, since
 this tower sees the image at the high resolution where the label plates are readable, each character of a plate
 (its box cut into one column per character). The result is a plain transformers ConvNeXt checkpoint, the kind of
 directory `hires_tower:` takes, frozen in stages 1 and 2 as MG-LLaVA's.
 
-    python -c "from polyfocus.train.hires_tower import pretrain_hires_tower; help(pretrain_hires_tower)"
+    python -c "from polyfocus.synthworld.hires_tower import pretrain_hires_tower; help(pretrain_hires_tower)"
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from torch import nn
 from transformers import ConvNextConfig, ConvNextModel, Trainer, TrainingArguments
 
 from polyfocus.data.images import ImageProcessor
-from polyfocus.model.fusion.convgate import hires_stages
+from polyfocus.model.hires import hires_stages
 from polyfocus.model.objects import box_features
+from polyfocus.synthworld.tower import attribute_accuracy
 
 OBJECT_ATTRIBUTES = ("colour", "shape")
 
 
 def synthworld_attributes() -> dict[str, list[str]]:
     """Labels per head: an object's colour and shape; a character of a label plate."""
-    from polyfocus.data.synthworld import CODE_ALPHABET, COLOURS, SHAPES
+    from polyfocus.synthworld.scenes import CODE_ALPHABET, COLOURS, SHAPES
 
     return {"colour": list(COLOURS), "shape": list(SHAPES), "char": list(CODE_ALPHABET)}
 
@@ -54,7 +55,7 @@ class SceneBoxes(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        from polyfocus.data.synthworld import make_scene, render
+        from polyfocus.synthworld.scenes import make_scene, render
 
         scene = make_scene(f"{self.seed}/{self.split}/{i}", self.processor.image_size, self.max_objects)
         plates = [o for o in scene.objects if o.code]
@@ -113,18 +114,6 @@ class BoxClassifier(nn.Module):
         return {"loss": loss, "correct": correct}
 
 
-@torch.no_grad()
-def box_accuracy(model: BoxClassifier, dataset: SceneBoxes, batch_size: int = 32) -> dict[str, float]:
-    """Fraction of objects (colour, shape) and of plates (each character) the pooled features classify right."""
-    model.eval()
-    correct = {name: [] for name in model.heads}
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_boxes([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        for name, ok in model(**batch)["correct"].items():
-            correct[name].append(ok)
-    return {name: torch.cat(ok).float().mean().item() for name, ok in correct.items() if ok}
-
-
 def pretrain_hires_tower(config: ConvNextConfig, out_dir: str | Path, image_size: int, steps: int = 1500,
                          batch_size: int = 16, learning_rate: float = 2e-3, max_objects: int = 3, seed: int = 0,
                          test_scenes: int = 200) -> dict[str, float]:
@@ -142,4 +131,5 @@ def pretrain_hires_tower(config: ConvNextConfig, out_dir: str | Path, image_size
     train = SceneBoxes(steps * batch_size, image_size, max_objects, seed=seed)
     Trainer(model=model, args=args, train_dataset=train, data_collator=collate_boxes).train()
     tower.save_pretrained(out_dir)
-    return box_accuracy(model, SceneBoxes(test_scenes, image_size, max_objects, "hires-tower-test", seed))
+    test = SceneBoxes(test_scenes, image_size, max_objects, "hires-tower-test", seed)
+    return attribute_accuracy(model, test, collate_boxes, batch_size=32)

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from polyfocus.densefusion.experts.base import Expert, Item, default_device, hf_image_processor, pooled
+from polyfocus.experts.base import Expert, Item, default_device, hf_image_processor, pooled
 
 
 def read_vocabulary(vocabulary: str | os.PathLike | list[str]) -> list[str]:

@@ -10,26 +10,34 @@ colour, with a free gap around every object. So:
 3. shape: the shape whose drawing in that box (synthworld's own drawing code) best matches the colour's pixels,
    ignoring "other" pixels; the score is that match's IoU (1.0 for a clean render).
 
-It serves DenseFusion's data engine as the synthworld "detection expert" and MG-LLaVA as a box source.
+It serves MG-LLaVA as a box source (`box_detector: synthworld`, `polyfocus boxes --detector synthworld`) and
+DenseFusion's data engine as the "synthworld" detection expert: both names are registered with polyfocus.experts
+when this module is imported (the package's root imports it, so every entry point has them).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from polyfocus.data.synthworld import BACKGROUNDS, COLOURS, SHAPES, Box, _draw_shape
+from polyfocus.data.boxes import BoxRecord
+from polyfocus.experts import Detection, Expert, Item, register_expert
+from polyfocus.experts.detectors import normalized, register_detector
+from polyfocus.synthworld.scenes import BACKGROUNDS, COLOURS, SHAPES, Box, _draw_shape
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.int16)  # [9, 3]
 BACKGROUND_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.int16)  # [4, 3]
 BACKGROUND_TOLERANCE = 16  # textures move a background by at most 12 levels
 EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
-Detection = tuple[Box, str, str, float]  # (box, colour, shape, score)
+Found = tuple[Box, str, str, float]  # (box, colour, shape, score)
 
 
-def detect(image: Image.Image | np.ndarray, tolerance: int = 8, min_pixels: int = 4) -> list[Detection]:
+def detect(image: Image.Image | np.ndarray, tolerance: int = 8, min_pixels: int = 4) -> list[Found]:
     """The objects of a synthworld image as (box, colour, shape, score), in reading order (top to bottom, then left
     to right by box corner). box: pixels (x1, y1, x2, y2), half-open; score: IoU of the drawn shape in [0, 1].
 
@@ -92,3 +100,60 @@ def shape_mask(shape: str, box: Box) -> np.ndarray:
     canvas = Image.new("L", (x2, y2))
     _draw_shape(ImageDraw.Draw(canvas), shape, box, (255,))
     return np.asarray(canvas.crop(box)) > 0
+
+
+# ---- as a box source and as an expert ----------------------------------------------------------------------------
+
+
+class SynthworldDetector:
+    """A box source (image → BoxRecord): labels "<colour> <shape>"; with queries, only the detections matching one (a
+    query matches a label, its colour or its shape)."""
+
+    def __init__(self, queries: Sequence[str] | None = None):
+        self.queries = normalized(queries) if queries else None
+
+    def __call__(self, image: Image.Image, queries: Sequence[str] | None = None) -> BoxRecord:
+        """queries: this image's (a tagger's), instead of the detector's own."""
+        queries = normalized(queries) if queries is not None else self.queries
+        record = BoxRecord()
+        for box, colour, shape, score in detect(image):
+            label = f"{colour} {shape}"
+            if queries is None or any(q in (label, colour, shape) for q in queries):
+                record.boxes.append([float(v) for v in box])
+                record.scores.append(float(score))
+                record.labels.append(label)
+        return record
+
+
+class SynthworldExpert(Expert):
+    """Closed-set detection for DenseFusion's engine: every object, labelled "colour shape" ("red star"), the
+    stand-in for DenseFusion's EVA02 detector on the embedded world."""
+
+    name = "synthworld"
+
+    def __init__(self, min_score: float = 0.5):
+        self.min_score = float(min_score)
+
+    def __call__(self, items: list[Item]) -> None:
+        for item in items:
+            item.hints.detections += [Detection.from_pixels(f"{colour} {shape}", box, item.image.size, score,
+                                                            self.name)
+                                      for box, colour, shape, score in detect(item.image) if score >= self.min_score]
+
+
+def scene_box_records(path) -> dict[str, BoxRecord]:
+    """An export's scenes.jsonl → {scene id: every object's exact box, score 1, label "<colour> <shape>"}: the true
+    boxes (`polyfocus boxes --scenes`)."""
+    records = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                scene = json.loads(line)
+                objects = scene["objects"]
+                records[scene["id"]] = BoxRecord([[float(v) for v in o["box"]] for o in objects], [1.0] * len(objects),
+                                                 [f"{o['colour']} {o['shape']}" for o in objects])
+    return records
+
+
+register_detector("synthworld", SynthworldDetector)
+register_expert("synthworld", SynthworldExpert)

@@ -1,6 +1,7 @@
-"""Scoring model answers on held-out synthworld samples (what `polyfocus demo` prints).
+"""Scoring on synthworld: model answers on held-out samples (what `polyfocus demo` prints), and whether a VW-LMM
+model's visual words name the objects under them (`patch_word_agreement`).
 
-Pure functions over `polyfocus.data.formats.Sample`s exported by `synthworld.export` (their
+Answers: pure functions over `polyfocus.data.formats.Sample`s exported by `synthworld.scenes.export` (their
 `extra` holds "family" and "meta"); no model in sight. A caller does
 
     predictions = model_answer_fn([question_of(s) for s in test])
@@ -24,8 +25,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from polyfocus.data.synthworld import COLOURS, SHAPES
-from polyfocus.data.synthworld_tasks import FAMILIES, box_text
+from polyfocus.data.prompts import box_text, iou, parse_box
+from polyfocus.model.visual_words import patch_boxes, patch_visual_words, token_text
+from polyfocus.synthworld.scenes import COLOURS, SHAPES, render
+from polyfocus.synthworld.tasks import FAMILIES
 
 ALL = "all"  # the key of the every-sample row in evaluate / majority_baseline results
 CAPTION_FAMILIES = ("caption", "dense_caption")
@@ -78,7 +81,6 @@ def reference_of(sample) -> str:
 # "A red star" is not a letter: the article must not read as option A.
 _LETTER_AT_START = re.compile(r"^\s*(?:\(([A-D])\)|([A-D])(?=$|[.):]))")
 _ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-D])\b", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def option_letter(prediction: str, options: list[str] | None = None) -> str | None:
@@ -94,21 +96,6 @@ def option_letter(prediction: str, options: list[str] | None = None) -> str | No
         if len(hits) == 1:
             return hits[0]
     return None
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """The first four numbers of `text` as a box, or None if there are fewer."""
-    numbers = _NUMBER.findall(text)
-    return tuple(float(v) for v in numbers[:4]) if len(numbers) >= 4 else None
-
-
-def iou(a, b) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes; inverted boxes have no area."""
-    def area(x1, y1, x2, y2):
-        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
-    union = area(*a) + area(*b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 _KIND = re.compile(r"\b(%s) (%s)(?:es|s)?\b" % ("|".join(COLOURS), "|".join(SHAPES)))
@@ -222,3 +209,41 @@ def format_table(results: dict[str, dict], baseline: dict[str, float] | None = N
              for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- visual words (VW-LMM)
+
+
+def patch_word_agreement(model, tokenizer, image_processor, scenes, attribute: str = "either") -> float:
+    """Fraction of the patches lying on an object (patch centre inside the object's box) whose argmax visual word
+    is the object's shape ("shape"), its colour ("colour"), or either ("either"). Scenes are synthworld `Scene`s,
+    rendered at their own size. 0.0 when no patch lies on an object."""
+    hits = total = 0
+    for scene in scenes:
+        image = render(scene)
+        _, ids = patch_visual_words(model, image_processor([image]))
+        words = [[token_text(tokenizer, i).strip().lower() for i in row] for row in ids[0, ..., 0].tolist()]
+        boxes = patch_boxes(image.size, len(words), image_processor)
+        scene_hits, scene_total = word_agreement_counts(scene, words, boxes, attribute)
+        hits, total = hits + scene_hits, total + scene_total
+    return hits / total if total else 0.0
+
+
+def word_agreement_counts(scene, words: list[list[str]], boxes, attribute: str = "either") -> tuple[int, int]:
+    """(patches whose word names the object under them, patches on an object) for one scene.
+
+    words, boxes: [row][col] grids, boxes in the pixels of the scene's image (scene.image_size)."""
+    if attribute not in ("either", "shape", "colour"):
+        raise ValueError(f"attribute must be either, shape or colour, got {attribute!r}")
+    hits = total = 0
+    for word_row, box_row in zip(words, boxes):
+        for word, (x1, y1, x2, y2) in zip(word_row, box_row):
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            under = next((o for o in scene.objects
+                          if o.box[0] <= cx < o.box[2] and o.box[1] <= cy < o.box[3]), None)
+            if under is None:
+                continue
+            names = {"shape": {under.shape}, "colour": {under.colour}}.get(attribute, {under.shape, under.colour})
+            total += 1
+            hits += word in names
+    return hits, total

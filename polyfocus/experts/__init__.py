@@ -1,7 +1,13 @@
-"""DenseFusion's vision experts behind one interface (`Expert`: a batch of items in, hints added to each).
+"""Vision experts, shared by MG-LLaVA's object boxes and DenseFusion's data engine.
 
-Adding an expert: a subclass of Expert with a `name` and a `__call__`, and a line in EXPERTS. Its __init__ keywords
-are its options (`--expert-option NAME.KEY=VALUE` on the command line).
+- detectors.py: object detectors (image → boxes): OWLv2 / OWL-ViT / Grounding DINO, a tagger-queried detector, and
+  the named detectors other parts register (synthworld's); what `box_detector` and `polyfocus boxes` use;
+- DenseFusion's experts behind one interface (`Expert`: a batch of items in, hints added to each): OCR, the CLIP
+  tagger (also `polyfocus boxes --tagger`), OWLv2 detection, the alt-text.
+
+Adding an expert: a subclass of Expert with a `name` and a `__call__`, and a line in EXPERTS (or, for one that lives
+with what it knows, e.g. synthworld's, `register_expert`). Its __init__ keywords are its options
+(`--expert-option NAME.KEY=VALUE` on the command line).
 """
 
 from __future__ import annotations
@@ -9,22 +15,29 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from polyfocus.densefusion.experts.base import Detection, Expert, Hints, Item
+from polyfocus.experts.base import Detection, Expert, Hints, Item
 
-EXPERTS = {  # name -> "module:class", imported when used (each pulls in its own library)
-    "ocr": "polyfocus.densefusion.experts.ocr:OCR",
-    "tags": "polyfocus.densefusion.experts.clip_tags:CLIPTagger",
-    "owlv2": "polyfocus.densefusion.experts.owlv2:OWLv2",
-    "synthworld": "polyfocus.densefusion.experts.simple:SynthworldDetector",
-    "alt_text": "polyfocus.densefusion.experts.simple:AltText",
+# name -> "module:class", imported when used (each pulls in its own library), or a registered class
+EXPERTS: dict[str, str | type[Expert]] = {
+    "ocr": "polyfocus.experts.ocr:OCR",
+    "tags": "polyfocus.experts.clip_tags:CLIPTagger",
+    "owlv2": "polyfocus.experts.owlv2:OWLv2",
+    "alt_text": "polyfocus.experts.alt_text:AltText",
 }
 
-__all__ = ["EXPERTS", "Detection", "Expert", "Hints", "Item", "build_experts", "expert_class"]
+__all__ = ["EXPERTS", "Detection", "Expert", "Hints", "Item", "build_experts", "expert_class", "register_expert"]
+
+
+def register_expert(name: str, cls: type[Expert]) -> None:
+    """An expert defined outside this package (synthworld's detector registers itself)."""
+    EXPERTS[name] = cls
 
 
 def expert_class(name: str) -> type[Expert]:
     if name not in EXPERTS:
         raise ValueError(f"unknown expert {name!r}; known: {', '.join(EXPERTS)}")
+    if not isinstance(EXPERTS[name], str):
+        return EXPERTS[name]
     module, cls = EXPERTS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

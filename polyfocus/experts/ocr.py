@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from polyfocus.densefusion.experts.base import Expert, Item
+from polyfocus.experts.base import Expert, Item
 
 
 class OCR(Expert):

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from polyfocus.data.synthworld import llava_sample, read_scenes
-from polyfocus.data.synthworld_tasks import make_task
+from polyfocus.data.files import write_atomic
+from polyfocus.synthworld.scenes import llava_sample, read_scenes
+from polyfocus.synthworld.tasks import make_task
 
 
 def synthworld_inputs(data: str | Path, out: str | Path, split: str = "pretrain") -> dict:
     """Write out/images.jsonl and out/short_captions.json for the scenes of `split` in data/scenes.jsonl."""
-    from polyfocus.densefusion.engine import write_atomic
 
     out = Path(out)
     scenes = read_scenes(data, split)

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import permutations
 
-from polyfocus.data.synthworld import COLOURS, SHAPES, Scene, SceneObject, make_scene
+from polyfocus.data.prompts import MC_ANSWER, SHORT_ANSWER, box_text
+from polyfocus.synthworld.scenes import COLOURS, SHAPES, Scene, SceneObject, make_scene
 
 FAMILIES = ("colour", "shape", "count", "existence", "text", "spatial", "mc", "grounding",
             "caption", "dense_caption")
 POPE_STRATEGIES = ("random", "popular", "adversarial")
 KINDS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # every possible "red star"
 
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-MC_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: "
 CAPTION_PROMPTS = (
     "Describe the image concisely.",
@@ -105,11 +104,6 @@ def _a(phrase: str) -> str:
 
 def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith(("s", "x", "ch", "sh")) else "s")
-
-
-def box_text(box) -> str:
-    """A normalised box as DualFocus / LLaVA write it: '[0.12, 0.34, 0.56, 0.78]'."""
-    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
 def _question(family, question, answer, boxes, prompt_suffix=SHORT_ANSWER, **meta) -> Task:

@@ -1,0 +1,38 @@
+"""Reading and writing the project's small files: JSON read with errors that name the file, and atomic writes.
+
+Every writer of a results, annotation, box or record file goes through `write_atomic`, so a crash never leaves a
+half-written file where a reader (or a resumed run) would trust it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """A JSON file's value; a missing or malformed file raises `error` naming it (and the line and column)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"file not found: {os.fspath(path)}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{os.fspath(path)}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes, fsync: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path` (atomic on one filesystem).
+    fsync: flush it to the disk first, so that the rename never lands before the data (after a power cut the file
+    is whole or absent, never empty); off for files that are cheap to remake (synthworld's images)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
