@@ -32,7 +32,7 @@ def gate_usage(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.T
     hooks = [fusion.gate.register_forward_hook(lambda module, args, out: seen.update(gate=out)),  # [n, 1, 1]
              fusion.slow_proj.register_forward_hook(lambda module, args, out: seen.update(h=out)),  # [n, C, H, W]
              fusion.fast_proj.register_forward_hook(lambda module, args, out: seen.update(f=out)),  # [n, C, H, W]
-             fusion.register_forward_hook(lambda module, args, out: seen.update(low=args[0], fused=out))]
+             fusion.register_forward_hook(lambda module, args, out: seen.update(low=args[0].features, fused=out))]
     try:
         model.image_features(pixel_values)
     finally:

@@ -26,14 +26,14 @@ def main(threads: int = 1):
     pixels = torch.randn(1, 3, 336, 336)
     with torch.no_grad():
         hidden_states = clip(pixels, output_hidden_states=True).hidden_states
-        features = fuser(hidden_states)
+        features = fuser.fuse(hidden_states)
         assert features.shape == (1, 576, 1024) and torch.equal(features, hidden_states[-2][:, 1:])  # identity at init
 
         def run_clip():
             clip(pixels, output_hidden_states=True)
 
         def run_fuser():
-            fuser(hidden_states)
+            fuser.fuse(hidden_states)
 
         t_fuser, t_clip = interleaved(run_fuser, run_clip, repeats=5, warmup=1)
     query, kv = config.mmfuser_layers()

@@ -6,6 +6,7 @@ of LLaVA reads them without a glossary; `convert.py` maps them to transformers' 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -26,6 +27,7 @@ CLIP_L_336 = {
 CLIP_CONVNEXT_L = {"depths": [3, 3, 27, 3], "hidden_sizes": [192, 384, 768, 1536], "patch_size": 4,
                    "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0}
 BOX_LIMIT_MODES = ("per_category", "per_image")
+FUSION_NAMES = ("mmfuser", "s2", "convgate")  # config.fusion's values (polyfocus/model/fusion: one module each)
 
 # Vision towers whose sequence starts with a CLS token (SigLIP's has none).
 TOWERS_WITH_CLS = {"clip_vision_model"}
@@ -33,6 +35,73 @@ TOWERS_WITH_CLS = {"clip_vision_model"}
 IGNORE_INDEX = -100
 # LLaVA's sentinel id for <image> (`IMAGE_TOKEN_INDEX`); used when a tokenizer has no <image> token.
 LLAVA_IMAGE_TOKEN_INDEX = -200
+
+
+# ---- the methods, in two tables -------------------------------------------------------------------------------------
+# What a method adds to the model is read from these two tables by everything that must know it: the training
+# arguments (train/args.py), the run (train/run.py: which fields shape a new model and which any model takes),
+# freezing, learning rates and the parameter summary (train/freeze.py, train/trainer.py), QLoRA (checkpoints) and the
+# demo. A new method adds its fields to PolyfocusConfig and to METHOD_FIELDS, and its modules to MODEL_PARTS.
+
+BUILD, SETTING = "build", "setting"
+
+
+@dataclass(frozen=True)
+class MethodField:
+    """A PolyfocusConfig field as a method's switch.
+
+    method: whose field it is; when: BUILD (it shapes the weights: set when a new model is built, from backbones or a
+    model_config, and fixed after) or SETTING (a config value any model takes, a checkpoint included); type: the
+    training argument's type (its default None keeps the model's value); needs: the config switch without which
+    the setting would change nothing (refused, never ignored), and what that switch gives the model."""
+
+    method: str
+    when: str
+    type: object
+    help: str
+    needs: tuple[str, str] | None = None
+
+
+_VW = ("visual_words", "visual-word head")
+_BOXES = ("object_tokens", "object tokens")
+METHOD_FIELDS = {
+    "mm_vision_select_layer": MethodField("llava", BUILD, int, "tower hidden state the projector reads (-2: LLaVA-1.5)"),
+    "mm_vision_select_feature": MethodField("llava", BUILD, str, "patch (drop CLS) | cls_patch"),
+    "mm_projector_type": MethodField("llava", BUILD, str, "linear | mlp2x_gelu (LLaVA-1.5) | identity"),
+    "fusion": MethodField("fusion", BUILD, str, "between the tower and the projector: mmfuser | s2 | convgate"),
+    "mmfuser_kv_layers": MethodField("mmfuser", BUILD, list[int], "MMFuser's key/value layers (default: 4 below)"),
+    "mmfuser_num_heads": MethodField("mmfuser", BUILD, int, "MMFuser's deformable attention heads (16)"),
+    "mmfuser_num_points": MethodField("mmfuser", BUILD, int, "MMFuser's sampling points per head and level (4)"),
+    "s2_scales": MethodField("s2", BUILD, list[int], "S2's image sides, e.g. [336, 672, 1008]"),
+    "hires_config": MethodField("mg_llava", BUILD, dict | str, "ConvNextConfig keywords (YAML or JSON)"),
+    "object_tokens": MethodField("mg_llava", BUILD, bool, "MG-LLaVA's one token per object box"),
+    "box_feat_size": MethodField("mg_llava", BUILD, int, "RoIAlign bins per side of a box (56)"),
+    "box_iou_threshold": MethodField("mg_llava", SETTING, float, "class-wise NMS IoU (0.2)", _BOXES),
+    "box_limit_mode": MethodField("mg_llava", SETTING, str, "per_category | per_image", _BOXES),
+    "box_limit_num": MethodField("mg_llava", SETTING, int, "cap on an image's boxes (100)", _BOXES),
+    "box_detector": MethodField("mg_llava", SETTING, str, "synthworld, or a local OWLv2 / Grounding DINO directory",
+                                _BOXES),
+    "box_queries": MethodField("mg_llava", SETTING, list[str], "the detector's text queries (tags)", _BOXES),
+    "visual_words": MethodField("vw_lmm", SETTING, bool, "give the model a visual-word head (from its LM head)"),
+    "vw_loss_weight": MethodField("vw_lmm", SETTING, float, "weight of the visual-word KL (1)", _VW),
+    "vw_kl_direction": MethodField("vw_lmm", SETTING, str, "forward: KL(visual word || LM) | reverse", _VW),
+    "vw_detach_target": MethodField("vw_lmm", SETTING, bool, "stop the KL's gradient through its reference", _VW),
+    "pseudo_image_features": MethodField("vw_lmm", SETTING, bool, "VW-LMM's PIF: splice token-embedding mixtures",
+                                         _VW),
+}
+
+# The model's parts: PolyfocusForConditionalGeneration's module -> (part, the training argument of its learning
+# rate). Every parameter belongs to the part of the module it sits in; everything but the language model trains in
+# full under LoRA and stays unquantized under QLoRA.
+MODEL_PARTS = {
+    "vision_tower": ("vision_tower", "mm_vision_tower_lr"),
+    "mm_projector": ("projector", "mm_projector_lr"),
+    "mm_object_projector": ("projector", "mm_projector_lr"),  # MG-LLaVA's object tokens have their own projector
+    "mm_fusion": ("fusion", "mm_fusion_lr"),
+    "hires_tower": ("hires_tower", "mm_hires_tower_lr"),  # MG-LLaVA's ConvNeXt: frozen unless tune_hires_tower
+    "vm_head": ("visual_words", "mm_visual_words_lr"),  # VW-LMM's head: trains in every stage, as the projector
+    "language_model": ("language_model", None),
+}
 
 
 class PolyfocusConfig(PreTrainedConfig):
@@ -118,6 +187,13 @@ class PolyfocusConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.check()
+        # A composite config stores tying at the top level; follow the LM's own choice.
+        self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
+
+    def check(self) -> None:
+        """Every field's value, and their combinations (ValueError naming the field). Run on creation, and again by
+        whoever changes settings afterwards (train/run.py)."""
         for field, allowed in (("mm_vision_select_feature", ("patch", "cls_patch")),
                                ("image_aspect_ratio", ("pad", "square", "resize")),
                                ("tokenizer_padding_side", ("right", "left")),
@@ -139,8 +215,6 @@ class PolyfocusConfig(PreTrainedConfig):
         if vw_set and not self.visual_words:  # they would change nothing: never silently ignored
             raise ValueError(f"{', '.join(vw_set)} need{'s' if len(vw_set) == 1 else ''} visual_words "
                              "(PIF and the KL are built from the visual-word head)")
-        # A composite config stores tying at the top level; follow the LM's own choice.
-        self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
 
     @property
     def vision_has_cls(self) -> bool:
@@ -152,8 +226,8 @@ class PolyfocusConfig(PreTrainedConfig):
         return [layer] if isinstance(layer, int) else list(layer)
 
     def _check_fusion(self) -> None:
-        if self.fusion not in (None, "mmfuser", "s2", "convgate"):
-            raise ValueError(f"fusion must be None or 'mmfuser' / 's2' / 'convgate', got {self.fusion!r}")
+        if self.fusion not in (None, *FUSION_NAMES):
+            raise ValueError(f"fusion must be None or {' / '.join(map(repr, FUSION_NAMES))}, got {self.fusion!r}")
         if self.fusion != "s2" and self.s2_scales is not None:
             raise ValueError(f"s2_scales is set but fusion is {self.fusion!r}: add fusion='s2'")
         if self.fusion == "s2":

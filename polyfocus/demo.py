@@ -186,7 +186,8 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
         tower_steps: int = DEFAULT_TOWER_STEPS, seed: int = 0, render_size: int | None = None,
         hires_tower_steps: int | None = None) -> dict:
-    from polyfocus.train.run import ARCHITECTURE_FIELDS, BOX_FIELDS, VISUAL_WORD_FIELDS, train
+    from polyfocus.config import METHOD_FIELDS
+    from polyfocus.train.run import SETTING_FIELDS, train
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,16 +214,15 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
         print("   high-resolution tower, held-out objects: "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in hires_accuracy.items()))
     recipe = default_recipe(out_dir, steps, batch_size)
-    # The model's own switches in --model-config (fusion, mm_vision_select_layer, ...) go to stage 1, which builds it.
-    recipe["stage1"].update({k: v for k, v in model_config.items() if k in ARCHITECTURE_FIELDS + BOX_FIELDS})
+    # The methods' fields in --model-config (fusion, object_tokens, visual_words, ...) go to stage 1, which builds the
+    # model; the settings among them (box_*, vw_*: any checkpoint takes them) to stage 2 too.
+    recipe["stage1"].update({k: v for k, v in model_config.items() if k in METHOD_FIELDS})
+    recipe["stage2"].update({k: v for k, v in model_config.items() if k in SETTING_FIELDS})
     if mg_llava:  # MG-LLaVA: its ConvNeXt; object tokens take synthworld's detector unless told otherwise
         recipe["stage1"]["hires_tower"] = str(out_dir / "hires_tower")
         recipe["stage1"].pop("hires_config", None)  # the tower directory's own config
         if model_config.get("object_tokens"):
             recipe["stage1"].setdefault("box_detector", "synthworld")
-    # VW-LMM's switches (visual_words, pseudo_image_features, vw_*) go to both stages: the head trains in each.
-    for args in recipe.values():
-        args.update({k: v for k, v in model_config.items() if k in VISUAL_WORD_FIELDS})
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))

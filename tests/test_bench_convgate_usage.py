@@ -24,7 +24,8 @@ def test_gate_and_share_follow_the_conv_gates_formula(bench):
     _, model = plain_and_mg()
     randomise(model.mm_fusion, scale=0.3)
     seen = {}
-    hook = model.mm_fusion.register_forward_hook(lambda module, args, out: seen.update(low=args[0], high=args[1]))
+    hook = model.mm_fusion.register_forward_hook(
+        lambda module, args, out: seen.update(low=args[0].features, high=args[0].hires_stages[-1]))
     gate, share, conv_share = bench.gate_usage(model, hires_pixels())
     hook.remove()
     fusion, low, high = model.mm_fusion, seen["low"], seen["high"]

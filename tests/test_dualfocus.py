@@ -39,8 +39,9 @@ from polyfocus.data.formats import DataError, load_samples
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.templates import encode
 from polyfocus.eval.runner import evaluate, read_answers
-from polyfocus.infer.dualfocus import DualFocus, make_item, pick, select
-from polyfocus.infer.pipeline import Pipeline, with_strategy
+from polyfocus.infer.dualfocus import DualFocus, make_item, pick, run_steps, select, steps
+from polyfocus.infer.pipeline import Pipeline
+from polyfocus.infer.strategies import get_strategy
 from polyfocus.model.presets import tiny_config
 from polyfocus.synthworld.scenes import export
 from polyfocus.synthworld.scorer import question_of
@@ -241,8 +242,8 @@ def test_selection_by_known_nlls(pipe, span):
     stub = Pipeline(Bigram(pipe.model.config, table), pipe.tokenizer, pipe.image_processor, pipe.template)
     df = DualFocus(stub, span=span)
     item = make_item([Image.new("RGB", (64, 64), "red")], "What colour is the star?", 0)
-    df._zoom(item, "red", "[0.1, 0.1, 0.6, 0.6]")
-    df._choose(item, "dark blue", lambda candidates: [df._score(item, c) for c in candidates])
+    replies = iter([["red", "[0.1, 0.1, 0.6, 0.6]"], ["dark blue"]])  # macro and box, then micro
+    run_steps(steps(item), lambda asks: next(replies), lambda step: [df.score(item, c) for c in step.candidates])
     config = pipe.model.config
     expected = []
     for candidate in ("red", "dark blue"):
@@ -267,7 +268,8 @@ def test_score_equals_a_naive_token_by_token_loop(pipe):
     """The scoring forward's mean NLL = the mean of -log p(token | prefix) computed one prefix at a time."""
     df = DualFocus(pipe)
     item = make_item([Image.effect_noise((90, 70), 40).convert("RGB")], "Where is it?", 0)
-    df._zoom(item, "left", "[0.2, 0.2, 0.5, 0.6]")
+    replies = iter([["left", "[0.2, 0.2, 0.5, 0.6]"], ["left"]])  # the same micro answer: no scoring on the way
+    run_steps(steps(item), lambda asks: next(replies), None)
     config = pipe.model.config
     enc = encode(item.score_messages(item.result.box_text, "on the left"), pipe.tokenizer, pipe.template,
                  config.image_token_id, [config.num_image_tokens] * 2)
@@ -279,7 +281,7 @@ def test_score_equals_a_naive_token_by_token_loop(pipe):
                 n_images = enc.input_ids[:j].count(config.image_token_id) // config.num_image_tokens
                 logits = pipe.model(input_ids=torch.tensor([enc.input_ids[:j]]), pixel_values=pixels[:n_images]).logits
                 nll.append(-torch.log_softmax(logits[0, -1], -1)[enc.input_ids[j]].item())
-        assert df._score(item, "on the left") == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+        assert df.score(item, "on the left") == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
 
 # ---- the cached path against the reference-style one ----------------------------------------------------------------
@@ -292,7 +294,7 @@ def run_both(pipe, requests, monkeypatch, span="box_and_answer", batch_size=5):
     def no_fallback(*args):
         raise AssertionError("the cached path fell back to the reference-style one")
 
-    monkeypatch.setattr(DualFocus, "_finish_reference", no_fallback)
+    monkeypatch.setattr(DualFocus, "_answer_reference", no_fallback)
     cached = DualFocus(pipe, span=span, cached=True, box_max_new_tokens=24).answer(requests, batch_size=batch_size,
                                                                                   **kwargs)
     return reference, cached
@@ -370,7 +372,7 @@ def test_pipeline_generate_and_chat_strategy(pipe, requests_):
         pipe.generate(requests_[:1], strategy="dualfocus", num_beams=2)
     with pytest.raises(ValueError, match="unknown strategy"):
         pipe.generate(requests_[:1], strategy="zoom")
-    assert (with_strategy(pipe, "dualfocus").span, with_strategy(pipe, "dualfocus_answer").span) == \
+    assert (get_strategy("dualfocus").span, get_strategy("dualfocus_answer").span) == \
            ("box_and_answer", "answer")
 
 

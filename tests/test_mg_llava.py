@@ -202,7 +202,7 @@ def test_conv_gate_is_the_references_formula():
     grid = low.transpose(1, 2).reshape(2, 16, 3, 5)
     l = (grid + gate.fast_proj(F.gelu(gate.fast_conv(grid)))).flatten(2).transpose(1, 2)
     g = gate.gate(torch.cat([l, h], -1).mean(1))  # [2, 1]
-    out = gate(low, high)
+    out = gate.fuse(low, high)
     torch.testing.assert_close(out, l + torch.tanh(g)[:, None] * h, rtol=0, atol=1e-12)
     ratio = (out - l) / h  # the same factor for every token and channel of an image
     assert torch.allclose(ratio, ratio[:, :1, :1].expand_as(ratio))
@@ -217,9 +217,9 @@ def test_conv_gate_starts_as_the_identity_with_the_references_init():
     bound = math.sqrt(6 / (24 + 24))  # xavier_uniform of a 1x1 conv 24 → 24
     assert gate.slow_conv.weight.abs().max() <= bound and gate.slow_conv.weight.std() > bound / 3
     low = torch.randn(2, 9, 16)
-    assert torch.equal(gate(low, torch.randn(2, 24, 3, 3)), low)
+    assert torch.equal(gate.fuse(low, torch.randn(2, 24, 3, 3)), low)
     with pytest.raises(ValueError, match="3x3 grid"):
-        gate(torch.randn(2, 16, 16), torch.randn(2, 24, 4, 4))
+        gate.fuse(torch.randn(2, 16, 16), torch.randn(2, 24, 4, 4))
 
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])

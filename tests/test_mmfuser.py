@@ -81,7 +81,7 @@ def test_real_size_parameter_count_shapes_and_identity_at_init():
     assert counts == {"cross_attn": 2_886_400, "self_attn": 2_296_000}
     states = clip_l_states()
     with torch.no_grad():
-        out = fuser(states)
+        out = fuser.fuse(states)
     assert out.shape == (1, 576, 1024)
     assert torch.equal(out, states[23][:, 1:])  # bit-identical to LLaVA-1.5's feature (CLS dropped)
 
@@ -91,7 +91,7 @@ def test_only_gamma1_has_a_gradient_at_the_first_step():
     fuser = MMFuser(32, (4, 4), 3, [0, 1, 2], num_heads=4, num_points=2)
     states = tuple(torch.randn(2, 17, 32) for _ in range(4))
     grad_out = torch.randn(2, 16, 32)
-    (fuser(states) * grad_out).sum().backward()
+    (fuser.fuse(states) * grad_out).sum().backward()
     grads = {n: p.grad for n, p in fuser.named_parameters()}
     assert grads.pop("gamma1").abs().sum() > 0
     assert all(g is not None and not g.any() for g in grads.values()), [n for n, g in grads.items() if g.any()]
@@ -108,7 +108,7 @@ def test_adam_steps_wake_the_branches_one_after_another():
     moved = []
     for _ in range(3):
         optimizer.zero_grad()
-        (fuser(states) - target).pow(2).mean().backward()
+        (fuser.fuse(states) - target).pow(2).mean().backward()
         optimizer.step()
         moved.append({n for n, p in fuser.named_parameters() if not torch.equal(p, before[n])})
     assert moved[0] == {"gamma1"}
@@ -131,7 +131,7 @@ def test_forward_is_the_papers_sum_of_attentions():
     memory = torch.cat([states[0][:, 1:], states[2][:, 1:]], 1)
     ca = fuser.cross_attn(fuser.query_norm(q), reference, fuser.feat_norm(memory), [(3, 3), (3, 3)])
     sa = fuser.self_attn(fuser.norm1(ca), reference, fuser.norm1(ca), [(3, 3)])
-    torch.testing.assert_close(fuser(states), q + fuser.gamma1 * (ca + fuser.gamma2 * sa), rtol=0, atol=1e-12)
+    torch.testing.assert_close(fuser.fuse(states), q + fuser.gamma1 * (ca + fuser.gamma2 * sa), rtol=0, atol=1e-12)
 
 
 def test_cls_token_is_kept_unchanged_with_cls_patch():
@@ -139,7 +139,7 @@ def test_cls_token_is_kept_unchanged_with_cls_patch():
     fuser = MMFuser(32, (3, 3), 3, [1, 2], num_heads=4, num_points=2, has_cls=True, keep_cls=True)
     randomise(fuser)
     states = tuple(torch.randn(2, 10, 32) for _ in range(4))
-    out = fuser(states)
+    out = fuser.fuse(states)
     assert out.shape == (2, 10, 32) and torch.equal(out[:, 0], states[3][:, 0])
     assert not torch.allclose(out[:, 1:], states[3][:, 1:])
 
@@ -147,7 +147,7 @@ def test_cls_token_is_kept_unchanged_with_cls_patch():
 def test_wrong_grid_is_a_clear_error():
     fuser = MMFuser(32, (3, 3), 3, [1, 2], num_heads=4, num_points=2)
     with pytest.raises(ValueError, match="3x3 patch map"):
-        fuser(tuple(torch.randn(1, 17, 32) for _ in range(4)))
+        fuser.fuse(tuple(torch.randn(1, 17, 32) for _ in range(4)))
 
 
 # ---- 2. the config switch ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from test_checkpoints import llava_config, llava_state_dict, write_clip_tower, w
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
 from polyfocus.checkpoints import load_model
 from polyfocus.model.fusion.s2 import merge_chessboard, split_chessboard
+from polyfocus.model.vision import TowerOutputs
 from polyfocus.model.presets import tiny_config
 
 from train_helpers import write_tiny_backbones  # noqa: E402
@@ -97,8 +98,9 @@ def test_matches_the_reference_forward(scales):
     """Multiples of the tile (LLaVA-S2's 336/672/1008) and not (42: resized up to 2 tiles, pooled to 3x3 first)."""
     _, model = plain_and_s2(scales)
     pixels = torch.randn(2, 3, max(scales), max(scales), generator=torch.Generator().manual_seed(1))
-    ours = model.mm_fusion(pixels, model.tower_features)
-    theirs = reference_forward(model.tower_features, pixels, list(scales), SIDE)
+    tower = TowerOutputs(model.config, model.vision_tower, None, pixels)
+    ours = model.mm_fusion(tower)
+    theirs = reference_forward(tower.select, pixels, list(scales), SIDE)
     assert ours.shape == (2, 4, 32 * len(scales))
     assert torch.equal(ours, theirs)
 

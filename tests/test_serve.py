@@ -24,8 +24,9 @@ from PIL import Image  # noqa: E402
 
 from polyfocus.cli import main  # noqa: E402
 from polyfocus.infer import batcher as batcher_module  # noqa: E402
-from polyfocus.infer.batcher import visible_text  # noqa: E402
-from polyfocus.infer.pipeline import Pipeline, answer_text  # noqa: E402
+from polyfocus.infer.stops import visible_text  # noqa: E402
+from polyfocus.infer.stops import answer_text
+from polyfocus.infer.pipeline import Pipeline  # noqa: E402
 from polyfocus.infer.server import ServeSettings, create_app, decode_image  # noqa: E402
 
 from serve_helpers import data_url, png_bytes, running_server, save_tiny_checkpoint  # noqa: E402

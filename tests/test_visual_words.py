@@ -355,12 +355,12 @@ def test_gradient_accumulation_averages_the_visual_loss_over_micro_batches(ws, m
 def test_visual_word_flags_without_a_head_are_refused(flag):
     """A run's vw_* / PIF flags on a model without a head would change nothing: an error, not silence."""
     from polyfocus.train.args import ModelArguments
-    from polyfocus.train.run import configure_visual_words
+    from polyfocus.train.run import apply_settings
 
     plain = PolyfocusForConditionalGeneration(tiny_config())
     with pytest.raises(ValueError, match=f"{next(iter(flag))} set, but the model has no visual-word head"):
-        configure_visual_words(plain, ModelArguments(**flag))
-    configure_visual_words(plain, ModelArguments(visual_words=True, **flag))  # with the head: taken
+        apply_settings(plain, ModelArguments(**flag))
+    apply_settings(plain, ModelArguments(visual_words=True, **flag))  # with the head: taken
     assert getattr(plain.config, next(iter(flag))) == next(iter(flag.values())) and plain.vm_head is not None
 
 

@@ -27,6 +27,7 @@ from polyfocus.checkpoints.common import copy_processor_files, has_tokenizer
 from polyfocus.checkpoints.llava import LLAVA_TEXT_MODEL_TYPES, load_llava_original, vw_lmm_text_type
 from polyfocus.checkpoints.llava_hf import load_llava_hf, save_llava_hf, to_llava_hf
 from polyfocus.checkpoints.mg_llava import is_deepspeed_checkpoint, load_mg_llava
+from polyfocus.config import MODEL_PARTS
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 
 __all__ = ["ADAPTER_PROCESSOR_FILES", "SKIP_QUANTIZATION", "base_of", "checkpoint_format", "copy_processor_files",
@@ -98,8 +99,7 @@ ADAPTER_PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_confi
 
 # Modules QLoRA keeps in full precision: everything but the LLM's body (they train in full or feed the LLM), and
 # lm_head. An explicit list replaces transformers' default (lm_head).
-SKIP_QUANTIZATION = ["vision_tower", "mm_projector", "mm_fusion", "vm_head", "hires_tower", "mm_object_projector",
-                     "lm_head"]
+SKIP_QUANTIZATION = [module for module, (part, _) in MODEL_PARTS.items() if part != "language_model"] + ["lm_head"]
 
 
 def load_quantized(path: str | Path, bits: int = 4, **from_pretrained_kwargs) -> PolyfocusForConditionalGeneration:

@@ -8,15 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, ConvNextConfig
 
-from polyfocus.checkpoints.common import vision_config_of, vision_state
+from polyfocus.checkpoints.common import quiet_loading_report, vision_config_of, vision_state
 from polyfocus.checkpoints.convnext import load_hires_tower
 from polyfocus.config import PolyfocusConfig
-from polyfocus.model.fusion import build_fusion
-from polyfocus.model.hires import build_hires_tower
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
-from polyfocus.model.projector import build_projector
-from polyfocus.model.vision import build_vision_tower
-from polyfocus.model.visual_words import build_visual_word_head, init_visual_word_head
 
 
 def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id: int, dtype: torch.dtype | None = None,
@@ -42,28 +37,16 @@ def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id:
         mm_vision_tower=str(tower_path),
         **config_fields,
     )
-    # Build on the meta device, then put the pretrained parts in: no random init of billions of weights.
-    with torch.device("meta"):
-        model = PolyfocusForConditionalGeneration(config)
-    model.language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype,
-                                                                attn_implementation=attn_implementation)
-    # The tower and projector are rebuilt for real (to_empty would leave non-persistent buffers such as CLIP's
-    # position_ids uninitialised).
-    model.vision_tower = build_vision_tower(config)
-    model.vision_tower.load_state_dict(vision_state(AutoModel.from_pretrained(tower_path)), strict=True)
-    model.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.text_config.hidden_size)
-    model.mm_projector.apply(model._init_weights)
-    model.mm_fusion = build_fusion(config)  # MMFuser & co. initialise themselves (an identity at first); None: plain
-    if config.uses_hires:  # MG-LLaVA's ConvNeXt, and the object tokens' projector
-        model.hires_tower = hires if hires_tower is not None else build_hires_tower(config)
-    if config.object_tokens:
-        model.mm_object_projector = build_projector(config.mm_projector_type, config.object_feature_size,
-                                                    config.text_config.hidden_size)
-        model.mm_object_projector.apply(model._init_weights)
-    if config.visual_words:  # VW-LMM's head, rebuilt off the meta device as a copy of the loaded LM head
-        model.vm_head = build_visual_word_head(config)
-        init_visual_word_head(model.vm_head, model.get_output_embeddings())
-    if dtype is not None:
-        model.to(dtype)
+    # transformers' own loading: the model is built on the meta device, the pretrained parts are loaded into it, and
+    # every other module (projector, fusion, object projector, visual-word head) gets its own init, as weights
+    # missing from a checkpoint do: no random init of billions of weights, and one place that builds the model.
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+    state = {f"language_model.{k}": v for k, v in llm.state_dict().items()}
+    state.update({f"vision_tower.{k}": v for k, v in vision_state(AutoModel.from_pretrained(tower_path)).items()})
+    if hires_tower is not None:
+        state.update({f"hires_tower.{k}": v for k, v in hires.state_dict().items()})
+    with quiet_loading_report():  # its MISSING keys are the new modules, initialised on purpose
+        model = PolyfocusForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                                  attn_implementation=attn_implementation)
     model.config.text_config = model.language_model.config
     return model

@@ -5,6 +5,8 @@ directory's config and weights, and the tokenizer / image-processor files beside
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +16,19 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from polyfocus.config import PolyfocusConfig
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
+
+
+@contextmanager
+def quiet_loading_report():
+    """Mute transformers' load report (a warning listing missing keys) where the missing keys are the point: the
+    modules a new model initialises itself."""
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
 
 
 def load_renamed(path, config: PolyfocusConfig, key_mapping: dict[str, str], may_miss: tuple[str, ...] = (),

@@ -62,16 +62,15 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
              strategy: str = "plain") -> dict | None:
     """Run `benchmark` over the files in `data` with `model` (a checkpoint directory or a ready Pipeline).
 
-    strategy: how each answer is produced, "plain" or "dualfocus" (polyfocus/infer/dualfocus.py; its per-question
-    details go into the answers' `metadata`).
+    strategy: how each answer is produced, "plain" or "dualfocus" (polyfocus/infer/strategies.py; DualFocus's
+    per-question details go into the answers' `metadata`).
 
     Returns the results dict (also written to <out>/<benchmark>/results.json), or None for a shard that leaves
     the merging to another process.
     """
-    from polyfocus.infer.pipeline import STRATEGIES, with_strategy
+    from polyfocus.infer.strategies import get_strategy
 
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    answering = get_strategy(strategy)  # an unknown name: refused before anything runs
     bench = get_benchmark(benchmark, data, **(options or {}))
     rows = bench.load()[:limit] if limit else bench.load()
     check_rows(bench, rows)
@@ -93,11 +92,12 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     timing = {}
     if todo:
         say(f"[{bench.name}] {len(mine) - len(todo)} of {len(mine)} already answered; answering {len(todo)}")
-        pipe = with_strategy(load_pipeline(model, template, device, dtype, launched), strategy)
+        pipe = load_pipeline(model, template, device, dtype, launched)
         if rank == 0:
             record_generation(out_dir, pipe)
         start = time.perf_counter()
-        generate_answers(pipe, bench, todo, shard, batch_size, max_new_tokens, progress=not silent)
+        generate_answers(pipe, bench, todo, shard, batch_size, max_new_tokens, progress=not silent,
+                         strategy=answering)
         elapsed = time.perf_counter() - start
         timing = {"generate_s": round(elapsed, 3), "answered": len(todo),
                   "samples_per_s": round(len(todo) / elapsed, 3) if elapsed > 0 else None}
@@ -247,16 +247,20 @@ def load_images(bench: Benchmark, row: Row) -> list[Image.Image]:
 
 
 def generate_answers(pipe, bench: Benchmark, rows: list[Row], shard: Path, batch_size: int, max_new_tokens: int,
-                     progress: bool = True) -> None:
-    """Answer `rows` in batches, appending one line per answer to `shard` and syncing after every batch."""
+                     progress: bool = True, strategy=None) -> None:
+    """Answer `rows` in batches (with `strategy`, default plain), appending one line per answer to `shard` and
+    syncing after every batch."""
+    from polyfocus.infer.strategies import get_strategy
+
+    strategy = strategy or get_strategy("plain")
     model_id = Path(model_path(pipe)).name
     shard.parent.mkdir(parents=True, exist_ok=True)
     with open(shard, "a", encoding="utf-8") as f, tqdm(total=len(rows), desc=bench.name, disable=not progress) as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             requests = [(load_images(bench, r), user_message(r)) for r in batch]
-            texts = pipe.generate(requests, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=len(batch))
-            details = [r.to_dict() for r in getattr(pipe, "last_results", [])] or [{}] * len(batch)  # a strategy's
+            texts, details = strategy.generate(pipe, requests, max_new_tokens=max_new_tokens, temperature=0.0,
+                                               batch_size=len(batch))
             f.write("".join(json.dumps({"question_id": r.question_id, "prompt": r.prompt, "text": t,
                                         "model_id": model_id, "metadata": d}, ensure_ascii=False) + "\n"
                             for r, t, d in zip(batch, texts, details)))

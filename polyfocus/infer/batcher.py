@@ -21,17 +21,20 @@ streamed pieces add up to the whole answer and a greedy answer equals `Pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from threading import Thread
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from polyfocus.infer.stops import visible_text
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,28 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         self._queue.put(job)
+
+    async def stream(self, job: Job) -> AsyncIterator[Event]:
+        """Submit `job` and yield its events as they come (inside an event loop). If the consumer stops early (the
+        client went away), the job is cancelled: its row is freed at the next step."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: Event) -> None:  # from the scheduler thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone (server shutting down)
+                job.cancelled = True
+
+        job.emit = emit
+        self.submit(job)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event.kind != "delta":
+                    return
+        finally:
+            job.cancelled = not job.done
 
     @property
     def waiting(self) -> int:
@@ -231,22 +256,3 @@ class RowTracker(StoppingCriteria):
         job.emit(Event("finish", text, finish_reason=reason, completion_tokens=len(job.ids)))
 
 
-def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
-    """(the answer so far, whether a stop string was found). The answer is `text` up to the first stop string,
-    stripped (`Pipeline.decode`'s rule). Unless `final`, a tail that may yet become a stop string, trailing
-    whitespace and an incomplete character are held back, so every result is a prefix of the final one."""
-    cuts = [text.index(s) for s in stops if s in text]
-    if cuts:
-        return text[: min(cuts)].strip(), True
-    if not final:
-        held = max((_prefix_overlap(text, s) for s in stops), default=0)
-        text = text[: len(text) - held].rstrip("\ufffd").rstrip()
-    return text.strip(), False
-
-
-def _prefix_overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0

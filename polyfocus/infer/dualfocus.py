@@ -22,7 +22,8 @@ the question using a single word or phrase." and the candidate as the reply; for
 the two options' texts. span="box_and_answer" (the reference) averages the NLL over every supervised token, the box
 reply's included; span="answer" (our deviation, spec §5) over the candidate's tokens and its end token only.
 
-Two ways to run the same procedure, giving the same choices:
+The procedure is written once (`steps`: a generator that yields what to generate or score and takes the results);
+three executors run it, giving the same choices:
 - `cached=False` ("reference-style"): question by question, each step its own pass (3 generations + 1 scoring
   forward per candidate), as the reference scripts run;
 - `cached=True` (default): questions in batches, on one KV cache per batch. The macro and box prompts share their
@@ -30,14 +31,17 @@ Two ways to run the same procedure, giving the same choices:
   micro prompt starts with the box prompt, which is still in the cache: only the box reply, the crop and round 2
   are new. The scoring context shares the micro prompt up to its question text: both candidates continue from
   there, as two rows of one forward. Blocks are right-aligned (pads in the middle of a row are masked, and position
-  ids count real tokens only, as `generate`'s), so every row's newest token is in the last column.
+  ids count real tokens only, as `generate`'s), so every row's newest token is in the last column;
+- `serve` (the server): each generation a job of the server's batcher, batched with the other requests.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -49,8 +53,8 @@ from polyfocus.data.dualfocus import ZOOM_PROMPT, Question, box_turn, parse_box_
 from polyfocus.data.images import load_image
 from polyfocus.data.prompts import LETTERS, SHORT_ANSWER, mcq_letter
 from polyfocus.data.templates import IMAGE_TOKEN, encode
-from polyfocus.infer.batcher import GREEDY_BELOW
-from polyfocus.infer.pipeline import normalize_request
+from polyfocus.infer.batcher import GREEDY_BELOW, Event, Job
+from polyfocus.infer.requests import normalize_request
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +144,68 @@ def set_choice(result: DualFocusResult, choice: str) -> None:
     result.answer = result.micro if choice == "micro" else result.macro
 
 
+# ----------------------------------------------------------------------------- the procedure, once
+
+
+@dataclass
+class Ask:
+    """A step: generate a reply to `messages` with `images`. box: the box reply (greedy, its own token budget, the
+    request's stop strings ignored); otherwise an answer, with the request's settings."""
+
+    messages: list[dict]
+    images: list
+    box: bool = False
+
+
+@dataclass
+class Score:
+    """A step: the mean NLL of each candidate in the scoring context (`Item.score_messages`)."""
+
+    candidates: list[str]
+
+
+Steps = Generator["list[Ask] | Score", "list[str] | list[float]", DualFocusResult]
+
+
+def steps(item: Item) -> Steps:
+    """DualFocus on one question (spec §4), as the steps to run: each `yield` hands an executor the generations
+    (a list of Ask) or the scoring (Score) to do, and receives their texts (or mean NLLs); the return value is the
+    result. The reference-style, the cached-and-batched and the server's executors all run this one procedure."""
+    macro, box = yield [Ask(item.macro_messages, [item.image]), Ask(item.box_messages(), [item.image], box=True)]
+    result = item.result = DualFocusResult(macro, macro, box_text=box)
+    parsed = parse_box_text(box)
+    zoomed = zoom(item.image, parsed) if parsed is not None else None
+    if zoomed is None:  # without a usable box the macro answer stands
+        result.reason = "no_box" if parsed is None else "degenerate_box"
+        return result
+    item.crop, result.crop_box = zoomed
+    (result.micro,) = yield [Ask(item.micro_messages(box), [item.image, item.crop])]
+    choice, result.candidates, result.reason = select(item.parts, result.macro, result.micro)
+    if choice is None:
+        result.scores = [float(s) for s in (yield Score(result.candidates))]
+        choice = pick(result.scores)
+    set_choice(result, choice)
+    return result
+
+
+def run_steps(procedure: Steps, generate, score, step=None) -> DualFocusResult:
+    """Run a procedure to its end, one step at a time: `generate(asks)` -> texts, `score(Score)` -> NLLs. step: the
+    step it is waiting at (None: it has not started)."""
+    step = next(procedure) if step is None else step
+    try:
+        while True:
+            step = procedure.send(score(step) if isinstance(step, Score) else generate(step))
+    except StopIteration as done:
+        return done.value
+
+
 # ----------------------------------------------------------------------------- the strategy
 
 
 class DualFocus:
     """DualFocus over a `Pipeline`, with the Pipeline's `generate(requests, ...)` signature (what the eval runner and
-    `Pipeline.generate(strategy="dualfocus")` call). A request that is not one user message with one image is
-    answered plainly (reason "not_single_image")."""
+    `Pipeline.generate(strategy="dualfocus")` call), and `serve(batcher, job)` for the server. A request that is not
+    one user message with one image is answered plainly (reason "not_single_image")."""
 
     def __init__(self, pipe, span: str = "box_and_answer", cached: bool = True,
                  box_max_new_tokens: int = BOX_MAX_NEW_TOKENS):
@@ -156,13 +215,6 @@ class DualFocus:
             raise ValueError("dualfocus does not run on a model with MG-LLaVA's object tokens (config.object_tokens)")
         self.pipe, self.span, self.cached, self.box_max_new_tokens = pipe, span, cached, box_max_new_tokens
         self.last_results: list[DualFocusResult] = []
-
-    # What the eval runner records about the pipeline it ran.
-    model = property(lambda self: self.pipe.model)
-    tokenizer = property(lambda self: self.pipe.tokenizer)
-    image_processor = property(lambda self: self.pipe.image_processor)
-    template = property(lambda self: self.pipe.template)
-    stop = property(lambda self: self.pipe.stop)
 
     def generate(self, requests: Sequence, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  batch_size: int = 16, **gen_kwargs) -> list[str]:
@@ -204,17 +256,19 @@ class DualFocus:
 
     # ---- reference-style: every step its own pass ------------------------------------------------------------
 
-    def _answer_reference(self, item: Item, max_new_tokens: int, gen_kwargs: dict) -> None:
-        macro = self.pipe.generate([([item.image], item.macro_messages)], max_new_tokens, **gen_kwargs)[0]
-        box = self.pipe.generate([([item.image], item.box_messages())], self.box_max_new_tokens, **gen_kwargs)[0]
-        self._zoom(item, macro, box)
-        if item.crop is None:
-            return
-        micro = self.pipe.generate([([item.image, item.crop], item.micro_messages(box))], max_new_tokens,
-                                   **gen_kwargs)[0]
-        self._choose(item, micro, lambda candidates: [self._score(item, c) for c in candidates])
+    def _answer_reference(self, item: Item, max_new_tokens: int, gen_kwargs: dict,
+                          procedure: Steps | None = None, step=None) -> None:
+        """Run `item`'s procedure (from `step`, or from its start) one pass per generation and per scoring."""
 
-    def _score(self, item: Item, candidate: str) -> float:
+        def generate(asks: list[Ask]) -> list[str]:
+            return [self.pipe.generate([(ask.images, ask.messages)],
+                                       self.box_max_new_tokens if ask.box else max_new_tokens, **gen_kwargs)[0]
+                    for ask in asks]
+
+        run_steps(procedure or steps(item), generate, lambda score: [self.score(item, c) for c in score.candidates],
+                  step)
+
+    def score(self, item: Item, candidate: str) -> float:
         """Mean NLL of one scoring conversation, in one forward of its own (the reference's PPL pass)."""
         pipe, config = self.pipe, self.pipe.model.config
         messages = item.score_messages(item.result.box_text, candidate)
@@ -236,44 +290,28 @@ class DualFocus:
                              "follows, so the candidate's tokens cannot be located; use a built-in template")
         return len(context)
 
-    # ---- shared by both paths ---------------------------------------------------------------------------------
-
-    def _zoom(self, item: Item, macro: str, box: str) -> None:
-        """Parse the box reply and crop; without a usable box the macro answer stands."""
-        item.result = DualFocusResult(macro, macro, box_text=box)
-        parsed = parse_box_text(box)
-        zoomed = zoom(item.image, parsed) if parsed is not None else None
-        if zoomed is None:
-            item.result.reason = "no_box" if parsed is None else "degenerate_box"
-            return
-        item.crop, item.result.crop_box = zoomed
-
-    def _choose(self, item: Item, micro: str, score) -> None:
-        """Apply the selection rule; `score(candidates)` gives their mean NLLs when it comes to perplexity."""
-        result = item.result
-        result.micro = micro
-        choice, result.candidates, result.reason = select(item.parts, result.macro, micro)
-        if choice is None:
-            result.scores = [float(s) for s in score(result.candidates)]
-            choice = pick(result.scores)
-        set_choice(result, choice)
-
     # ---- cached and batched ------------------------------------------------------------------------------------
 
     def _answer_cached(self, items: list[Item], max_new_tokens: int, gen_kwargs: dict) -> None:
-        """1. macro and box: their shared prefix (system prompt + image) once, then both as rows 2i and 2i+1.
+        """The questions' procedures, each step batched over the questions on one KV cache:
+        1. macro and box: their shared prefix (system prompt + image) once, then both as rows 2i and 2i+1.
         2. micro: continues the box rows (box prompt cached) with the box reply, the crop and round 2.
-        3. scoring (`_pick_cached`): continues the micro rows."""
+        3. scoring (`_score_cached`): continues the micro rows."""
         pipe, config = self.pipe, self.pipe.model.config
+        procedures = [steps(it) for it in items]
+        for procedure in procedures:
+            next(procedure)  # the macro and box asks, built here from the same messages
         macro_ids = [pipe.encode(it.macro_messages, 1) for it in items]
         box_ids = [pipe.encode(it.box_messages(), 1) for it in items]
         shared = [min(common_prefix(m, b), len(m) - 1, len(b) - 1) for m, b in zip(macro_ids, box_ids)]
         has_image = [m[:s].count(config.image_token_id) == config.num_image_tokens for m, s in zip(macro_ids, shared)]
         if not all(has_image):  # a question asked with its image after the text: no shared prefix worth caching
-            for item in (it for it, ok in zip(items, has_image) if not ok):
+            for item, procedure in ((it, p) for it, p, ok in zip(items, procedures, has_image) if not ok):
+                procedure.close()
                 self._answer_reference(item, max_new_tokens, gen_kwargs)
             keep = [i for i, ok in enumerate(has_image) if ok]
-            items, macro_ids, box_ids, shared = ([x[i] for i in keep] for x in (items, macro_ids, box_ids, shared))
+            items, procedures, macro_ids, box_ids, shared = ([x[i] for i in keep] for x in
+                                                             (items, procedures, macro_ids, box_ids, shared))
             if not items:
                 return
         rows = Rows(pipe)
@@ -284,35 +322,38 @@ class DualFocus:
         new = rows.generate(suffixes, max(budgets), gen_kwargs, keep=True)
         # Greedy: the first k tokens of a longer run are the run with budget k.
         texts = [pipe.decode(ids[:budget]) for ids, budget in zip(new, budgets)]
-        for item, macro, box in zip(items, texts[0::2], texts[1::2]):
-            self._zoom(item, macro, box)
-
-        live = [i for i, it in enumerate(items) if it.crop is not None]
-        plans = {i: self._plan(items[i], box_ids[i]) for i in live}
-        for i in [i for i in live if plans[i] is None]:  # a template that is not prefix-stable: no cache reuse
-            self._finish_reference(items[i], max_new_tokens, gen_kwargs)
-        live = [i for i in live if plans[i] is not None]
+        pending = {}  # question -> its next step, for the questions still going after their box
+        for i, (procedure, macro, box) in enumerate(zip(procedures, texts[0::2], texts[1::2])):
+            try:
+                pending[i] = procedure.send([macro, box])
+            except StopIteration:  # no usable box: the macro answer
+                pass
+        plans = {i: self._plan(items[i], box_ids[i]) for i in pending}
+        for i in [i for i in pending if plans[i] is None]:  # a template that is not prefix-stable: no cache reuse
+            self._answer_reference(items[i], max_new_tokens, gen_kwargs, procedures[i], pending.pop(i))
+        live = list(pending)
         if not live:
             return
         rows.select([2 * i + 1 for i in live])
         box_nll = rows.forward([plans[i].reply for i in live], labels=[plans[i].reply_labels for i in live])
         rows.forward([plans[i].to_question for i in live], images=[items[i].crop for i in live])
         new = rows.generate([plans[i].rest for i in live], max_new_tokens, gen_kwargs, keep=False)
-        scored = []  # (row, plan) of the questions that go to the perplexity pick
+        scored = []  # (row, question) of the questions that go to the perplexity pick
         for row, (i, ids) in enumerate(zip(live, new)):
-            result = items[i].result
-            result.micro = pipe.decode(ids)
-            choice, result.candidates, result.reason = select(items[i].parts, result.macro, result.micro)
-            if choice is None:
-                scored.append((row, plans[i]))
-            else:
-                set_choice(result, choice)
+            try:
+                procedures[i].send([pipe.decode(ids)])
+            except StopIteration:  # decided without scoring
+                continue
+            scored.append((row, i))
         if scored:
-            self._pick_cached(rows, scored, box_nll)
+            scores = self._score_cached(rows, [(row, plans[i]) for row, i in scored], box_nll)
+            for (_, i), pair in zip(scored, scores):
+                with contextlib.suppress(StopIteration):  # the scores are its last step
+                    procedures[i].send(pair)
 
-    def _pick_cached(self, rows: Rows, scored: list[tuple[int, Plan]], box_nll) -> None:
+    def _score_cached(self, rows: Rows, scored: list[tuple[int, Plan]], box_nll) -> list[list[float]]:
         """Scoring: both candidates of a question continue its micro row from where round 2's text starts (the
-        scoring context's own question text), as two rows of one forward."""
+        scoring context's own question text), as two rows of one forward. Returns each question's two mean NLLs."""
         rows.select([row for row, _ in scored])
         rows.repeat(2)
         blocks = [plan.candidate(c) for _, plan in scored for c in plan.item.result.candidates]
@@ -321,15 +362,7 @@ class DualFocus:
             rows_of_pairs = torch.tensor([row for row, _ in scored], device=sums.device).repeat_interleave(2)
             sums, counts = sums + box_nll[0][rows_of_pairs], counts + box_nll[1][rows_of_pairs]
         scores = (sums / counts).tolist()
-        for k, (_, plan) in enumerate(scored):
-            result = plan.item.result
-            result.scores = scores[2 * k: 2 * k + 2]
-            set_choice(result, pick(result.scores))
-
-    def _finish_reference(self, item: Item, max_new_tokens: int, gen_kwargs: dict) -> None:
-        micro = self.pipe.generate([([item.image, item.crop], item.micro_messages(item.result.box_text))],
-                                   max_new_tokens, **gen_kwargs)[0]
-        self._choose(item, micro, lambda candidates: [self._score(item, c) for c in candidates])
+        return [scores[2 * k: 2 * k + 2] for k in range(len(scored))]
 
     def _plan(self, item: Item, box_ids: list[int]) -> Plan | None:
         """How the micro prompt and the scoring conversations split into cached blocks, or None when the template
@@ -351,6 +384,58 @@ class DualFocus:
         if micro[reply_end:split].count(config.image_token_id) != config.num_image_tokens:  # the crop: in one block
             return None
         return Plan(micro, context, start, reply_end, split, probe.labels[start:reply_end], item, pipe, self.span)
+
+    # ---- in the server -----------------------------------------------------------------------------------------
+
+    async def serve(self, batcher, job) -> AsyncIterator[Event]:
+        """One request in the server: the procedure's generations go to the batcher as jobs (the macro answer and
+        the box together, batched with whatever else is running), the scoring to a worker thread. The chosen
+        answer comes as one piece. The box is greedy; the answers follow the request's sampling settings (greedy
+        at temperature 0, as the reference)."""
+        pipe = self.pipe
+        context = getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
+        item = make_item(job.images, job.messages, 0)  # the strategy's refusal made sure it applies
+
+        async def run(ask: Ask) -> Event:
+            """One job through the batcher: its last event (the finish, or an error)."""
+            prompt_tokens = len(pipe.encode(ask.messages, len(ask.images)))
+            room = context - prompt_tokens  # the micro prompt holds two images: it may need more than the request's
+            if room < 1:
+                return Event("error", f"dualfocus: the {len(ask.images)}-image prompt ({prompt_tokens} tokens) "
+                                      "leaves no room in the context")
+            budget = self.box_max_new_tokens if ask.box else job.max_tokens
+            sub = Job(images=ask.images, messages=ask.messages, prompt_tokens=prompt_tokens,
+                      max_tokens=min(budget, room), temperature=0.0 if ask.box else job.temperature, top_p=job.top_p,
+                      seed=job.seed, stop=() if ask.box else job.stop)
+            last = None
+            async for last in batcher.stream(sub):
+                pass
+            return last
+
+        def score(step: Score) -> list[float]:
+            with torch.inference_mode():
+                return [self.score(item, c) for c in step.candidates]
+
+        procedure = steps(item)
+        macro, box = await asyncio.gather(*(run(ask) for ask in next(procedure)))
+        if macro.kind == "error":
+            yield macro
+            return
+        chosen = macro
+        try:
+            step = procedure.send([macro.text, box.text if box.kind == "finish" else ""])
+            (micro,) = await asyncio.gather(*(run(ask) for ask in step))
+            if micro.kind != "finish":
+                logger.warning("dualfocus: the micro answer failed (%s); answering with the macro answer", micro.text)
+                procedure.close()
+            else:
+                step = procedure.send([micro.text])
+                procedure.send(await asyncio.to_thread(score, step))
+        except StopIteration as done:
+            chosen = micro if done.value.choice == "micro" else macro
+        if chosen.text:
+            yield Event("delta", chosen.text)
+        yield chosen
 
 
 @dataclass
@@ -470,74 +555,6 @@ class Rows:
         index = torch.tensor(rows, device=self.device)
         self.cache.batch_select_indices(index)
         self.ids, self.mask, self.last_logits = self.ids[index], self.mask[index], self.last_logits[index]
-
-
-# ----------------------------------------------------------------------------- the server's strategy
-
-
-async def serve_dualfocus(batcher, job, span: str = "box_and_answer") -> AsyncIterator:
-    """The server's "dualfocus" strategy (`strategy` field of a request; server.py's STRATEGIES hook). The macro and
-    box generations go to the batcher as two jobs (batched with whatever else is running), then the micro job; the
-    scoring forward runs in a worker thread. The chosen answer comes as one piece. The box is greedy; the macro and
-    micro answers follow the request's sampling settings (greedy at temperature 0, as the reference)."""
-    import asyncio
-
-    from polyfocus.infer.batcher import Event, Job
-    from polyfocus.infer.server import run_plain  # lazy: the server imports this module
-
-    pipe, strategy = batcher.pipe, DualFocus(batcher.pipe, span=span)
-    context = getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
-    item = make_item(job.images, job.messages, 0)  # build_job made sure it applies
-
-    async def run(messages: list[dict], images: list, box: bool = False) -> Event:
-        """One job through the batcher: its last event (the finish, or an error). The box reply is greedy, has its
-        own budget and ignores the request's stop strings; the answers follow the request's settings."""
-        prompt_tokens = len(pipe.encode(messages, len(images)))
-        room = context - prompt_tokens  # the micro prompt holds two images: it may need more than the request's
-        if room < 1:
-            return Event("error", f"dualfocus: the {len(images)}-image prompt ({prompt_tokens} tokens) leaves no "
-                                  "room in the context")
-        budget = strategy.box_max_new_tokens if box else job.max_tokens
-        sub = Job(images=images, messages=messages, prompt_tokens=prompt_tokens, max_tokens=min(budget, room),
-                  temperature=0.0 if box else job.temperature, top_p=job.top_p, seed=job.seed,
-                  stop=() if box else job.stop)
-        last = None
-        async for last in run_plain(batcher, sub):
-            pass
-        return last
-
-    macro, box = await asyncio.gather(run(item.macro_messages, [item.image]),
-                                      run(item.box_messages(), [item.image], box=True))
-    if macro.kind == "error":
-        yield macro
-        return
-    strategy._zoom(item, macro.text, box.text if box.kind == "finish" else "")
-    chosen = macro
-    if item.crop is not None:
-        micro = await run(item.micro_messages(item.result.box_text), [item.image, item.crop])
-        if micro.kind == "finish":
-            def choose():
-                with torch.inference_mode():
-                    strategy._choose(item, micro.text, lambda candidates: [strategy._score(item, c)
-                                                                           for c in candidates])
-
-            await asyncio.to_thread(choose)
-            chosen = micro if item.result.choice == "micro" else macro
-        else:
-            logger.warning("dualfocus: the micro answer failed (%s); answering with the macro answer", micro.text)
-    if chosen.text:
-        yield Event("delta", chosen.text)
-    yield chosen
-
-
-def serve_dualfocus_answer(batcher, job) -> AsyncIterator:
-    """The server's "dualfocus_answer" strategy: scored on the answer's tokens only (span="answer")."""
-    return serve_dualfocus(batcher, job, span="answer")
-
-
-def dualfocus_applies(images: list, messages: list[dict]) -> bool:
-    """Whether a request is a question DualFocus answers: one user message with one image (after a system one)."""
-    return make_item(images, messages, 0) is not None
 
 
 # ----------------------------------------------------------------------------- helpers

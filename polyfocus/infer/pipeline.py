@@ -17,7 +17,7 @@ stripped from the answer (the worker trims it too).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from threading import Thread
 
@@ -38,11 +38,9 @@ from polyfocus.data.templates import (
     get_template,
 )
 from polyfocus.experts.detectors import model_detector
-
-ImageInput = str | os.PathLike | Image.Image
-# A request: (images, messages). messages is a chat ([{"role", "content"}, ...] with one "<image>" per image)
-# or a plain question string, to which the images are prepended as "<image>\n" when it names none.
-Request = tuple[Sequence[ImageInput] | ImageInput | None, Sequence[dict] | str]
+from polyfocus.infer.requests import ImageInput, Request, normalize_request
+from polyfocus.infer.stops import answer_text, until_stop
+from polyfocus.infer.strategies import get_strategy
 
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
 
@@ -86,12 +84,12 @@ class Pipeline:
         """Answer every request; batches of `batch_size`, left-padded. Greedy when temperature <= 0.001.
 
         strategy: "plain" (one generation) or "dualfocus" (macro, box, zoomed micro answer, pick by perplexity;
-        polyfocus/infer/dualfocus.py). gen_kwargs go to transformers' `generate` (num_beams, repetition_penalty,
+        polyfocus/infer/strategies.py). gen_kwargs go to transformers' `generate` (num_beams, repetition_penalty,
         logits_processor, ...).
         """
         if strategy != "plain":
-            return with_strategy(self, strategy).generate(requests, max_new_tokens, temperature, top_p, batch_size,
-                                                          **gen_kwargs)
+            return get_strategy(strategy).generate(self, requests, max_new_tokens, temperature, top_p, batch_size,
+                                                   **gen_kwargs)[0]
         answers = []
         for start in range(0, len(requests), batch_size):
             inputs = self.prepare(requests[start:start + batch_size], first_index=start)
@@ -227,20 +225,6 @@ class Pipeline:
         history += [user, {"role": "assistant", "content": "".join(pieces)}]
 
 
-STRATEGIES = ("plain", "dualfocus", "dualfocus_answer")  # how an answer is produced (server.py: async versions)
-
-
-def with_strategy(pipe, strategy: str):
-    """The pipeline answering with `strategy`: itself for "plain", else an object with its `generate` signature."""
-    if strategy == "plain":
-        return pipe
-    if strategy in ("dualfocus", "dualfocus_answer"):  # dualfocus_answer: scored on the answer's tokens only
-        from polyfocus.infer.dualfocus import DualFocus  # lazy: it imports this module
-
-        return DualFocus(pipe, span="answer" if strategy == "dualfocus_answer" else "box_and_answer")
-    raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-
-
 # ---- loading ---------------------------------------------------------------------------------------------
 
 
@@ -285,24 +269,6 @@ def stop_string(template: Template | TokenizerTemplate) -> str:
     return after.strip() or after
 
 
-def normalize_request(images, messages, index: int) -> tuple[list[ImageInput], list[dict]]:
-    """(images, messages) with images as a list and messages as a chat; the <image> count must match."""
-    if images is None:
-        images = []
-    elif isinstance(images, (str, os.PathLike, Image.Image)):
-        images = [images]
-    images = list(images)
-    if isinstance(messages, str):
-        content = messages if IMAGE_TOKEN in messages else (IMAGE_TOKEN + "\n") * len(images) + messages
-        messages = [{"role": "user", "content": content}]
-    n_tags = sum(m.get("content", "").count(IMAGE_TOKEN) for m in messages if isinstance(m, dict))
-    if n_tags != len(images):
-        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"<{type(x).__name__}>" for x in images]
-        raise ValueError(f"request {index}: the messages hold {n_tags} {IMAGE_TOKEN} tag(s) but {len(images)} "
-                         f"image(s) were given {names}")
-    return images, list(messages)
-
-
 # ---- streaming -------------------------------------------------------------------------------------------
 
 
@@ -327,39 +293,3 @@ def generate_in_thread(model, streamer: TextIteratorStreamer, kwargs: dict) -> I
         raise errors[0]
 
 
-def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
-    """Stream `answer_text("".join(pieces), stop)`: the text up to the first `stop`, without surrounding whitespace.
-    A tail that may be the start of `stop` or trailing whitespace is held back until the next piece decides it.
-    Pieces after the stop are still consumed, so the producer finishes."""
-    held, started, stopped = "", False, False
-    for piece in pieces:
-        if stopped:
-            continue
-        held += piece
-        if stop and stop in held:
-            held, stopped, keep = held[: held.index(stop)].rstrip(), True, 0
-        else:
-            keep = _prefix_overlap(held, stop)
-            head = held[: len(held) - keep]
-            keep += len(head) - len(head.rstrip())  # whitespace before it may turn out to be trailing
-        if not started:  # leading whitespace is dropped
-            held = held.lstrip()
-            started = bool(held)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep:]
-    if held.strip() and not stopped:
-        yield held.rstrip()
-
-
-def answer_text(text: str, stop: str) -> str:
-    """The decoded new tokens up to the stop string, stripped (as LLaVA's CLI strips its outputs)."""
-    return (text[: text.index(stop)] if stop and stop in text else text).strip()
-
-
-def _prefix_overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0

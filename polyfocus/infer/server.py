@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -42,13 +42,13 @@ from PIL import Image
 
 from polyfocus.data.templates import IMAGE_TOKEN, TemplateError
 from polyfocus.infer.batcher import Batcher, Event, Job
-from polyfocus.infer.dualfocus import dualfocus_applies, serve_dualfocus, serve_dualfocus_answer
+from polyfocus.infer.strategies import STRATEGIES, get_strategy
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # an optional extra
     raise ImportError("polyfocus serve needs FastAPI and uvicorn: pip install 'polyfocus[serve]'") from e
@@ -226,12 +226,9 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
         text, message_images = message_content(message, f"messages[{i}]", settings)
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
         images += message_images
-    if chat.strategy.startswith("dualfocus") and not dualfocus_applies(images, messages):
-        raise APIError(f"strategy {chat.strategy!r} answers one user message with one image (after an optional "
-                       "system message)", param="messages")
-    if chat.strategy.startswith("dualfocus") and getattr(pipe.model.config, "object_tokens", False):
-        raise APIError(f"strategy {chat.strategy!r} does not run on this model: its scoring feeds images without "
-                       "MG-LLaVA's object tokens", param="strategy")
+    refusal = get_strategy(chat.strategy).refusal(pipe.model.config, images, messages)
+    if refusal:
+        raise APIError(refusal[0], param=refusal[1])
     boxes, object_tokens = None, None
     if getattr(pipe, "object_boxes", None) is not None:  # MG-LLaVA: detect here, so the count has the object tokens
         with DETECTOR_LOCK:  # request threads share the detector (and its fast tokenizer: "Already borrowed")
@@ -387,39 +384,6 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
                        param=param, code="invalid_image") from None
 
 
-# ---- strategies: how an answer is produced ---------------------------------------------------------------
-
-
-async def run_plain(batcher: Batcher, job: Job) -> AsyncIterator[Event]:
-    """One generation through the batcher; its events as they come."""
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-    def emit(event: Event) -> None:  # from the scheduler thread
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            job.cancelled = True
-
-    job.emit = emit
-    batcher.submit(job)
-    try:
-        while True:
-            event = await events.get()
-            yield event
-            if event.kind != "delta":
-                return
-    finally:
-        job.cancelled = not job.done  # the client went away: free the row at the next step
-
-
-# The hook for other inference strategies (a request's "strategy" field): name -> async generator of Events for
-# one Job. A strategy may submit several jobs to the batcher (e.g. DualFocus: macro answer, box, zoomed micro
-# answer, pick by perplexity, spec dualfocus.md) and emits the events of the answer it returns.
-STRATEGIES: dict[str, Callable[[Batcher, Job], AsyncIterator[Event]]] = {"plain": run_plain,
-                                                                         "dualfocus": serve_dualfocus,
-                                                                         "dualfocus_answer": serve_dualfocus_answer}
-
-
 # ---- the app ---------------------------------------------------------------------------------------------
 
 
@@ -478,7 +442,7 @@ def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
             raise APIError(f"the server is overloaded: {waiting} requests are waiting for a batch; retry later",
                            code="overloaded", status=503, type="server_error")
         job = await run_in_threadpool(build_job, chat, pipe, settings)  # image decoding off the event loop
-        events = STRATEGIES[chat.strategy](request.app.state.batcher, job)
+        events = get_strategy(chat.strategy).serve(request.app.state.batcher, job)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)

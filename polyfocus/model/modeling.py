@@ -16,10 +16,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from polyfocus.config import IGNORE_INDEX, PolyfocusConfig
 from polyfocus.model.fusion import FUSION_MODULES, build_fusion
-from polyfocus.model.hires import build_hires_tower, hires_stages, low_res_pixels
+from polyfocus.model.hires import build_hires_tower
 from polyfocus.model.objects import box_features, with_object_tokens
 from polyfocus.model.projector import build_projector
-from polyfocus.model.vision import build_vision_tower, select_features
+from polyfocus.model.vision import TowerOutputs, build_vision_tower
 from polyfocus.model.visual_words import (
     CausalLMOutputWithVisualWords,
     build_visual_word_head,
@@ -116,37 +116,17 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         With MG-LLaVA's high-resolution branch the images come at `config.hires_image_size` and the tower sees them
         downsampled; `image_boxes` [K, 5] (image index, x1, y1, x2, y2 in those pixels) give one object token each
         (config.object_tokens)."""
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        if self.config.fusion == "s2":  # the tower runs once per scale, on tiles of its own size (S2)
-            features = self.mm_fusion(pixel_values.to(tower_dtype), self.tower_features)
-            projector_dtype = next(self.mm_projector.parameters(), features).dtype
-            return self.mm_projector(features.to(projector_dtype)), None
-        stages = None
-        if self.hires_tower is not None:
-            size = self.config.hires_image_size
-            if tuple(pixel_values.shape[-2:]) != (size, size):
-                raise ValueError(f"the high-resolution branch takes {size}x{size} images (config.hires_image_size), "
-                                 f"got {tuple(pixel_values.shape[-2:])}: use the model's image processor")
-            stages = hires_stages(self.hires_tower, pixel_values)  # 4 x [n, C_s, h_s, w_s], stride 4 (stem) x 2^s
-            pixel_values = low_res_pixels(pixel_values, self.config.vision_config.image_size)
-        out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
-        if self.config.fusion == "mmfuser":  # the selected layer, refined with shallower ones
-            features = self.mm_fusion(out.hidden_states)
-        else:
-            features = select_features(self.config, out.hidden_states)
-            if self.config.fusion == "convgate":  # the high-resolution tower's last stage, gated in (MG-LLaVA)
-                features = self.mm_fusion(features, stages[-1])
+        tower = TowerOutputs(self.config, self.vision_tower, self.hires_tower, pixel_values)
+        # The fusion module (config.fusion) reads what it needs of the tower; without one, LLaVA's selection.
+        features = tower.features if self.mm_fusion is None else self.mm_fusion(tower)  # [n, N, C]
         projector_dtype = next(self.mm_projector.parameters(), features).dtype  # identity has no parameters
-        features = self.mm_projector(features.to(projector_dtype))
+        features = self.mm_projector(features.to(projector_dtype))  # [n, N, D]
         objects = None
-        if self.mm_object_projector is not None and image_boxes is not None:
-            pooled = box_features(stages, image_boxes, self.config.hires_image_size, self.config.box_feat_size)
+        if self.mm_object_projector is not None and image_boxes is not None:  # MG-LLaVA: one token per box
+            pooled = box_features(tower.hires_stages, image_boxes, self.config.hires_image_size,
+                                  self.config.box_feat_size)  # [K, sum C_s]
             objects = self.mm_object_projector(pooled.to(next(self.mm_object_projector.parameters()).dtype))
         return features, objects
-
-    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The plain selected features of tower-sized images: [n, 3, S, S] -> [n, N, C]."""
-        return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
                      return_visual_words: bool = False, image_boxes: torch.Tensor | None = None):

@@ -1,12 +1,16 @@
-"""Vision tower wrapper: any transformers vision model that returns hidden states (CLIP, SigLIP)."""
+"""The vision side before the projector: the tower (any transformers vision model that returns hidden states: CLIP,
+SigLIP, ...), LLaVA's feature selection, and `TowerOutputs`, what every fusion module reads."""
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 from torch import nn
 from transformers import AutoModel
 
 from polyfocus.config import PolyfocusConfig
+from polyfocus.model.hires import hires_stages, low_res_pixels
 
 
 def build_vision_tower(config: PolyfocusConfig) -> nn.Module:
@@ -22,3 +26,47 @@ def select_features(config: PolyfocusConfig, hidden_states: tuple[torch.Tensor, 
     drop_cls = config.vision_has_cls and config.mm_vision_select_feature == "patch"
     picked = [hidden_states[layer][:, 1:] if drop_cls else hidden_states[layer] for layer in config.select_layers]
     return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+
+class TowerOutputs:
+    """A batch of images as the fusion modules see it (`fusion(tower) -> features`). Each part is computed on first
+    use, so a module pays only for what it reads:
+
+        pixel_values   [B, 3, S, S]      what the model was given (S = config.image_input_size), in the tower's dtype
+        hires_stages   4 x [B, C_s, h_s, w_s]   MG-LLaVA's ConvNeXt on pixel_values; None without that branch
+        hidden_states  (B x T x C, ...)  the tower's, on the tower-sized image (with MG-LLaVA's branch: pixel_values
+                                         downsampled; MMFuser reads these)
+        features       [B, N, C]         LLaVA's selection of them: what the projector reads without fusion
+        select(x)      [n, N, C]         the selected features of other tower-sized images (S2 runs the tower on tiles)
+    """
+
+    def __init__(self, config: PolyfocusConfig, vision_tower: nn.Module, hires_tower: nn.Module | None,
+                 pixel_values: torch.Tensor):
+        self.config, self.vision_tower, self.hires_tower = config, vision_tower, hires_tower
+        self.pixel_values = pixel_values.to(next(vision_tower.parameters()).dtype)
+
+    @cached_property
+    def hires_stages(self) -> list[torch.Tensor] | None:
+        if self.hires_tower is None:
+            return None
+        size = self.config.hires_image_size
+        if tuple(self.pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"the high-resolution branch takes {size}x{size} images (config.hires_image_size), "
+                             f"got {tuple(self.pixel_values.shape[-2:])}: use the model's image processor")
+        return hires_stages(self.hires_tower, self.pixel_values)  # stride 4 (stem) x 2^s
+
+    @cached_property
+    def hidden_states(self) -> tuple[torch.Tensor, ...]:
+        pixels = self.pixel_values
+        if self.hires_tower is not None:  # the tower sees the high-resolution image downsampled (MG-LLaVA)
+            self.hires_stages  # noqa: B018 - checks the size first, with the message that names it
+            pixels = low_res_pixels(pixels, self.config.vision_config.image_size)
+        return self.vision_tower(pixels, output_hidden_states=True).hidden_states
+
+    @cached_property
+    def features(self) -> torch.Tensor:
+        return select_features(self.config, self.hidden_states)
+
+    def select(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, s, s] tower-sized images → their selected features [n, N, C]."""
+        return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)

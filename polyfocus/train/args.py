@@ -12,12 +12,14 @@ import argparse
 import difflib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
 import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser
+
+from polyfocus.config import METHOD_FIELDS, MODEL_PARTS
 
 # Stage presets: LLaVA-1.5's scripts/v1_5/pretrain.sh and finetune.sh (spec llava_base.md §3.2).
 STAGE_PRESETS = {
@@ -45,8 +47,18 @@ COMMON_DEFAULTS = {"lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_
                    "logging_steps": 1, "include_num_input_tokens_seen": "non_padding", "remove_unused_columns": False}
 
 
+# Every method's config fields (polyfocus/config.py's METHOD_FIELDS) as training arguments; None keeps the model's.
+# Fields that shape the weights apply to a new model only (from backbones or model_config); settings to any model.
+MethodArguments = make_dataclass("MethodArguments", [(name, f.type | None, field(default=None, metadata={"help": f.help}))
+                                                     for name, f in METHOD_FIELDS.items()])
+# Each model part's own learning rate (polyfocus/config.py's MODEL_PARTS); None: the run's learning_rate.
+PartLearningRates = make_dataclass("PartLearningRates", [(lr, float | None, field(default=None))
+                                                         for lr in dict.fromkeys(lr for _, lr in MODEL_PARTS.values()
+                                                                                 if lr)])
+
+
 @dataclass
-class ModelArguments:
+class ModelArguments(MethodArguments):
     # What to start from: a polyfocus / llava-hf / original LLaVA checkpoint (e.g. a stage-1 output), or a plain
     # causal-LM directory combined with `vision_tower`, or nothing and `model_config` (a fresh tiny model).
     model_name_or_path: str | None = None
@@ -56,35 +68,11 @@ class ModelArguments:
     model_config: dict | str | None = field(default=None, metadata={"help": "tiny_config(...) keywords: YAML mapping or JSON"})
     pretrain_mm_mlp_adapter: str | None = None  # projector weights from a stage-1 run (mm_projector.bin/.safetensors)
     version: str = "v1"  # conversation template (polyfocus.data.templates); "plain" for stage 1
-    mm_vision_select_layer: int | None = None  # None: keep the checkpoint's (LLaVA-1.5: -2)
-    mm_vision_select_feature: str | None = None
-    mm_projector_type: str | None = None
-    # Fusion between the tower and the projector (new models only): fusion: mmfuser | s2, and their config fields.
-    fusion: str | None = None
-    mmfuser_kv_layers: list[int] | None = None
-    mmfuser_num_heads: int | None = None
-    mmfuser_num_points: int | None = None
-    s2_scales: list[int] | None = None  # fusion: s2 (LLaVA-S2, docs/densefusion.md), e.g. [336, 672, 1008]
-    # MG-LLaVA (docs/mg_llava.md, new models only): fusion: convgate and/or object_tokens add the high-resolution
-    # ConvNeXt, from `hires_tower` (a transformers ConvNeXt directory or open_clip CLIP-ConvNeXt weights; none: a
-    # fresh one of hires_config, CLIP-ConvNeXt-L by default); box_* set how boxes become object tokens.
+    # MG-LLaVA (docs/mg_llava.md): fusion: convgate and/or object_tokens add the high-resolution ConvNeXt, from
+    # `hires_tower` (a transformers ConvNeXt directory or open_clip CLIP-ConvNeXt weights; none: a fresh one of
+    # hires_config, CLIP-ConvNeXt-L by default).
     hires_tower: str | None = None
-    hires_config: dict | str | None = field(default=None, metadata={"help": "ConvNextConfig keywords (YAML or JSON)"})
-    object_tokens: bool | None = None
-    box_feat_size: int | None = None
-    box_iou_threshold: float | None = None
-    box_limit_mode: str | None = None
-    box_limit_num: int | None = None
-    box_detector: str | None = None  # "synthworld" or a local OWLv2 / Grounding DINO directory (any model takes it)
-    box_queries: list[str] | None = None  # the detector's text queries (tags)
     tune_hires_tower: bool = False  # train the ConvNeXt too (MG-LLaVA keeps it frozen), at mm_hires_tower_lr
-    # VW-LMM (docs/vw_lmm.md). visual_words: give the model a visual-word head if it has none (initialised from its
-    # LM head). The others override the model config's values (None: keep them).
-    visual_words: bool = False
-    vw_loss_weight: float | None = None
-    vw_kl_direction: str | None = None  # forward: KL(visual word || LM) (VW-LMM stage 4); reverse (stage 3)
-    vw_detach_target: bool | None = None
-    pseudo_image_features: bool | None = None
     # What trains. tune_mm_mlp_adapter: projector (+fusion) only. freeze_backbone: LLM frozen.
     tune_mm_mlp_adapter: bool = False
     freeze_backbone: bool = False
@@ -115,15 +103,10 @@ class DataArguments:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
+class TrainingArguments(transformers.TrainingArguments, PartLearningRates):
     stage: str | None = None  # pretrain | finetune: LLaVA-1.5 defaults for that stage (see STAGE_PRESETS)
     model_max_length: int = 2048
     group_by_modality_length: bool = False
-    mm_projector_lr: float | None = None
-    mm_fusion_lr: float | None = None
-    mm_visual_words_lr: float | None = None  # VW-LMM's visual-word head
-    mm_vision_tower_lr: float | None = None
-    mm_hires_tower_lr: float | None = None  # MG-LLaVA's ConvNeXt, with tune_hires_tower
     save_trainable_only: bool = True  # checkpoints hold only what trains (LLaVA stage 1: the projector)
     plot_loss: bool = True  # loss.png in output_dir at the end
 

@@ -1,7 +1,8 @@
 """What trains: the model's parts, stage freezing, and a parameter summary printed at the start of a run.
 
-Every parameter belongs to one part, found from its name. Later methods add their modules to PARTS
-(fusion modules to "fusion"), and everything here (freezing, per-part learning rates, the summary) follows.
+Every parameter belongs to one part, found from its name: the part of the model's module it sits in
+(polyfocus/config.py's MODEL_PARTS, where a method adds its modules). Freezing, per-part learning rates and the summary
+follow that table.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ import re
 
 from torch import nn
 
+from polyfocus.config import MODEL_PARTS
+
 # part -> parameter-name prefixes (after any peft wrapper prefix is removed)
-PARTS = {
-    "vision_tower": ("vision_tower.",),
-    "projector": ("mm_projector.", "mm_object_projector."),  # MG-LLaVA's object tokens have their own projector
-    "fusion": ("mm_fusion.",),
-    "hires_tower": ("hires_tower.",),  # MG-LLaVA's high-resolution ConvNeXt: frozen unless tune_hires_tower
-    "visual_words": ("vm_head.",),  # VW-LMM's visual-word head: trains in every stage, as the projector
-    "language_model": ("language_model.",),
-}
+PARTS = {part: tuple(f"{module}." for module, (p, _) in MODEL_PARTS.items() if p == part)
+         for part, _ in MODEL_PARTS.values()}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -27,7 +24,7 @@ def part_of(name: str) -> str:
     for part, prefixes in PARTS.items():
         if name.startswith(prefixes):
             return part
-    raise ValueError(f"parameter {name!r} belongs to no model part; add its prefix to polyfocus.train.freeze.PARTS")
+    raise ValueError(f"parameter {name!r} belongs to no model part; add its module to polyfocus.config.MODEL_PARTS")
 
 
 def trainable_parts(tune_mm_mlp_adapter: bool, freeze_backbone: bool, freeze_mm_mlp_adapter: bool) -> set[str]:

@@ -19,6 +19,7 @@ import yaml
 from transformers import AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from polyfocus.config import BUILD, METHOD_FIELDS, MODEL_PARTS, SETTING
 from polyfocus.data.dataset import DataCollator, SupervisedDataset
 from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
 from polyfocus.data.images import ImageProcessor
@@ -28,16 +29,10 @@ from polyfocus.train.freeze import configure_trainable, parameter_summary, train
 from polyfocus.train.trainer import PolyfocusTrainer
 
 logger = logging.getLogger(__name__)
-# ModelArguments that are PolyfocusConfig fields: they shape a new model (from backbones or model_config); a
-# multimodal checkpoint's are fixed.
-ARCHITECTURE_FIELDS = ("mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type", "fusion",
-                       "mmfuser_kv_layers", "mmfuser_num_heads", "mmfuser_num_points", "s2_scales",
-                       "hires_config", "object_tokens", "box_feat_size")
-# MG-LLaVA's box settings (ModelArguments and PolyfocusConfig fields): how boxes become object tokens; any model with
-# object tokens takes them, a checkpoint included.
-BOX_FIELDS = ("box_iou_threshold", "box_limit_mode", "box_limit_num", "box_detector", "box_queries")
-# VW-LMM's switches (ModelArguments and PolyfocusConfig fields): any model takes them, a checkpoint included.
-VISUAL_WORD_FIELDS = ("visual_words", "vw_loss_weight", "vw_kl_direction", "vw_detach_target", "pseudo_image_features")
+# The methods' config fields (polyfocus/config.py): those that shape a new model (from backbones or model_config; a
+# multimodal checkpoint's are fixed), and the settings any model takes, a checkpoint included.
+BUILD_FIELDS = tuple(name for name, f in METHOD_FIELDS.items() if f.when == BUILD)
+SETTING_FIELDS = tuple(name for name, f in METHOD_FIELDS.items() if f.when == SETTING)
 
 
 def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PolyfocusTrainer:
@@ -95,7 +90,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
     from polyfocus.checkpoints import checkpoint_format, load_model
 
     dtype = torch.bfloat16 if training_args.bf16 else None
-    overrides = {k: getattr(model_args, k) for k in ARCHITECTURE_FIELDS if getattr(model_args, k) is not None}
+    overrides = {k: getattr(model_args, k) for k in BUILD_FIELDS if getattr(model_args, k) is not None}
     path = model_args.model_name_or_path
     if path and _is_multimodal_checkpoint(path):
         if overrides or model_args.hires_tower:
@@ -145,8 +140,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
 
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    configure_visual_words(model, model_args)
-    configure_boxes(model, model_args)
+    apply_settings(model, model_args)
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.tokenizer_padding_side = "right"
     model.config.tokenizer_model_max_length = training_args.model_max_length
@@ -154,31 +148,22 @@ def build_model(model_args, data_args, training_args, tokenizer):
     return model
 
 
-def configure_visual_words(model, model_args) -> None:
-    """VW-LMM (docs/vw_lmm.md): add the visual-word head if the run asks for one, then set the loss and PIF switches
-    the run names (they are config values, not weights, so any checkpoint takes them)."""
-    from polyfocus.model.visual_words import KL_DIRECTIONS, add_visual_word_head
+def apply_settings(model, model_args) -> None:
+    """The methods' settings the run names (config values, not weights: any model takes them, a checkpoint
+    included), checked together. `visual_words` is the one that adds weights: VW-LMM's head, from the LM head."""
+    from polyfocus.model.visual_words import add_visual_word_head
 
     if model_args.visual_words:
         add_visual_word_head(model)
-    given = [key for key in VISUAL_WORD_FIELDS[1:] if getattr(model_args, key) is not None]
-    if given and model.vm_head is None:  # never silently ignored
-        raise ValueError(f"{', '.join(given)} set, but the model has no visual-word head: set visual_words: true")
-    for key in given:
-        setattr(model.config, key, getattr(model_args, key))
-    if model.config.vw_kl_direction not in KL_DIRECTIONS:
-        raise ValueError(f"vw_kl_direction must be one of {KL_DIRECTIONS}, got {model.config.vw_kl_direction!r}")
-
-
-def configure_boxes(model, model_args) -> None:
-    """MG-LLaVA's box settings the run names (config values, not weights: any model with object tokens takes them)."""
-    given = [key for key in BOX_FIELDS if getattr(model_args, key) is not None]
-    if given and not model.config.object_tokens:
-        raise ValueError(f"{', '.join(given)} set, but the model has no object tokens: set object_tokens: true")
+    given = [key for key in SETTING_FIELDS if key != "visual_words" and getattr(model_args, key) is not None]
+    for switch, what in dict.fromkeys(METHOD_FIELDS[key].needs for key in given if METHOD_FIELDS[key].needs):
+        unmet = [key for key in given if METHOD_FIELDS[key].needs == (switch, what)]
+        if not getattr(model.config, switch):  # they would change nothing: never silently ignored
+            raise ValueError(f"{', '.join(unmet)} set, but the model has no {what}: set {switch}: true")
     for key in given:
         setattr(model.config, key, getattr(model_args, key))
     if given:
-        model.config.check_mg_llava()  # the combined values, checked
+        model.config.check()  # the combined values
 
 
 def _is_multimodal_checkpoint(path: str) -> bool:
@@ -262,10 +247,11 @@ def set_trainable(model, model_args, output_dir: str):
 
         if not _is_multimodal_checkpoint(model_args.model_name_or_path or ""):
             model = _save_base(model, Path(output_dir) / "base")  # the adapter needs a base directory to merge into
-        full = ("mm_projector", "vm_head") if model.vm_head is not None else ("mm_projector",)  # saved in the adapter
-        full += ("mm_fusion",) if model.mm_fusion is not None else ()  # the fuser trains in full too
-        full += ("mm_object_projector",) if model.mm_object_projector is not None else ()  # MG-LLaVA's too
-        full += ("hires_tower",) if model_args.tune_hires_tower else ()
+        # What trains in full beside the adapters (saved in the adapter): the model's own modules, the ConvNeXt
+        # only when it trains.
+        full = [name for name, (part, _) in MODEL_PARTS.items()
+                if part not in ("language_model", "vision_tower") and getattr(model, name, None) is not None
+                and (part != "hires_tower" or model_args.tune_hires_tower)]
         config = lora_config(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                              target_modules=model_args.lora_target_modules, bias=model_args.lora_bias,
                              modules_to_save=full)

@@ -21,6 +21,7 @@ import shutil
 import torch
 from transformers import Trainer
 
+from polyfocus.config import MODEL_PARTS
 from polyfocus.data.sampler import LengthGroupedSampler
 from polyfocus.train.freeze import part_of
 
@@ -29,9 +30,8 @@ STAGING = ".staging"
 
 class PolyfocusTrainer(Trainer):
     def part_learning_rates(self) -> dict[str, float]:
-        a = self.args
-        lrs = {"projector": a.mm_projector_lr, "fusion": a.mm_fusion_lr, "vision_tower": a.mm_vision_tower_lr,
-               "visual_words": a.mm_visual_words_lr, "hires_tower": a.mm_hires_tower_lr}
+        """The parts given a learning rate of their own (mm_projector_lr, mm_fusion_lr, ...: config.MODEL_PARTS)."""
+        lrs = {part: getattr(self.args, flag) for part, flag in MODEL_PARTS.values() if flag}
         return {part: lr for part, lr in lrs.items() if lr is not None}
 
     def create_optimizer(self, model=None):

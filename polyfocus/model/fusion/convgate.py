@@ -59,7 +59,12 @@ class ConvGate(nn.Module):
             bound = 1 / linear.in_features ** 0.5
             init.uniform_(linear.bias, -bound, bound)
 
-    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    def forward(self, tower) -> torch.Tensor:
+        """The tower's selected features, fused with the high-resolution tower's last stage (model/vision.py's
+        TowerOutputs) → [B, H*W, C_L]."""
+        return self.fuse(tower.features, tower.hires_stages[-1])
+
+    def fuse(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """low [B, H*W, C_L] (tokens, row-major), high [B, C_H, H, W] → fused tokens [B, H*W, C_L]."""
         height, width = self.grid
         if low.shape[1] != height * width or tuple(high.shape[-2:]) != (height, width):

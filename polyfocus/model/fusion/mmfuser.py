@@ -58,7 +58,11 @@ class MMFuser(nn.Module):
         init.zeros_(self.gamma1)
         init.zeros_(self.gamma2)
 
-    def forward(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, tower) -> torch.Tensor:
+        """The tower's hidden states (model/vision.py's TowerOutputs) → [B, N, C] (see `fuse`)."""
+        return self.fuse(tower.hidden_states)
+
+    def fuse(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The tower's hidden states (embeddings, layer 1, ..., each [B, T, C]) → [B, N, C], N = H*W (+1 with CLS
         kept): what the projector reads in place of hidden_states[query_layer]."""
         height, width = self.grid

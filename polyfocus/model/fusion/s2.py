@@ -60,8 +60,12 @@ class S2MultiScale(nn.Module):
     def from_config(cls, config) -> S2MultiScale:
         return cls(config.s2_scale_list())
 
-    def forward(self, pixel_values: torch.Tensor,
-                features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(self, tower) -> torch.Tensor:
+        """The model's images, the tower run on each scale's tiles (model/vision.py's TowerOutputs) → [B, h*w, C * n]
+        (see `fuse`)."""
+        return self.fuse(tower.pixel_values, tower.select)
+
+    def fuse(self, pixel_values: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """pixel_values [B, 3, S, S] (S: the largest scale); features: tower tiles [N, 3, split, split] -> their
         selected patch features [N, h*w, C]. Returns [B, h*w, C * len(scales)]."""
         maps = []
