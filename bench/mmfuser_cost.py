@@ -9,9 +9,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
-
 from common import emit, interleaved
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from polyfocus.config import CLIP_L_336, PolyfocusConfig
 from polyfocus.model.fusion import build_fusion

@@ -15,8 +15,8 @@ from polyfocus.cli import main
 from polyfocus.data.images import ImageLoadError, ImageProcessor
 from polyfocus.data.templates import TemplateError
 from polyfocus.data.tokenizer import build_tokenizer, default_tokenizer
-from polyfocus.infer.stops import answer_text, until_stop
 from polyfocus.infer.pipeline import Pipeline
+from polyfocus.infer.stops import answer_text, until_stop
 from polyfocus.model.presets import tiny_config
 
 QUESTIONS = ["What colour is the star?", "How many objects are there in the image? Answer with one word."]

@@ -8,11 +8,7 @@ from PIL import Image
 from polyfocus.data.dataset import DataCollator, SupervisedDataset
 from polyfocus.data.formats import DataError
 from polyfocus.data.images import ImageProcessor, load_image
-from polyfocus.data.sampler import (
-    LengthGroupedSampler,
-    modality_length_grouped_indices,
-    split_to_even_chunks,
-)
+from polyfocus.data.sampler import LengthGroupedSampler, modality_length_grouped_indices, split_to_even_chunks
 from polyfocus.data.templates import IGNORE_INDEX, encode, get_template, move_image_to_front
 from polyfocus.data.tokenizer import default_tokenizer
 

@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from polyfocus.model.fusion.deformable_attention import (
-    MultiScaleDeformableAttention,
-    centre_grid,
-    deformable_sample,
-    deformable_sample_grid_sample,
+    MultiScaleDeformableAttention, centre_grid, deformable_sample, deformable_sample_grid_sample,
 )
 
 SHAPES = [(3, 5), (4, 2), (6, 4), (3, 2)]  # (H, W) per level, all non-square

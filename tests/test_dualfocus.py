@@ -25,15 +25,7 @@ from polyfocus.cli import main
 from polyfocus.config import IGNORE_INDEX
 from polyfocus.data.dataset import SupervisedDataset
 from polyfocus.data.dualfocus import (
-    BOX_PROMPT,
-    ZOOM_PROMPT,
-    Question,
-    box_text,
-    convert,
-    parse_box_text,
-    split_prompt,
-    zoom,
-    zoom_box,
+    BOX_PROMPT, ZOOM_PROMPT, Question, box_text, convert, parse_box_text, split_prompt, zoom, zoom_box,
 )
 from polyfocus.data.formats import DataError, load_samples
 from polyfocus.data.images import ImageProcessor

@@ -15,11 +15,7 @@ from polyfocus.eval.benchmarks.pope import pope_metrics, pope_yes_no
 from polyfocus.eval.benchmarks.refcoco import box_to_pixels
 from polyfocus.eval.benchmarks.scienceqa import sqa_letter
 from polyfocus.eval.vqa_eval import (
-    normalize_answer,
-    official_vqa_accuracy,
-    process_punctuation,
-    soft_score,
-    textvqa_accuracy,
+    normalize_answer, official_vqa_accuracy, process_punctuation, soft_score, textvqa_accuracy,
 )
 
 # ----------------------------------------------------------------------------- the VQA normaliser

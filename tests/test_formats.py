@@ -5,14 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyfocus.data.formats import (
-    DataError,
-    Sample,
-    convert_file,
-    load_samples,
-    sample_from_record,
-    save_samples,
-    to_llava,
-    to_messages,
+    DataError, Sample, convert_file, load_samples, sample_from_record, save_samples, to_llava, to_messages,
 )
 
 

@@ -15,16 +15,7 @@ import torch
 from PIL import Image
 
 from polyfocus.data.boxes import (
-    BoxError,
-    BoxPolicy,
-    BoxRecord,
-    ObjectBoxes,
-    batched_nms,
-    limit,
-    nms,
-    read_box_json,
-    to_processed,
-    write_box_json,
+    BoxError, BoxPolicy, BoxRecord, ObjectBoxes, batched_nms, limit, nms, read_box_json, to_processed, write_box_json,
 )
 from polyfocus.data.images import ImageProcessor
 from polyfocus.experts.detectors import make_detector
@@ -265,10 +256,7 @@ def test_owlv2_detector_from_a_local_directory(owlv2_dir):
 
 def test_grounding_dino_detector_from_a_local_directory(tmp_path):
     from transformers import (
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessorPil,
+        BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessorPil,
         GroundingDinoProcessor,
     )
 

@@ -14,8 +14,8 @@ from test_checkpoints import llava_config, llava_state_dict, write_clip_tower, w
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
 from polyfocus.checkpoints import load_model
 from polyfocus.model.fusion.s2 import merge_chessboard, split_chessboard
-from polyfocus.model.vision import TowerOutputs
 from polyfocus.model.presets import tiny_config
+from polyfocus.model.vision import TowerOutputs
 
 from train_helpers import write_tiny_backbones  # noqa: E402
 

@@ -24,10 +24,12 @@ from PIL import Image  # noqa: E402
 
 from polyfocus.cli import main  # noqa: E402
 from polyfocus.infer import batcher as batcher_module  # noqa: E402
-from polyfocus.infer.stops import visible_text  # noqa: E402
-from polyfocus.infer.stops import answer_text
 from polyfocus.infer.pipeline import Pipeline  # noqa: E402
 from polyfocus.infer.server import ServeSettings, create_app, decode_image  # noqa: E402
+from polyfocus.infer.stops import (
+    answer_text,
+    visible_text,  # noqa: E402
+)
 
 from serve_helpers import data_url, png_bytes, running_server, save_tiny_checkpoint  # noqa: E402
 

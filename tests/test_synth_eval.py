@@ -7,17 +7,8 @@ from polyfocus.data.formats import Sample, load_samples
 from polyfocus.data.prompts import iou, parse_box
 from polyfocus.synthworld.scenes import export
 from polyfocus.synthworld.scorer import (
-    caption_score,
-    evaluate,
-    format_table,
-    majority_answers,
-    majority_baseline,
-    mentions,
-    normalize_answer,
-    option_letter,
-    question_of,
-    reference_of,
-    score,
+    caption_score, evaluate, format_table, majority_answers, majority_baseline, mentions, normalize_answer,
+    option_letter, question_of, reference_of, score,
 )
 from polyfocus.synthworld.tasks import FAMILIES
 

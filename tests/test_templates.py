@@ -8,14 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polyfocus.data.templates import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN,
-    TEMPLATES,
-    TemplateError,
-    encode,
-    get_template,
-    move_image_to_front,
-    render,
+    IGNORE_INDEX, IMAGE_TOKEN, TEMPLATES, TemplateError, encode, get_template, move_image_to_front, render,
     template_from_tokenizer,
 )
 from polyfocus.data.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, default_corpus, default_tokenizer

@@ -19,11 +19,7 @@ from polyfocus.data.images import ImageProcessor
 from polyfocus.data.tokenizer import build_tokenizer, default_tokenizer
 from polyfocus.model.presets import tiny_config
 from polyfocus.model.visual_words import (
-    CausalLMOutputWithVisualWords,
-    patch_boxes,
-    patch_visual_words,
-    pseudo_image_features,
-    visual_word_loss,
+    CausalLMOutputWithVisualWords, patch_boxes, patch_visual_words, pseudo_image_features, visual_word_loss,
 )
 from polyfocus.synthworld.scenes import Scene, SceneObject, export, render
 from polyfocus.synthworld.scorer import patch_word_agreement, word_agreement_counts

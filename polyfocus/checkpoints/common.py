@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch

@@ -33,14 +33,7 @@ import torch
 from polyfocus.data.boxes import BoxError, indexed
 from polyfocus.data.formats import DataError, Sample, load_samples
 from polyfocus.data.images import ImageLoadError, ImageProcessor, load_image
-from polyfocus.data.templates import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN,
-    TemplateError,
-    encode,
-    get_template,
-    move_image_to_front,
-)
+from polyfocus.data.templates import IGNORE_INDEX, IMAGE_TOKEN, TemplateError, encode, get_template, move_image_to_front
 
 logger = logging.getLogger(__name__)
 

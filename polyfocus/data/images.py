@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from polyfocus.data.files import read_json
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_NAME = "preprocessor_config.json"
@@ -200,13 +202,9 @@ class ImageProcessor:
         """`path`: a checkpoint directory holding preprocessor_config.json, or that file itself."""
         path = os.fspath(path)
         file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-        try:
-            with open(file, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        cfg = read_json(file)
         try:
             return cls.from_hf_dict(cfg, **overrides)
         except ValueError as e:

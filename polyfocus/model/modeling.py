@@ -21,10 +21,7 @@ from polyfocus.model.objects import box_features, with_object_tokens
 from polyfocus.model.projector import build_projector
 from polyfocus.model.vision import TowerOutputs, build_vision_tower
 from polyfocus.model.visual_words import (
-    CausalLMOutputWithVisualWords,
-    build_visual_word_head,
-    init_visual_word_head,
-    pseudo_image_features,
+    CausalLMOutputWithVisualWords, build_visual_word_head, init_visual_word_head, pseudo_image_features,
     visual_word_loss,
 )
 

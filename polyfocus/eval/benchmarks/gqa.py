@@ -19,14 +19,7 @@ from pathlib import Path
 
 from polyfocus.data.prompts import LETTERS, MC_ANSWER, SHORT_ANSWER, mcq_letter
 from polyfocus.eval.benchmarks.base import (
-    Benchmark,
-    EvalDataError,
-    Row,
-    field_of,
-    percent,
-    read_json,
-    read_jsonl,
-    with_suffix,
+    Benchmark, EvalDataError, Row, field_of, percent, read_json, read_jsonl, with_suffix,
 )
 from polyfocus.eval.benchmarks.vqa import llava_question_rows, write_json
 

@@ -15,13 +15,7 @@ from __future__ import annotations
 
 from polyfocus.data.prompts import SHORT_ANSWER
 from polyfocus.eval.benchmarks.base import (
-    Benchmark,
-    EvalDataError,
-    Row,
-    field_of,
-    read_jsonl,
-    with_suffix,
-    without_suffix,
+    Benchmark, EvalDataError, Row, field_of, read_jsonl, with_suffix, without_suffix,
 )
 from polyfocus.eval.benchmarks.vqa import llava_question_rows
 

@@ -17,15 +17,7 @@ from pathlib import Path
 
 from polyfocus.data.prompts import SHORT_ANSWER
 from polyfocus.eval.benchmarks.base import (
-    Benchmark,
-    EvalDataError,
-    Row,
-    field_of,
-    percent,
-    read_json,
-    read_jsonl,
-    with_suffix,
-    without_suffix,
+    Benchmark, EvalDataError, Row, field_of, percent, read_json, read_jsonl, with_suffix, without_suffix,
 )
 from polyfocus.eval.vqa_eval import normalize_answer, official_vqa_accuracy, textvqa_accuracy
 
