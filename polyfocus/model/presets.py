@@ -13,6 +13,7 @@ TINY_TEXT = {
 TINY_VISION = {
     "clip": {"model_type": "clip_vision_model"},
     "siglip": {"model_type": "siglip_vision_model"},
+    "dinov2": {"model_type": "dinov2", "layerscale_value": 0.5},  # a visible layer scale (1e-5 would hide the layers)
 }
 
 

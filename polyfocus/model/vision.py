@@ -3,6 +3,9 @@ SigLIP, ...), LLaVA's feature selection, and `TowerOutputs`, what every fusion m
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -41,8 +44,10 @@ class TowerOutputs:
     """
 
     def __init__(self, config: PolyfocusConfig, vision_tower: nn.Module, hires_tower: nn.Module | None,
-                 pixel_values: torch.Tensor):
-        self.config, self.vision_tower, self.hires_tower = config, vision_tower, hires_tower
+                 pixel_values: torch.Tensor, cache: FeatureCache | None = None):
+        """cache: `features` are read from it, and the images it lacks computed and added, while the tower is
+        frozen (its features cannot change)."""
+        self.config, self.vision_tower, self.hires_tower, self.cache = config, vision_tower, hires_tower, cache
         self.pixel_values = pixel_values.to(next(vision_tower.parameters()).dtype)
 
     @cached_property
@@ -65,8 +70,58 @@ class TowerOutputs:
 
     @cached_property
     def features(self) -> torch.Tensor:
-        return select_features(self.config, self.hidden_states)
+        if self.cache is None or any(p.requires_grad for p in self.vision_tower.parameters()):
+            return select_features(self.config, self.hidden_states)
+        return self.cache.features(self.pixel_values, self._features_of)
+
+    def _features_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The selected features of some of the images (the cache's misses), computed as `features` would."""
+        part = TowerOutputs(self.config, self.vision_tower, self.hires_tower, self.pixel_values[index])
+        with torch.no_grad():
+            return part.features
 
     def select(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, s, s] tower-sized images → their selected features [n, N, C]."""
         return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
+
+
+class FeatureCache:
+    """The tower's selected features of recently seen images, keyed by the processed pixels (a hash of the tensor's
+    bytes, its shape and dtype), at most `max_bytes` of them, the least recently used dropped first. Exact: the same
+    pixels through a frozen tower give the same features (up to the float noise of another batch shape).
+
+    Training with a frozen tower (`polyfocus train --cache_vision_features true`) computes each image's features
+    once instead of once per epoch and step; a server keeps the features of images a conversation returns to."""
+
+    def __init__(self, max_bytes: int = 2 * 2**30):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        data = image.detach().contiguous().cpu()
+        header = f"{tuple(data.shape)}{data.dtype}".encode()
+        return hashlib.blake2b(header + data.view(torch.uint8).numpy().tobytes(), digest_size=20).digest()
+
+    def features(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """[n, 3, S, S] → [n, N, C]: cached rows, and `compute(index of the missing images)` for the rest."""
+        keys = [self.key(image) for image in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        if missing:
+            computed = compute(torch.tensor(missing, device=pixel_values.device))
+            for i, row in zip(missing, computed):
+                self._put(keys[i], row.detach().clone())
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        for k in keys:
+            self.entries.move_to_end(k)
+        return torch.stack([self.entries[k] for k in keys]).to(pixel_values.device)
+
+    def _put(self, key: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()

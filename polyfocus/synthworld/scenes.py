@@ -194,13 +194,18 @@ def _scale(v: int, src: int, dst: int) -> int:
 
 
 def make_scene(seed: int | str, image_size: int = 384, max_objects: int = 6,
-               scene_id: str | None = None) -> Scene:
-    """A random scene with 1..max_objects objects; the same seed always gives the same scene."""
+               scene_id: str | None = None, sizes: tuple[str, ...] = tuple(SIZES)) -> Scene:
+    """A random scene with 1..max_objects objects; the same seed always gives the same scene.
+    sizes: the size classes objects are drawn from (the demo's 112 px scenes leave out "small": a small object
+    there is 8 px, under one 14 px patch)."""
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        raise ValueError(f"sizes {sizes!r}: a non-empty subset of {tuple(SIZES)}")
     rng = random.Random(seed)
     kinds = []
     for _ in range(rng.randint(1, max_objects)):
         shape, colour = _sample_kind(rng, kinds)
-        kinds.append((shape, colour, rng.choice(tuple(SIZES))))
+        kinds.append((shape, colour, rng.choice(tuple(sizes))))
     kinds.sort(key=lambda k: -SIZES[k[2]][0])  # place big objects first: fewer rejections
 
     objects = []
@@ -349,7 +354,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
            families: list[str] | None = None, split: str = "train",
-           include_scene: bool = False, max_objects: int = 6) -> dict:
+           include_scene: bool = False, max_objects: int = 6, sizes: tuple[str, ...] = tuple(SIZES),
+           balanced: bool = True) -> dict:
     """Write n scenes as a LLaVA dataset and return a summary.
 
     Files: out_dir/images/<scene id>.png, out_dir/<split>.json (a LLaVA conversation list, one
@@ -358,9 +364,11 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     line; lines of other splits already there are kept). split="pretrain" defaults to short
     captions only (LLaVA's stage 1). The split name is part of every scene's seed, so train/val/
     test exported with one seed hold different scenes. Deterministic in (n, seed, split, ...).
+    sizes: the object size classes (make_scene). balanced: existence, multiple choice and count answers kept
+    balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative.
     """
     # Tasks are built on top of scenes; importing them here keeps the module graph acyclic.
-    from polyfocus.synthworld.tasks import FAMILIES, WorldStats, make_task
+    from polyfocus.synthworld.tasks import FAMILIES, AnswerBalance, WorldStats, make_task
 
     if families is None:
         families = ["caption"] if split == "pretrain" else list(FAMILIES)
@@ -369,15 +377,16 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
         raise ValueError(f"unknown synthworld families {unknown}; known: {list(FAMILIES)}")
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    scenes = [make_scene(f"{seed}/{split}/{i}", image_size, max_objects, scene_id=f"{split}_{i:06d}")
+    scenes = [make_scene(f"{seed}/{split}/{i}", image_size, max_objects, scene_id=f"{split}_{i:06d}", sizes=sizes)
               for i in range(n)]
     stats = WorldStats.from_scenes(scenes)  # POPE's "popular" and "adversarial" are per dataset
 
     samples, counts = [], {f: 0 for f in families}
+    balance = AnswerBalance() if balanced else None
     for scene in scenes:
         write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)), fsync=False)
         for family in families:
-            task = make_task(scene, family, stats=stats)
+            task = make_task(scene, family, stats=stats, balance=balance)
             if task is None:  # no unambiguous question of this family in this scene
                 continue
             samples.append(llava_sample(scene, task, include_scene))

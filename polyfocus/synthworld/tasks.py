@@ -2,7 +2,9 @@
 and the evidence boxes a model has to look at.
 
 Families (FAMILIES): colour, shape, count, existence (POPE), text (read the code), spatial,
-mc (multiple choice A-D), grounding (box answer), caption (short), dense_caption.
+mc (multiple choice A-D), grounding (box answer), caption (short), dense_caption, and chat: free-form questions
+without the answer-format instruction, answered in a sentence, including questions the image cannot answer
+("I cannot tell from the image.") and about objects it does not hold.
 
 Prompts follow LLaVA-1.5: short-answer VQA ends with SHORT_ANSWER, multiple choice with
 MC_ANSWER, grounding uses LLaVA's RefCOCO prompt and answers "[x1, y1, x2, y2]" normalised to
@@ -26,7 +28,7 @@ from polyfocus.data.prompts import MC_ANSWER, SHORT_ANSWER, box_text
 from polyfocus.synthworld.scenes import COLOURS, SHAPES, Scene, SceneObject, make_scene
 
 FAMILIES = ("colour", "shape", "count", "existence", "text", "spatial", "mc", "grounding",
-            "caption", "dense_caption")
+            "caption", "dense_caption", "chat")
 POPE_STRATEGIES = ("random", "popular", "adversarial")
 KINDS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # every possible "red star"
 
@@ -57,15 +59,49 @@ class Task:
 
 
 def make_task(scene: Scene, family: str, rng: random.Random | None = None,
-              stats: WorldStats | None = None) -> Task | None:
+              stats: WorldStats | None = None, balance: AnswerBalance | None = None) -> Task | None:
     """One question of `family` about `scene`, or None if the scene offers no unambiguous one.
-    Without rng the choice is seeded by (scene.seed, family), so it is reproducible."""
+    Without rng the choice is seeded by (scene.seed, family), so it is reproducible. balance: the dataset's
+    running answer balance (an export's), which picks the answer of the families whose answers are skewed."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown synthworld family {family!r}; known: {list(FAMILIES)}")
     rng = rng or random.Random(f"{scene.seed}/{family}")
+    wanted = balance.wanted(scene, family) if balance is not None else {}
     if family == "existence":
-        return existence_task(scene, rng, stats)
-    return _BUILDERS[family](scene, rng)
+        task = existence_task(scene, rng, stats, **wanted)
+    else:
+        task = _BUILDERS[family](scene, rng, **wanted)
+    if balance is not None and task is not None:
+        balance.record(task)
+    return task
+
+
+class AnswerBalance:
+    """An export's answers kept balanced where a scene's natural answer is skewed, so that a family's majority answer
+    tells nothing: existence alternates yes and no (the negatives cycling through POPE's three strategies),
+    multiple choice cycles the right letter through A-D, and count asks, of the counts a scene can ask about, the
+    one the dataset holds fewest of so far (a scene of three objects can always be asked for 3: the objects in all;
+    for 2 only if two share a colour or a shape)."""
+
+    def __init__(self):
+        self.seen: Counter = Counter()  # (family, answer) -> samples so far
+        self.asked: Counter = Counter()  # family -> questions so far
+
+    def wanted(self, scene: Scene, family: str) -> dict:
+        n = self.asked[family]
+        if family == "existence":
+            return {"strategy": "positive" if n % 2 == 0 else POPE_STRATEGIES[(n // 2) % len(POPE_STRATEGIES)]}
+        if family == "mc":
+            return {"letter": "ABCD"[n % 4]}
+        if family == "count":
+            options = count_filters(scene)
+            if options:
+                return {"count": min(options, key=lambda k: (self.seen["count", str(k)], k))}
+        return {}
+
+    def record(self, task: Task) -> None:
+        self.asked[task.family] += 1
+        self.seen[task.family, task.answer] += 1
 
 
 # ----------------------------------------------------------------------------- naming objects
@@ -132,16 +168,39 @@ def shape_task(scene: Scene, rng: random.Random) -> Task | None:
     return attribute_task(scene, rng, "shape")
 
 
-def count_task(scene: Scene, rng: random.Random) -> Task | None:
-    """How many objects share a colour, a shape, or both (always at least one: every count
-    question has evidence)."""
+def count_filters(scene: Scene) -> dict[int, list[tuple[str, str]]]:
+    """What a count question can ask about, by its answer: {count: [(attribute, value), ...]}, the attributes being
+    colour, shape, kind (colour and shape) and "all" (every object). Always at least one object: every count
+    question has evidence."""
     filters = sorted({f for o in scene.objects for f in
                       (("colour", o.colour), ("shape", o.shape), ("kind", o.kind))})
-    if not filters:
+    if scene.objects:
+        filters.append(("all", ""))
+    by_count: dict[int, list] = {}
+    for attr, value in filters:
+        by_count.setdefault(len(_matching(scene, attr, value)), []).append((attr, value))
+    return by_count
+
+
+def _matching(scene: Scene, attr: str, value: str) -> list[SceneObject]:
+    return list(scene.objects) if attr == "all" else [o for o in scene.objects if getattr(o, attr) == value]
+
+
+def count_task(scene: Scene, rng: random.Random, count: int | None = None) -> Task | None:
+    """How many objects share a colour, a shape, or both, or how many there are in all. count: ask about a filter
+    with that answer (an export's balance); None: any filter of the scene."""
+    options = count_filters(scene)
+    if not options or (count is not None and count not in options):
         return None
+    # Unasked for a count, the "all" filter is left out: a scene's natural count questions (mostly 1) are kept as
+    # they were; the export's balance asks for counts, and "all" is what makes 2 and 3 available.
+    filters = options[count] if count is not None else sorted(f for fs in options.values() for f in fs
+                                                              if f[0] != "all")
     attr, value = rng.choice(filters)
-    matching = [o for o in scene.objects if getattr(o, attr) == value]
-    if attr == "colour":
+    matching = _matching(scene, attr, value)
+    if attr == "all":
+        question = "How many objects are there?"
+    elif attr == "colour":
         question = f"How many {value} objects are there?"
     else:
         *colour, shape = value.split()
@@ -270,8 +329,9 @@ def spatial_task(scene: Scene, rng: random.Random) -> Task | None:
 # ----------------------------------------------------------------------------- multiple choice
 
 
-def mc_task(scene: Scene, rng: random.Random) -> Task | None:
-    """A colour, shape or count question with four options, answered by the option's letter."""
+def mc_task(scene: Scene, rng: random.Random, letter: str | None = None) -> Task | None:
+    """A colour, shape or count question with four options, answered by the option's letter. letter: where the
+    right option goes (an export's balance); None: a random place."""
     asks = rng.choice(("colour", "shape", "count"))
     base = {"colour": colour_task, "shape": shape_task, "count": count_task}[asks](scene, rng)
     if base is None:
@@ -280,6 +340,9 @@ def mc_task(scene: Scene, rng: random.Random) -> Task | None:
                   "count": [str(k) for k in range(1, max(8, len(scene.objects) + 4))]}[asks]
     options = rng.sample([v for v in vocabulary if v != base.answer], 3) + [base.answer]
     rng.shuffle(options)
+    if letter is not None:  # the right option moved to `letter`'s place, the others keep their order
+        options.remove(base.answer)
+        options.insert("ABCD".index(letter), base.answer)
     letter = "ABCD"[options.index(base.answer)]
     prompt = base.question + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", options)) + MC_ANSWER
     return Task("mc", base.question, prompt, letter, base.boxes,
@@ -368,8 +431,53 @@ def dense_caption_task(scene: Scene, rng: random.Random) -> Task:
                 [scene.norm(o.box) for o in scene.objects] or [(0.0, 0.0, 1.0, 1.0)])
 
 
+# ----------------------------------------------------------------------------- chat
+
+CANNOT_TELL = "I cannot tell from the image."
+DESCRIBE_PROMPTS = ("Describe the image.", "What do you see?", "What is in this picture?")
+# Questions about an object that no picture of it can answer.
+UNKNOWABLE = ("What is behind {}?", "How heavy is {}?", "What is written on the back of {}?", "Who drew {}?",
+              "What is {} made of?")
+
+
+def chat_task(scene: Scene, rng: random.Random) -> Task | None:
+    """A question as a user asks it in a chat, without the answer-format instruction, answered in a sentence: an
+    attribute ("What colour is the star?" → "The star is red."), a count, a description, an object the image does
+    not hold ("There is no hexagon in the image."), or something the image cannot tell."""
+    ask = rng.choice(("colour", "shape", "count", "describe", "absent", "unknowable"))
+    if ask in ("colour", "shape"):
+        named = _referable(scene, without=ask)
+        if not named:
+            return None
+        i, phrase = rng.choice(named)
+        obj = scene.objects[i]
+        answer = f"{phrase} is {obj.colour}." if ask == "colour" else f"{phrase} is {_a(obj.shape)}."
+        return _chat(f"What {ask} is {phrase}?", answer, [scene.norm(obj.box)], asks=ask)
+    if ask == "count":
+        n = len(scene.objects)
+        answer = f"There {'is' if n == 1 else 'are'} {_count_words(n)} object{'s' if n != 1 else ''} in the image."
+        return _chat("How many objects are there?", answer, [scene.norm(o.box) for o in scene.objects], asks=ask)
+    if ask == "describe":
+        return _chat(rng.choice(DESCRIBE_PROMPTS), short_caption(scene), [scene.norm(o.box) for o in scene.objects],
+                     asks=ask)
+    if ask == "absent":
+        missing = [s for s in SHAPES if all(o.shape != s for o in scene.objects)]
+        shape = rng.choice(missing)
+        return _chat(f"What colour is the {shape}?", f"There is no {shape} in the image.", [(0.0, 0.0, 1.0, 1.0)],
+                     asks=ask)
+    named = _referable(scene)
+    if not named:
+        return None
+    i, phrase = rng.choice(named)
+    return _chat(rng.choice(UNKNOWABLE).format(phrase), CANNOT_TELL, [scene.norm(scene.objects[i].box)], asks=ask)
+
+
+def _chat(question: str, answer: str, boxes, **meta) -> Task:
+    return Task("chat", question, question, answer[0].upper() + answer[1:], boxes, meta)
+
+
 _BUILDERS = {
     "colour": colour_task, "shape": shape_task, "count": count_task, "existence": existence_task,
     "text": text_task, "spatial": spatial_task, "mc": mc_task, "grounding": grounding_task,
-    "caption": caption_task, "dense_caption": dense_caption_task,
+    "caption": caption_task, "dense_caption": dense_caption_task, "chat": chat_task,
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModel, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from polyfocus.data.images import ImageProcessor
 
@@ -108,7 +109,7 @@ def attribute_accuracy(model: nn.Module, dataset, collate, batch_size: int = 64)
 
 def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_size: int = 32,
                    learning_rate: float = 2e-3, select_layer: int = -2, max_objects: int = 3, seed: int = 0,
-                   test_scenes: int = 300) -> dict[str, float]:
+                   test_scenes: int = 300, quiet: bool = False) -> dict[str, float]:
     """Train a fresh tower of `vision_config` on the colours and shapes of fresh synthworld scenes and save it to
     out_dir; return its object accuracy on `test_scenes` other scenes.
 
@@ -127,10 +128,13 @@ def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_
     args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                              learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
                              weight_decay=0.0, logging_steps=50, save_strategy="no", report_to="none",
-                             remove_unused_columns=False, dataloader_num_workers=0, seed=seed)
+                             remove_unused_columns=False, dataloader_num_workers=0, seed=seed, disable_tqdm=quiet)
     model = ObjectClassifier(tower, select_layer, attributes)
-    Trainer(model=model, args=args, train_dataset=scenes(steps * batch_size, "tower"),
-            data_collator=collate_objects).train()
+    trainer = Trainer(model=model, args=args, train_dataset=scenes(steps * batch_size, "tower"),
+                      data_collator=collate_objects)
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
     tower.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return attribute_accuracy(model, scenes(test_scenes, "tower-test"), collate_objects)

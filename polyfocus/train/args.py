@@ -73,6 +73,8 @@ class ModelArguments(MethodArguments):
     # hires_config, CLIP-ConvNeXt-L by default).
     hires_tower: str | None = None
     tune_hires_tower: bool = False  # train the ConvNeXt too (MG-LLaVA keeps it frozen), at mm_hires_tower_lr
+    # Drop the vision tower's layers after the deepest one the model reads: never computed (docs/training.md).
+    truncate_vision_tower: bool = False
     # What trains. tune_mm_mlp_adapter: projector (+fusion) only. freeze_backbone: LLM frozen.
     tune_mm_mlp_adapter: bool = False
     freeze_backbone: bool = False
@@ -108,7 +110,15 @@ class TrainingArguments(transformers.TrainingArguments, PartLearningRates):
     model_max_length: int = 2048
     group_by_modality_length: bool = False
     save_trainable_only: bool = True  # checkpoints hold only what trains (LLaVA stage 1: the projector)
+    # With the vision tower frozen: each image's tower features computed once and kept (model/vision.py's
+    # FeatureCache, up to vision_feature_cache_gb), not at every step (docs/training.md).
+    cache_vision_features: bool = False
+    vision_feature_cache_gb: float = 4.0
+    calibration_images: int = 256  # mm_standardize_features: the statistics come from this many training images
     plot_loss: bool = True  # loss.png in output_dir at the end
+    # Nothing on the console per step (no progress bar, no log lines: they still go to trainer_state.json, loss.png
+    # and report_to) and no parameter summary: for callers that print their own line (polyfocus demo).
+    quiet: bool = False
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
@@ -133,6 +143,8 @@ def parse_args(config: str | None = None, overrides: list[str] | tuple[str, ...]
         if isinstance(merged.get(key), str):
             merged[key] = json.loads(merged[key])
     model_args, data_args, training_args = HfArgumentParser(ALL_ARGUMENTS).parse_dict(merged)
+    if training_args.quiet:
+        training_args.disable_tqdm = True
     if data_args.image_aspect_ratio not in ("pad", "square", "resize"):
         raise ValueError(f"image_aspect_ratio must be pad, square or resize, got {data_args.image_aspect_ratio!r}")
     return model_args, data_args, training_args

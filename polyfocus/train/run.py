@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import AutoTokenizer, set_seed
+from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from polyfocus.config import BUILD, METHOD_FIELDS, MODEL_PARTS, SETTING
@@ -24,6 +25,7 @@ from polyfocus.data.dataset import DataCollator, SupervisedDataset
 from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.templates import AUTO_NAMES, get_template
+from polyfocus.model.vision import FeatureCache, TowerOutputs
 from polyfocus.train.args import parse_args, resolved_config
 from polyfocus.train.freeze import configure_trainable, parameter_summary, trainable_parts
 from polyfocus.train.trainer import PolyfocusTrainer
@@ -45,8 +47,11 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
     image_processor = build_image_processor(model_args, model, data_args.image_aspect_ratio)
     template = get_template(model_args.version, tokenizer)
     dataset = build_dataset(data_args, training_args, model, tokenizer, template, image_processor)
+    calibrate_feature_norm(model, dataset, training_args.calibration_images, quiet=training_args.quiet)
 
     model = set_trainable(model, model_args, training_args.output_dir)
+    if training_args.cache_vision_features:
+        cache_vision_features(model, training_args.vision_feature_cache_gb)
     if training_args.activation_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input (LLaVA does this)
     collator = DataCollator(tokenizer.pad_token_id, "right", training_args.model_max_length)
@@ -55,11 +60,13 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
                            "(on a CPU-only machine pass --use_cpu true); refusing to train one copy per process")
     trainer = PolyfocusTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer)
+    if training_args.quiet:  # the log lines stay in trainer_state.json, loss.png and report_to
+        trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         args_file = Path(training_args.output_dir) / "train_args.yaml"
         args_file.write_text(yaml.safe_dump(resolved_config(model_args, data_args, training_args), sort_keys=False))
-        print(f"trainable parameters:\n{parameter_summary(model)}", flush=True)
+        say(training_args, f"trainable parameters:\n{parameter_summary(model)}")
 
     resume = training_args.resume_from_checkpoint
     if resume is None and os.path.isdir(training_args.output_dir):
@@ -73,6 +80,11 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 
 
 # ---- parts of a run ---------------------------------------------------------------------------------------------
+
+
+def say(training_args, text: str) -> None:
+    if not training_args.quiet:
+        print(text, flush=True)
 
 
 def load_tokenizer(model_args):
@@ -104,7 +116,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
             model = load_quantized(path, bits=model_args.bits, **kwargs)
         else:
             model = load_model(path, **kwargs)
-        print(f"loaded {checkpoint_format(path)} checkpoint {path}")
+        say(training_args, f"loaded {checkpoint_format(path)} checkpoint {path}")
     elif path:
         from polyfocus.checkpoints.backbones import from_backbones
 
@@ -141,6 +153,10 @@ def build_model(model_args, data_args, training_args, tokenizer):
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     apply_settings(model, model_args)
+    if model_args.truncate_vision_tower:
+        kept = model.truncate_vision_tower()
+        say(training_args, f"vision tower: {kept} layers kept (the deepest read: mm_vision_select_layer "
+                           f"{model.config.mm_vision_select_layer})")
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
     model.config.tokenizer_padding_side = "right"
     model.config.tokenizer_model_max_length = training_args.model_max_length
@@ -164,6 +180,45 @@ def apply_settings(model, model_args) -> None:
         setattr(model.config, key, getattr(model_args, key))
     if given:
         model.config.check()  # the combined values
+
+
+@torch.no_grad()
+def calibrate_feature_norm(model, dataset, n_images: int = 256, batch_size: int = 32, quiet: bool = False) -> None:
+    """mm_standardize_features: the per-channel statistics of what the projector reads, measured on the first
+    `n_images` images of the training data (once: a model that has them, e.g. a stage-1 output, keeps them)."""
+    norm = model.mm_feature_norm
+    if norm is None or int(norm.images) > 0:
+        return
+    pixels = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item.get("pixel_values") is not None:
+            pixels += list(item["pixel_values"])
+        if len(pixels) >= n_images:
+            break
+    if not pixels:
+        raise ValueError("mm_standardize_features: the training data has no images to measure the features on")
+    pixels = torch.stack(pixels[:n_images])
+    features = []
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start:start + batch_size].to(model.device)
+        features.append(model.projector_inputs(TowerOutputs(model.config, model.vision_tower, model.hires_tower,
+                                                            batch)).float().cpu())
+    norm.calibrate(torch.cat(features), len(pixels))
+    if not quiet:
+        print(f"projector input standardised: statistics of {len(pixels)} training images "
+              f"(channel std median {norm.std.median():.3g}, mean |mean| {norm.mean.abs().mean():.3g})")
+
+
+def cache_vision_features(model, max_gb: float) -> None:
+    """Keep each training image's tower features after the first time it is seen (model/vision.py's FeatureCache):
+    exact while the tower is frozen, which is required."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "vision_tower." in name]
+    if trainable:
+        raise ValueError(f"cache_vision_features needs a frozen vision tower; {trainable[0]} trains "
+                         "(unfreeze_vision_layers / freeze_modules)")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.vision_feature_cache = FeatureCache(int(max_gb * 2**30))
 
 
 def _is_multimodal_checkpoint(path: str) -> bool:
@@ -251,6 +306,7 @@ def set_trainable(model, model_args, output_dir: str):
         # only when it trains.
         full = [name for name, (part, _) in MODEL_PARTS.items()
                 if part not in ("language_model", "vision_tower") and getattr(model, name, None) is not None
+                and any(True for _ in getattr(model, name).parameters())
                 and (part != "hires_tower" or model_args.tune_hires_tower)]
         config = lora_config(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
                              target_modules=model_args.lora_target_modules, bias=model_args.lora_bias,
@@ -301,7 +357,7 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(*zip(*points), linewidth=1)
-    ax.set(xlabel="step", ylabel="training loss", title=path.parent.name)
+    ax.set(xlabel="step", ylabel="training loss (log scale)", title=path.parent.name, yscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
