@@ -249,6 +249,19 @@ def test_resume_after_sigkill_is_exact(ws, reference, monkeypatch):
         assert steps == [1, 2, 3, 4, 5, 6]  # the log history came back from checkpoint-4 too
 
 
+def test_rerun_of_a_finished_run_trains_no_more_steps(ws, monkeypatch):
+    """The same command again after the run saved its checkpoint at max_steps resumes there and trains nothing:
+    transformers (5.x) checks max_steps only after a step, so it would train one step too many. 24 samples = 6 steps
+    per epoch, so checkpoint-4 lies inside the epoch (the case the library gets wrong)."""
+    overrides = ["--output_dir", "rerun_ft", "--max_steps", "4"]
+    _, steps = train_counting(monkeypatch, finetune_yaml(ws), overrides)
+    assert steps == [1, 2, 3, 4]
+    finished = weights(ws / "rerun_ft")
+    trainer, steps = train_counting(monkeypatch, finetune_yaml(ws), overrides)
+    assert steps == [] and trainer.state.global_step == 4
+    assert_same_weights(weights(ws / "rerun_ft"), finished)
+
+
 # ---- 3. atomic checkpoints --------------------------------------------------------------------------------------
 
 

@@ -86,6 +86,14 @@ class PolyfocusTrainer(Trainer):
             self._vw_losses = []
         super().log(logs, start_time)
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers (5.x) checks max_steps only after an optimizer step: a run resumed from a checkpoint already at
+        # max_steps (the same command run again) would train one step more. Nothing is left to train: stop here.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.args.group_by_modality_length:
