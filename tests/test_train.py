@@ -294,6 +294,30 @@ def test_crash_inside_checkpoint_save_leaves_no_checkpoint(ws, reference, monkey
     assert_same_weights(weights(out), weights(reference[1]))
 
 
+def test_checkpoint_files_are_fsynced_before_the_rename(ws, monkeypatch):
+    """The rename publishes a checkpoint: every file in it must be on disk first, or a power cut after the rename
+    could leave a checkpoint-N whose files are empty (the rename's own directory entry is made durable too)."""
+    synced, published = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if STAGING in str(src):  # what the rename publishes, and whether each piece was synced by then
+            for root, _, files in os.walk(os.path.realpath(src)):
+                published.extend((os.path.join(root, f), os.path.join(root, f) in synced) for f in files)
+                published.append((root, root in synced))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run.train(str(finetune_yaml(ws)), ["--output_dir", str(ws / "fsync_ft"), "--max_steps", "2"])
+    assert any(path.endswith("model.safetensors") for path, _ in published)
+    assert [path for path, ok in published if not ok] == []
+
+
 # ---- 4. DDP (2 processes, gloo) == 1 process, same global batch -------------------------------------------------
 
 

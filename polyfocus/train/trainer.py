@@ -3,8 +3,9 @@
 - optimizer parameter groups per model part (projector / fusion / vision tower / LLM learning rates),
   each split into decay and no-decay, as LLaVATrainer.create_optimizer does;
 - the modality-length grouped sampler (`group_by_modality_length`);
-- checkpoints written atomically: into `<output_dir>/.staging/checkpoint-N`, renamed to `checkpoint-N` only once
-  every rank has finished, so a crash mid-save never leaves a `checkpoint-N` that loads half-written;
+- checkpoints written atomically: into `<output_dir>/.staging/checkpoint-N`, fsynced, renamed to `checkpoint-N` only
+  once every rank has finished, so a crash mid-save (or a power cut after it) never leaves a `checkpoint-N` that
+  loads half-written;
 - checkpoints that hold only the trainable weights (`save_trainable_only`; LLaVA stage 1 saves only the
   projector) — resume loads them over the frozen weights, which the run rebuilds from its starting model;
 - VW-LMM's visual-word loss logged on its own (`vw_loss`) and averaged over micro-batches as the reference does;
@@ -122,6 +123,7 @@ class PolyfocusTrainer(Trainer):
             self._staging = False
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            _fsync_tree(staged)  # the data on disk before the rename publishes it: never a checkpoint of empty files
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(staged, final)  # atomic on one filesystem
@@ -152,6 +154,18 @@ class PolyfocusTrainer(Trainer):
         if missing or load_result.unexpected_keys:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
                              f"unexpected {list(load_result.unexpected_keys)[:5]}")
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under `path`, then every directory (their entries), deepest first."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
 
 
 def _fsync_dir(path: str) -> None:
