@@ -9,6 +9,7 @@
 - checkpoints that hold only the trainable weights (`save_trainable_only`; LLaVA stage 1 saves only the
   projector) — resume loads them over the frozen weights, which the run rebuilds from its starting model;
 - VW-LMM's visual-word loss logged on its own (`vw_loss`) and averaged over micro-batches as the reference does;
+- samples that failed to load (`strict_data: false`) dropped from their batch and collected for the run's report;
 
 Everything else (DDP/FSDP/DeepSpeed, resume of optimizer/scheduler/RNG/data position, logging, report_to)
 is the library's.
@@ -23,6 +24,7 @@ import torch
 from transformers import Trainer
 
 from polyfocus.config import MODEL_PARTS
+from polyfocus.data.formats import DataError
 from polyfocus.data.sampler import LengthGroupedSampler
 from polyfocus.train.freeze import part_of
 
@@ -30,6 +32,10 @@ STAGING = ".staging"
 
 
 class PolyfocusTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dropped: set[tuple[str, str, str]] = set()  # (file, reason, sample) dropped from batches on this rank
+
     def part_learning_rates(self) -> dict[str, float]:
         """The parts given a learning rate of their own (mm_projector_lr, mm_fusion_lr, ...: config.MODEL_PARTS)."""
         lrs = {part: getattr(self.args, flag) for part, flag in MODEL_PARTS.values() if flag}
@@ -94,6 +100,30 @@ class PolyfocusTrainer(Trainer):
             self.control.should_training_stop = True
             return
         super()._run_epoch(*args, **kwargs)
+
+    # ---- samples that failed to load (strict_data: false) ------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The collator lists what it dropped: DataLoader workers hold their own copies of the dataset's counts.
+        self.dropped.update(inputs.pop("skipped", ()))
+        if inputs["input_ids"].shape[0] == 0:  # every sample of this micro-batch failed to load
+            if self.args.world_size > 1:  # the other ranks would wait for this one's gradients forever
+                raise DataError("every sample of a batch failed to load on this rank, and a multi-process run cannot "
+                                "skip a whole batch on one rank: find them before training with validate_data: true "
+                                "and validate_images: decode", "empty")
+            return torch.zeros((), device=self.args.device)  # no gradient: the step uses the other micro-batches'
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def skipped_samples(self) -> list[tuple[str, str, str]]:
+        """Every sample left out of training, over all ranks: (file, reason, sample), sorted. Those found before
+        training (the datasets' `skipped`: not in the index) and those dropped from a batch."""
+        from accelerate.utils import gather_object
+
+        found = set(self.dropped)
+        for part in getattr(self.train_dataset, "datasets", [self.train_dataset]):
+            found |= {(part.data_path, reason, name) for reason, names in getattr(part, "skipped", {}).items()
+                      for name in names}
+        return sorted(set(gather_object(sorted(found))))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
