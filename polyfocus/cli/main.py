@@ -1,9 +1,14 @@
-"""`polyfocus <verb>`: one console script, one small function per verb."""
+"""`polyfocus <verb>`: one console script, one small function per verb.
+
+An error in what the user gave (a path, a file, a setting) ends the command with one line, `polyfocus <verb>: ...`;
+anything else is a bug and keeps its traceback. POLYFOCUS_DEBUG=1 shows the traceback of the first kind too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -398,12 +403,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What bad input raises: our DataError, EvalDataError, TemplateError, BoxError and ImageLoadError are ValueErrors, as
+# are the configs' and arguments' checks; a missing or unreadable path is an OSError (FileNotFoundError); a missing
+# optional extra an ImportError whose message names it. Not `Exception`: a RuntimeError, KeyError, ... is a bug.
+USAGE_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [a for a in argv if not a.startswith("--local_rank=")]  # the deepspeed launcher's; LOCAL_RANK is set too
+    verb = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        run_verb(argv)
+    except USAGE_ERRORS as e:
+        if os.environ.get("POLYFOCUS_DEBUG", "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{' '.join(filter(None, ('polyfocus', verb)))}: {one_line(e)}") from None
+    except KeyboardInterrupt:  # Ctrl-C in a chat or a run: no traceback
+        raise SystemExit(130) from None
+
+
+def run_verb(argv: list[str]) -> None:
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
         # Everything after the YAML is --key value overrides, typed by the training arguments' own parser.
         has_config = len(argv) > 1 and not argv[1].startswith("-")
         return cmd_train(argparse.Namespace(config=argv[1] if has_config else None), argv[2 if has_config else 1:])
     args = build_parser().parse_args(argv)
     args.func(args)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (transformers' and the OS's messages may span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__

@@ -38,7 +38,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from polyfocus.data.files import write_atomic
+from polyfocus.data.files import require_local, write_atomic
 from polyfocus.eval.benchmarks import Benchmark, EvalDataError, Row, get_benchmark
 
 IMAGE_TOKEN = "<image>"
@@ -71,6 +71,8 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     from polyfocus.infer.strategies import get_strategy
 
     answering = get_strategy(strategy)  # an unknown name: refused before anything runs
+    if isinstance(model, (str, os.PathLike)):  # a missing model directory: said at once, never looked up on a hub
+        require_local(model, "model")
     bench = get_benchmark(benchmark, data, **(options or {}))
     rows = bench.load()[:limit] if limit else bench.load()
     check_rows(bench, rows)

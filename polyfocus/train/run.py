@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from polyfocus.config import BUILD, METHOD_FIELDS, MODEL_PARTS, SETTING
 from polyfocus.data.dataset import DataCollator, SupervisedDataset
-from polyfocus.data.files import write_atomic
+from polyfocus.data.files import require_local, write_atomic
 from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.templates import AUTO_NAMES, get_template
@@ -82,7 +82,8 @@ def load_tokenizer(model_args):
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source is None:
         raise ValueError("no tokenizer: give tokenizer_name_or_path (or model_name_or_path)")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    what = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+    tokenizer = AutoTokenizer.from_pretrained(require_local(source, what))
     if tokenizer.pad_token is None:  # LLaVA pads with <unk> for Llama-family tokenizers
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -94,6 +95,9 @@ def build_model(model_args, data_args, training_args, tokenizer):
 
     dtype = torch.bfloat16 if training_args.bf16 else None
     overrides = {k: getattr(model_args, k) for k in BUILD_FIELDS if getattr(model_args, k) is not None}
+    for what in ("model_name_or_path", "vision_tower", "model_base", "hires_tower"):  # before any hub lookup
+        if getattr(model_args, what):
+            require_local(getattr(model_args, what), what, directory=what != "hires_tower")
     path = model_args.model_name_or_path
     if path and _is_multimodal_checkpoint(path):
         if overrides or model_args.hires_tower:
