@@ -80,7 +80,8 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     out_dir = Path(out if out is not None else default_out(model)) / bench.name
     max_new_tokens = max_new_tokens or bench.max_new_tokens
     options = json.loads(json.dumps(options or {}, default=str))  # paths as strings: run.json is JSON
-    settings = {"benchmark": bench.name, "data": str(Path(data).resolve()), "options": options,
+    answering_options = {k: v for k, v in options.items() if k not in bench.scoring_options}  # the answers' settings
+    settings = {"benchmark": bench.name, "data": str(Path(data).resolve()), "options": answering_options,
                 "model": model_path(model), "template": template or "auto", "max_new_tokens": max_new_tokens,
                 "temperature": 0.0, "num_beams": 1, "world_size": world, "strategy": strategy}
     check_settings(out_dir, settings)
