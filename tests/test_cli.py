@@ -41,12 +41,14 @@ def hub_calls(monkeypatch):
 
 def missing_path_commands(tmp_path):
     from polyfocus.data.tokenizer import build_tokenizer
+    from polyfocus.synthworld.scenes import export
 
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
     build_tokenizer(save_dir=tmp_path / "tok")
+    export(str(tmp_path / "sw"), 2, seed=0, image_size=64, families=["colour"], split="test")
     train = ["--data_path", "x.json", "--output_dir", "o", "--report_to", "none"]
     return {
-        "eval": ["eval", "--model", "runs/stage2", "--benchmark", "pope", "--data", "pope"],
+        "eval": ["eval", "--model", "runs/stage2", "--benchmark", "synthworld", "--data", str(tmp_path / "sw")],
         "chat": ["chat", "--model", "runs/stage2", "--image", str(tmp_path / "red.png"), "--prompt", "Hi"],
         "serve": ["serve", "--model", "runs/stage2"],
         "convert": ["convert", "runs/stage2", "out", "--to", "hf"],

@@ -71,11 +71,11 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     from polyfocus.infer.strategies import get_strategy
 
     answering = get_strategy(strategy)  # an unknown name: refused before anything runs
-    if isinstance(model, (str, os.PathLike)):  # a missing model directory: said at once, never looked up on a hub
-        require_local(model, "model")
     bench = get_benchmark(benchmark, data, **(options or {}))
     rows = bench.load()[:limit] if limit else bench.load()
     check_rows(bench, rows)
+    if isinstance(model, (str, os.PathLike)):  # a missing model directory: said now, never looked up on a hub
+        require_local(model, "model")
     rank, world, launched = shard_of(num_chunks, chunk_idx)
     out_dir = Path(out if out is not None else default_out(model)) / bench.name
     max_new_tokens = max_new_tokens or bench.max_new_tokens
