@@ -27,6 +27,7 @@ CLIP_L_336 = {
 CLIP_CONVNEXT_L = {"depths": [3, 3, 27, 3], "hidden_sizes": [192, 384, 768, 1536], "patch_size": 4,
                    "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0}
 BOX_LIMIT_MODES = ("per_category", "per_image")
+BOX_POOL_PRECISIONS = ("fp32", "reference")  # box pooling: all in fp32, or MG-LLaVA's own casts
 FUSION_NAMES = ("mmfuser", "s2", "convgate")  # config.fusion's values (polyfocus/model/fusion: one module each)
 
 # Vision towers whose sequence starts with a CLS token (SigLIP's has none; DINOv2 without registers has one).
@@ -83,6 +84,8 @@ METHOD_FIELDS = {
     "box_detector": MethodField("mg_llava", SETTING, str, "synthworld, or a local OWLv2 / Grounding DINO directory",
                                 _BOXES),
     "box_queries": MethodField("mg_llava", SETTING, list[str], "the detector's text queries (tags)", _BOXES),
+    "box_pool_precision": MethodField("mg_llava", SETTING, str, "fp32 | reference: MG-LLaVA's casts in box pooling",
+                                      _BOXES),
     "visual_words": MethodField("vw_lmm", SETTING, bool, "give the model a visual-word head (from its LM head)"),
     "vw_loss_weight": MethodField("vw_lmm", SETTING, float, "weight of the visual-word KL (1)", _VW),
     "vw_kl_direction": MethodField("vw_lmm", SETTING, str, "forward: KL(visual word || LM) | reverse", _VW),
@@ -142,6 +145,10 @@ class PolyfocusConfig(PreTrainedConfig):
             tokens (class-wise NMS, then a per-category or per-image cap; MG-LLaVA: 0.2, per_category, 100).
         box_detector: where boxes come from when a request or a sample brings none: "synthworld" (its pixel
             detector) or a local OWLv2 / Grounding DINO directory; box_queries: that detector's text queries.
+        box_pool_precision: "fp32" (default: a box's vector is upsampled, RoIAligned and averaged in fp32, whatever
+            the model's dtype) or "reference" (MG-LLaVA's own casts: the upsampled stages rounded to the tower's dtype,
+            the RoIAlign bins rounded to the LLM's before their mean; slower). The same in an fp32 model; in bf16
+            they differ by bench/box_pool_precision.py's figure (docs/mg_llava.md).
         image_aspect_ratio: "pad" (LLaVA-1.5 finetune/eval), "square" (resize + centre crop), "resize".
         tokenizer_padding_side / tokenizer_model_max_length: as LLaVA writes them at train time.
         mm_vision_tower: where the tower's weights came from (a local path); informative only.
@@ -180,6 +187,7 @@ class PolyfocusConfig(PreTrainedConfig):
     box_limit_num: int | None = 100
     box_detector: str | None = None
     box_queries: list[str] | None = None
+    box_pool_precision: Literal["fp32", "reference"] = "fp32"
     image_aspect_ratio: Literal["pad", "square", "resize"] = "pad"
     tokenizer_padding_side: Literal["right", "left"] = "right"
     tokenizer_model_max_length: int | None = 2048
@@ -313,7 +321,8 @@ class PolyfocusConfig(PreTrainedConfig):
                 raise ValueError("hires_config is set but nothing uses the high-resolution tower: add "
                                  "fusion='convgate' or object_tokens=True")
             defaults = (("box_feat_size", 56), ("box_iou_threshold", 0.2), ("box_limit_mode", "per_category"),
-                        ("box_limit_num", 100), ("box_detector", None), ("box_queries", None))
+                        ("box_limit_num", 100), ("box_detector", None), ("box_queries", None),
+                        ("box_pool_precision", "fp32"))
             changed = [f for f, default in defaults if getattr(self, f) != default]
             if changed:
                 raise ValueError(f"{', '.join(changed)} set but object_tokens is off: add object_tokens=True")
@@ -338,6 +347,9 @@ class PolyfocusConfig(PreTrainedConfig):
                              f"{self.vision_config.patch_size}")
         if self.box_limit_mode not in BOX_LIMIT_MODES:
             raise ValueError(f"box_limit_mode must be one of {BOX_LIMIT_MODES}, got {self.box_limit_mode!r}")
+        if self.box_pool_precision not in BOX_POOL_PRECISIONS:
+            raise ValueError(f"box_pool_precision must be one of {BOX_POOL_PRECISIONS}, "
+                             f"got {self.box_pool_precision!r}")
         if self.box_feat_size < 1 or not 0 <= self.box_iou_threshold <= 1 or (
                 self.box_limit_num is not None and self.box_limit_num < 1):
             raise ValueError(f"box_feat_size {self.box_feat_size} (>= 1), box_iou_threshold "

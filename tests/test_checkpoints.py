@@ -266,6 +266,46 @@ def test_hf_export_keeps_image_settings(tmp_path, aspect):
     assert load_model(tmp_path / "hf").config.image_aspect_ratio == aspect
 
 
+def test_hf_export_round_trip_keeps_the_image_processor_and_takes_list_content(tmp_path):
+    """polyfocus -> llava-hf -> polyfocus brings the image processor back (SigLIP's mean/std, pad), with or without a
+    tokenizer; the exported chat template takes OpenAI-style list content in plain transformers, and renders it as
+    the string "<image>\\n" + text."""
+    from transformers import AutoProcessor
+
+    from polyfocus.cli import main
+    from polyfocus.data.images import ImageProcessor
+    from polyfocus.data.templates import get_template, render
+    from polyfocus.data.tokenizer import default_tokenizer
+
+    model = make_model(vision="siglip", image_aspect_ratio="pad")
+    images = ImageProcessor(image_size=56, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), aspect_ratio="pad")
+    for src in ("bare", "src"):
+        model.save_pretrained(tmp_path / src)
+        images.save_pretrained(tmp_path / src)
+    tokenizer = default_tokenizer()
+    tokenizer.chat_template = get_template("vicuna_v1").to_jinja()  # as a training run saves it
+    tokenizer.save_pretrained(tmp_path / "src")
+    for src in ("bare", "src"):  # without a tokenizer, the weights and the image settings still go together
+        main(["convert", str(tmp_path / src), str(tmp_path / f"{src}_hf"), "--to", "hf"])
+        main(["convert", "--from", "hf", str(tmp_path / f"{src}_hf"), str(tmp_path / f"{src}_back")])
+        assert ImageProcessor.from_pretrained(tmp_path / f"{src}_back") == images
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "src_hf")
+    assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
+    question = "What colour is the circle?"
+    listed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = [{"role": "user", "content": "<image>\n" + question}]
+    prompt = processor.apply_chat_template(listed, add_generation_prompt=True)
+    assert prompt == processor.apply_chat_template(text, add_generation_prompt=True)
+    assert prompt == render(text, "vicuna_v1", add_generation_prompt=True)
+    reply = listed + [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+    assert processor.apply_chat_template(reply).endswith("ASSISTANT: Red.</s>")
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    torch.testing.assert_close(inputs["pixel_values"], images([image]))  # padded to a square, SigLIP-normalised
+    assert (inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 16
+
+
 # ---- VW-LMM's released layout (pengts/VW-LMM, spec vw_lmm.md) --------------------------------------------------------
 
 

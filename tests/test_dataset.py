@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from polyfocus.data.dataset import DataCollator, SupervisedDataset
+from polyfocus.data.dataset import DataCollator, Skipped, SupervisedDataset
 from polyfocus.data.formats import DataError
 from polyfocus.data.images import ImageProcessor, load_image
 from polyfocus.data.sampler import LengthGroupedSampler, modality_length_grouped_indices, split_to_even_chunks
@@ -42,7 +42,19 @@ def root(tmp_path):
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
     Image.new("RGB", (10, 30), (0, 0, 255)).save(tmp_path / "blue.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    write_truncated_png(tmp_path / "truncated.png")
     return tmp_path
+
+
+def write_truncated_png(path):
+    """A PNG cut in its pixel data: the header (format, size) reads, a full decode fails."""
+    import io
+
+    import numpy as np
+
+    data = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(data, "PNG")
+    path.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
 
 
 def make(root, tok, records, name="train.json", **kw):
@@ -146,15 +158,20 @@ def test_malformed_json_is_an_error_naming_file_and_position(root, tok):
                           strict=False)
 
 
-def test_non_strict_skips_counts_and_replaces_deterministically(root, tok, caplog):
+def test_non_strict_drops_bad_samples_and_never_replaces_them(root, tok, caplog):
     records = [GOOD[0]] + [b[0] for b in BAD] + [GOOD[1]]
     with caplog.at_level(logging.WARNING, logger="polyfocus.data.dataset"):
         ds = make(root, tok, records, name="mix.jsonl", strict=False, **HUGE)
         # The init-time failures are out of the index already.
-        assert [s.id for s in ds.samples] == ["img1"] + [b[0]["id"] for b in BAD if not b[2]] + ["txt1"]
-        # Lazy failures are replaced by the next good sample (cyclically), every time the same one.
-        assert [ds[i]["id"] for i in range(len(ds))] == ["img1"] + ["txt1"] * 5 + ["txt1"]
-        assert [ds[i]["id"] for i in range(len(ds))] == ["img1"] + ["txt1"] * 5 + ["txt1"]  # counted once
+        lazy = [b[0]["id"] for b in BAD if not b[2]]
+        assert [s.id for s in ds.samples] == ["img1"] + lazy + ["txt1"]
+        # A lazy failure is a Skipped marker (the collator drops it), never another sample in its place: a
+        # replacement would train that other sample twice in the epoch.
+        for _ in range(2):  # a second epoch meets them again: counted and warned once
+            items = [ds[i] for i in range(len(ds))]
+            assert [item["id"] for item in items if isinstance(item, dict)] == ["img1", "txt1"]
+            assert [(m.reason, m.sample) for m in items if isinstance(m, Skipped)] == [
+                (b[1], f"id {b[0]['id']!r}") for b in BAD if not b[2]]
     expected = {}
     for record, reason, _ in BAD:
         expected.setdefault(reason, []).append(f"id {record['id']!r}")
@@ -164,33 +181,47 @@ def test_non_strict_skips_counts_and_replaces_deterministically(root, tok, caplo
     assert all("mix.jsonl" in w for w in warnings)
 
 
-def test_replacement_wraps_around(root, tok):
-    ds = make(root, tok, [GOOD[1], BAD[2][0]], strict=False)
-    assert ds[1]["id"] == "txt1"
+def test_collator_drops_skipped_samples_and_lists_them(root, tok):
+    ds = make(root, tok, [GOOD[1], BAD[2][0], BAD[3][0]], strict=False)
+    collate = DataCollator(tok.pad_token_id)
+    batch = collate([ds[0], ds[1], ds[2]])
+    assert batch["input_ids"].shape[0] == 1 and torch.equal(batch["input_ids"][0], ds[0]["input_ids"])
+    where = str(root / "train.json")
+    assert batch["skipped"] == [(where, "image", "id 'bad_missing'"), (where, "image", "id 'bad_corrupt'")]
+    empty = collate([ds[1]])  # nothing left: zero rows, still reported
+    assert empty["input_ids"].shape == (0, 0) and empty["skipped"] == [(where, "image", "id 'bad_missing'")]
+    assert "skipped" not in collate([ds[0]])
+
+
+TRUNCATED = {"id": "bad_truncated", "image": "truncated.png", "conversations": turns(("", "x"), image=True)}
 
 
 def test_validate_finds_lazy_problems_up_front(root, tok):
-    records = [GOOD[0]] + [b[0] for b in BAD if not b[2]] + [GOOD[1]]
+    records = [GOOD[0]] + [b[0] for b in BAD if not b[2]] + [TRUNCATED, GOOD[1]]
     ds = make(root, tok, records, strict=False, **HUGE)
-    ds.validate()  # stat only: the corrupt image passes
-    assert [s.id for s in ds.samples] == ["img1", "bad_corrupt", "txt1"]
-    ds.validate(decode_images=True)
+    ds.validate()  # each image's header: the missing and the corrupt one; the truncated one's header reads
+    assert [s.id for s in ds.samples] == ["img1", "bad_truncated", "txt1"]
+    ds.validate(images="decode")
     assert [s.id for s in ds.samples] == ["img1", "txt1"]
     assert len(ds.modality_lengths) == 2
     assert sorted(ds.skipped) == ["image", "no_labels", "template", "too_long"]
-    assert len(ds.skipped["image"]) == 2
+    assert len(ds.skipped["image"]) == 3
 
     strict = make(root, tok, records, **HUGE)
     with pytest.raises(DataError, match=r"train\.json: sample id 'bad_missing': image not found: .*nope\.png"):
         strict.validate()
+    corrupt = make(root, tok, [GOOD[0], BAD[3][0]])  # a corrupt image stops a strict run before training
+    with pytest.raises(DataError, match=r"sample id 'bad_corrupt': cannot read image .*corrupt\.png"):
+        corrupt.validate()
+    with pytest.raises(DataError, match=r"sample id 'bad_truncated': cannot read image .*truncated"):
+        make(root, tok, [GOOD[0], TRUNCATED]).validate(images="decode")
 
 
 def test_all_bad_is_an_error(root, tok):
     with pytest.raises(DataError, match="no usable samples"):
         make(root, tok, [BAD[0][0]], strict=False)
     ds = make(root, tok, [BAD[2][0]], strict=False)
-    with pytest.raises(DataError, match="every sample failed"):
-        ds[0]
+    assert isinstance(ds[0], Skipped)  # found lazily: the collator and the trainer deal with an empty batch
 
 
 def test_over_long_text_drops_whole_trailing_rounds(root, tok):

@@ -329,6 +329,19 @@ def test_vqav2_prompt_scores_and_evalai_upload(root, tmp_path):
                       {"question_id": 103, "answer": "blue"}, {"question_id": 104, "answer": ""}]
 
 
+def test_vqav2_scores_by_the_current_official_rules_and_records_them(root, tmp_path):
+    from polyfocus.eval.vqa_eval import VQA_RULES
+
+    data = make_vqav2(root / "s_vqav2_rules")
+    answers = {101: ["yes"] * 10, 102: ["two"] * 8 + ["2"] * 2, 103: ["the dog"] * 9 + ["dog"]}
+    write_json(data / "v2_current.json", {"annotations": [
+        {"question_id": q, "answer_type": "other", "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(v)]}
+        for q, v in answers.items()]})
+    results, _ = scripted_run(tmp_path, "vqav2", data, ["Yes", "two", "dog"], annotation_file="v2_current.json")
+    assert results["scores"]["accuracy"] == 100.0  # vqaEval.py before its 2021 fix: (1 + 0.6 + 0.3) / 3
+    assert results["scores"]["rules"] == VQA_RULES
+
+
 def test_vqav2_without_annotations_has_no_score_but_the_upload(root, tmp_path):
     results, _ = scripted_run(tmp_path, "vqav2", make_vqav2(root / "s_vqav2b"), ["yes", "2", "red"])
     assert results["main"] is None and len(results["submission"]) == 1
@@ -467,6 +480,17 @@ def test_mmbench_single_pass_prompt_and_upload_xlsx(root, tmp_path):
     table = list(sheet.values)
     assert table[0] == ("index", "question", "A", "B", "C", "D", "prediction", "answer", "split")
     assert table[2][0] == 1 and table[2][6] == "It is noon" and len(table) == 4
+
+
+def test_mmbench_rescores_with_the_early_2025_extraction_and_records_it(root, tmp_path):
+    """The extraction changes the scoring only: a rerun with the other one rescores the same answers."""
+    data = make_mmbench(root / "s_mmb_rules")
+    replies = ["B is my guess, I think it is right but not sure at all", "It is noon", "D"]
+    current, _ = scripted_run(tmp_path, "mmbench", data, replies)
+    assert current["scores"]["accuracy"] == pytest.approx(200 / 3)  # the lone "B" is too early in its reply
+    assert current["scores"]["extraction"] == "current" and "2cf2a36" in current["scores"]["rules"]
+    early, _ = scripted_run(tmp_path, "mmbench", data, [], extraction="early2025")  # nothing is answered again
+    assert early["scores"]["accuracy"] == 100.0 and "aca64db" in early["scores"]["rules"]
 
 
 def test_mmbench_circular_by_rotation(root, tmp_path):

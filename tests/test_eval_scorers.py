@@ -65,15 +65,35 @@ def test_textvqa_accuracy_normalises_both_sides():
     assert textvqa_accuracy("puma", ["nike"] * 10) == 0.0
 
 
-def test_official_vqa_accuracy_differs_from_m4c_where_the_published_code_does():
-    # The prediction always gets punctuation + digit/article processing, without m4c's "'s" split ...
-    assert official_vqa_accuracy("The Cat's", ["cat's"] * 10) == 1.0
-    assert normalize_answer("The Cat's") == "cat 's"
-    assert official_vqa_accuracy("Two", ["2"] * 10) == 1.0
-    # ... the human answers only punctuation processing, and only when they disagree.
-    assert official_vqa_accuracy("left-hand", ["left-hand"] * 10) == 0.0
-    assert official_vqa_accuracy("left-hand", ["left-hand"] * 9 + ["right"]) == 1.0
-    assert official_vqa_accuracy("2", ["two"] * 9 + ["2"]) == pytest.approx(0.3)  # GT "two" is not mapped to 2
+# Hand-derived from the official rules (GT-Vision-Lab/VQA vqaEval.py since a013f00, 2021) and checked against that
+# code: newlines, tabs and outer spaces go from both sides; only when the human answers disagree are the prediction
+# and the answers punctuation- and digit/article-processed.
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("two", ["two"] * 8 + ["2"] * 2, 1.0),               # before the fix: 0.6 (answers were not digit-mapped)
+    ("dog", ["the dog"] * 9 + ["dog"], 1.0),             # before: 0.3 (articles stayed in the answers)
+    ("2", ["two"] * 9 + ["2"], 1.0),                     # before: 0.3
+    ("none", ["0"] * 3 + ["zero"] * 3 + ["nothing"] * 4, 1.0),
+    ("a dog", ["dog"] * 3 + ["the dog"] * 3 + ["puppy"] * 4, 1.0),
+    ("left-hand", ["left-hand"] * 9 + ["right"], 1.0),   # both sides "left hand"
+    ("left-hand", ["left-hand"] * 10, 1.0),              # unanimous: nothing processed, on either side (before: 0)
+    ("Two", ["2"] * 10, 0.0),                            # ... so a raw "Two" misses (an upload is already "2")
+    ("The Cat's", ["cat's"] * 10, 0.0),                  # before: 1.0
+    ("yes", [" yes\n"] * 10, 1.0),                       # the answers' breaks and spaces go (before: 0)
+    ("yes", ["yes\t"] * 9 + ["yes"], 1.0),               # ... before the "disagree" test (before: 0.3)
+    ("yes", ["yes"] * 2 + ["no"] * 8, 0.6),
+    ("1,000", ["1000"] * 5 + ["1,000"] * 5, 1.0),
+])
+def test_official_vqa_accuracy_follows_the_current_vqaEval(prediction, answers, expected):
+    assert official_vqa_accuracy(prediction, answers) == pytest.approx(expected)
+
+
+def test_vqa_score_is_of_the_evalai_upload():
+    """What EvalAI scores is the uploaded (EvalAI-processed) answer: "Two" is uploaded as "2"."""
+    from polyfocus.eval.benchmarks.vqa import VQAv2
+
+    row = Row(question_id=1, prompt="", reference=["2"] * 10)
+    assert VQAv2("unused").score_one(row, "Two") == {"score": 1.0, "submitted": "2"}
+    assert official_vqa_accuracy("The Cat's", ["cat's"] * 10) == 0.0 and normalize_answer("The Cat's") == "cat 's"
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -147,16 +167,45 @@ def test_gqa_mcq_letter(reply, letter):
 # ----------------------------------------------------------------------------- MMBench
 
 
-@pytest.mark.parametrize("reply, letter", [
-    ("A", "A"), ("The answer is B.", "B"), ("(C) bird", "C"), ("C. bird", "C"),
-    ("It is a dog", "B"),                   # no letter: the one option whose text appears
-    ("A or B", None),                       # two letters, no option text
-    ("a cat or a dog", None),               # two option texts
-    ("I'm sorry, but without the image provided I cannot say", "Z"),
-    ("fish", None),
+# Hand-derived from VLMEvalKit's rules (vlmeval/utils/matching_util.py) and checked against both versions of that code.
+MMB_CHOICES = {"A": "cat", "B": "dog", "C": "bird"}  # the options' texts: 10 characters together
+
+
+@pytest.mark.parametrize("reply, current, early2025", [
+    ("A", "A", "A"), ("The answer is B.", "B", "B"), ("(C) bird", "C", "C"), ("C. bird", "C", "C"),
+    ("Answer: C", "C", "C"), ("Option B", "B", "B"),
+    ("It is a dog", "B", "B"),                            # no letter: the one option whose text appears
+    ("A or B", None, None),                               # two letters, no option text
+    ("a cat or a dog", None, None),                       # two option texts
+    ("I'm sorry, but without the image provided I cannot say", "Z", "Z"),
+    ("Z", "Z", "Z"), ("fish", None, None),
+    # since 2025-08: a lone letter counts only among the last 4 words ...
+    ("B is my guess, I think it is right but not sure at all", None, "B"),
+    # ... and no text match in a reply over twice the options' length
+    ("It is a dog, I am fairly sure of it after looking closely", None, "B"),
+    # since 2026-06: "answer is X" decides between several letters
+    ("The answer is **B**. Option A is wrong because cats do not bark.", "B", "A"),
+    ("Both A and B are wrong; the correct answer is C.", "C", None),
+    ("I think the answer is a dog", "A", "B"),            # its quirk: case-insensitive, "is a" reads as A
 ])
-def test_mmbench_choice_extraction(reply, letter):
-    assert can_infer(reply, {"A": "cat", "B": "dog", "C": "bird"}) == letter
+def test_mmbench_choice_extraction(reply, current, early2025):
+    assert can_infer(reply, MMB_CHOICES) == current  # the default: VLMEvalKit's current rules
+    assert can_infer(reply, MMB_CHOICES, "current") == current
+    assert can_infer(reply, MMB_CHOICES, "early2025") == early2025
+
+
+def test_mmbench_extraction_is_an_option_recorded_in_the_scores():
+    def scored(**options):
+        bench = MMBench("unused", circular=False, **options)
+        rows = [Row(question_id=0, prompt="", reference="B", meta={"options": ["cat", "dog"], "category": "x"})]
+        return bench.aggregate(rows, [bench.score_one(rows[0], "B is my guess, I think it is right but not sure")])
+
+    current, early = scored(), scored(extraction="early2025")
+    assert current["accuracy"] == 0.0 and current["extraction"] == "current"
+    assert current["rules"] == "VLMEvalKit matching_util@2cf2a36 (2026-06-25)"
+    assert early["accuracy"] == 100.0 and early["rules"] == "VLMEvalKit matching_util@aca64db (2025-04-08)"
+    with pytest.raises(ValueError, match="extraction"):
+        MMBench("unused", extraction="2024")
 
 
 def test_mmbench_single_and_circular_accuracy_hand_computed():

@@ -153,8 +153,11 @@ def test_open_clip_weights_of_the_wrong_size_are_refused(tmp_path):
     torch.save(open_clip_state([1, 1, 1, 1], [8, 16, 24, 32]), tmp_path / "open_clip_pytorch_model.bin")
     with pytest.raises(ValueError, match="do not match the ConvNeXt config"):
         load_hires_tower(tmp_path, ConvNextConfig(**TINY_HIRES))
-    with pytest.raises(FileNotFoundError, match="no high-resolution tower here"):
+    with pytest.raises(FileNotFoundError, match="nothing: no such file or directory"):
         load_hires_tower(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no high-resolution tower here"):
+        load_hires_tower(tmp_path / "empty")
 
 
 def test_real_size_branch_shapes_and_conv_gate_parameters():
@@ -247,6 +250,26 @@ def test_a_five_stage_convnext_doubles_the_high_resolution_side():
     assert torch.equal(features, plain.get_image_features(low_res_pixels(pixels, 56))) and objects.shape == (3, 64)
 
 
+def test_box_pool_precision_reference_changes_only_a_bf16_models_object_tokens():
+    """MG-LLaVA's casts in box pooling (box_pool_precision "reference") change nothing in fp32; in bf16 the object
+    tokens move (the image tokens never do), by what bench/box_pool_precision.py measures."""
+    _, mg = plain_and_mg(object_tokens=True)
+    randomise(mg.hires_tower)
+    pixels = hires_pixels()
+    for dtype, same in ((torch.float32, True), (torch.bfloat16, False)):
+        model = mg.to(dtype)
+        results = {}
+        for precision in ("fp32", "reference"):
+            model.config.box_pool_precision = precision
+            with torch.no_grad():
+                results[precision] = model.image_features(pixels.to(dtype), BOXES)
+        (features, objects), (features_ref, objects_ref) = results["fp32"], results["reference"]
+        assert torch.equal(features, features_ref) and objects.dtype == objects_ref.dtype == dtype
+        assert torch.allclose(objects.float(), objects_ref.float(), rtol=1e-5, atol=1e-6) == same, dtype
+    mg.config.box_pool_precision = "fp32"
+    mg.float()
+
+
 def test_images_of_the_wrong_size_are_a_clear_error():
     _, mg = plain_and_mg()
     with pytest.raises(ValueError, match="takes 128x128 images"):
@@ -259,6 +282,8 @@ def test_images_of_the_wrong_size_are_a_clear_error():
     ({"box_limit_num": 5}, "object_tokens is off"),
     ({"object_tokens": True, "hires_config": TINY_HIRES, "box_limit_mode": "per_box"}, "box_limit_mode"),
     ({"object_tokens": True, "hires_config": TINY_HIRES, "box_iou_threshold": 2.0}, "box_iou_threshold"),
+    ({"box_pool_precision": "reference"}, "object_tokens is off"),
+    ({"object_tokens": True, "hires_config": TINY_HIRES, "box_pool_precision": "fp16"}, "box_pool_precision"),
     ({"fusion": "convgate", "hires_config": {"model_type": "swin"}}, "must be a ConvNeXt config"),
     ({"fusion": "s2", "object_tokens": True}, "S2 takes its own image sizes"),
     ({"fusion": "convgate", "hires_config": {"depths": [1] * 5, "hidden_sizes": [4, 8, 12, 16, 20]}},

@@ -409,7 +409,8 @@ def test_one_box_json_for_several_data_files_is_read_once_and_shared(synth_data,
     monkeypatch.setattr(boxes_module, "read_box_json", lambda f, read=boxes_module.read_box_json: reads.append(f) or
                         read(f))
     data_args = SimpleNamespace(data_path=[str(data / "train.json")] * 2, box_json_path=[str(tmp_path / "b.json")],
-                                image_folder=None, strict_data=True, validate_data=True)
+                                image_folder=None, strict_data=True, validate_data=True,
+                                validate_images="header")
     _, model = plain_and_mg(object_tokens=True)
     dataset = build_dataset(data_args, SimpleNamespace(model_max_length=2048), model,
                             AutoTokenizer.from_pretrained(synth_data / "tok"), get_template("v1"),

@@ -154,6 +154,32 @@ def test_box_features_batch_equals_the_naive_map_per_image():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_reference_precision_is_mg_llavas_casts_around_roi_align(aligned, sampling_ratio):
+    """box_pool_precision "reference": the upsampled stages rounded to the tower's dtype (bf16 here), RoIAlign's bins
+    in fp32 on that map, rounded to the LLM's dtype before the mean: as MG-LLaVA does it, on the built map. It differs
+    from the default (all fp32) in bf16 and agrees with it in fp32."""
+    g = torch.Generator().manual_seed(6)
+    stages = [torch.randn(2, c, 32 >> s, 32 >> s, generator=g).bfloat16() for s, c in enumerate((24, 48, 96, 192))]
+    boxes = torch.tensor([[0, 10.0, 20.0, 60.0, 90.0], [0, 0.0, 0.0, 0.0, 0.0], [1, 100.0, 3.0, 128.0, 40.0],
+                          [1, -5.0, 60.0, 30.0, 140.0], [1, 3.0, 3.0, 9.0, 6.0]])
+    got = box_features(stages, boxes, 128, 8, sampling_ratio, aligned, precision="reference", bin_dtype=torch.bfloat16)
+    casts = (torch.bfloat16, torch.bfloat16)
+    want = torch.cat([naive_box_features([s[0] for s in stages], boxes[:2, 1:], 128, 8, sampling_ratio, aligned, casts),
+                      naive_box_features([s[1] for s in stages], boxes[2:, 1:], 128, 8, sampling_ratio, aligned, casts)])
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 360)
+    # the bins agree to fp32 rounding, so a rounded bin may land one bf16 step away, rarely
+    assert (got == want).float().mean() > 0.99
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -7 * want.float().abs().max().item())
+    fp32 = box_features(stages, boxes, 128, 8, sampling_ratio, aligned)
+    assert (fp32 - got.float()).abs().max() > 1e-3  # bf16: the casts matter
+    full = [s.float() for s in stages]
+    torch.testing.assert_close(box_features(full, boxes, 128, 8, sampling_ratio, aligned, precision="reference",
+                                            bin_dtype=torch.float32),
+                               box_features(full, boxes, 128, 8, sampling_ratio, aligned), rtol=1e-5, atol=1e-5)
+
+
 def test_against_torchvision_where_installed():
     tv = pytest.importorskip("torchvision")
     g = torch.Generator().manual_seed(5)

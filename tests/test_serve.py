@@ -321,6 +321,150 @@ def test_remote_urls_only_when_allowed(client, server, settings, image_site, mon
     assert invalid.status_code == 400 and invalid.json()["error"]["code"] == "image_fetch_failed", invalid.text
 
 
+class Drip(http.server.BaseHTTPRequestHandler):
+    """Sends an "image" one byte every `server.every_s` for `server.for_s` seconds. Counts the open downloads, and
+    their peak until `server.ended` (once the server gives up on one, it may still drip for a moment while the next
+    one starts)."""
+
+    def do_GET(self):
+        site = self.server
+        with site.lock:
+            site.active += 1
+            if not site.ended:
+                site.peak = max(site.peak, site.active)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            end = time.monotonic() + site.for_s
+            while time.monotonic() < end:
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(site.every_s)
+        except OSError:  # the server gave up on it
+            pass
+        finally:
+            with site.lock:
+                site.active -= 1
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def drip_site():
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    site.lock, site.active, site.peak, site.ended, site.every_s, site.for_s = threading.Lock(), 0, 0, False, 0.1, 12.0
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    yield site, f"http://127.0.0.1:{site.server_address[1]}/slow.png"
+    site.shutdown()
+
+
+def test_slow_downloads_meet_a_deadline_in_their_own_pool_and_starve_no_one(pipe, drip_site):
+    """45 image URLs that send a byte every 0.1 s (more than the server's request threads): at most max_downloads of
+    them are fetched at once, each request is refused at the deadline set here (the drip would go on three times
+    longer), and a text request sent while all of them wait is answered before any of them ends."""
+    site, url = drip_site
+    settings = ServeSettings(model_name=MODEL, max_model_len=CONTEXT, allow_remote_images=True, remote_timeout_s=4.0,
+                             max_downloads=4)
+    ended = []
+
+    def slow():
+        body = {"model": MODEL, "max_tokens": 2, "messages": user(QUESTION, url)}
+        response = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        ended.append("image")
+        return response
+
+    with running_server(create_app(pipe, settings)) as base, ThreadPoolExecutor(45) as pool:
+        futures = [pool.submit(slow) for _ in range(45)]
+        waited = time.monotonic() + 60
+        while site.active < settings.max_downloads and time.monotonic() < waited:  # every slot taken
+            time.sleep(0.01)
+        text = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": HI},
+                          timeout=60)
+        ended.append("text")
+        with site.lock:  # the downloads open while every one of them was still waiting for its image
+            site.ended, peak = True, site.peak
+        responses = [f.result() for f in futures]
+    assert text.status_code == 200, text.text
+    assert ended[0] == "text"  # served while the 45 downloads were still in flight or waiting for a slot
+    assert peak == settings.max_downloads
+    assert {(r.status_code, r.json()["error"]["code"]) for r in responses} == {(400, "image_fetch_timeout")}
+    assert "within 4 s" in responses[0].json()["error"]["message"]
+
+
+def test_one_size_limit_for_every_way_an_image_arrives(pipe, ckpt, image_site):
+    """max_image_bytes holds for a data: URL as for a local file and a download (a 20.9 MiB data URL was taken)."""
+    import io
+
+    import numpy as np
+
+    big = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 40, 3), dtype=np.uint8)).save(big, "PNG")
+    (ckpt / "media" / "big.png").write_bytes(big.getvalue())
+    limit = len(big.getvalue()) - 1
+    assert len(RED) < limit
+    settings = ServeSettings(model_name=MODEL, max_model_len=CONTEXT, max_image_bytes=limit, max_body_bytes=200_000,
+                             allow_remote_images=True, allowed_local_media_path=str(ckpt / "media"))
+    with running_server(create_app(pipe, settings)) as base:
+        def ask_about(url):
+            body = {"model": MODEL, "max_tokens": 2, "messages": user(QUESTION, url)}
+            return httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+
+        for url in (data_url(big.getvalue()), "big.png", image_site + "/big.png"):
+            response = ask_about(url)
+            assert response.status_code == 400 and response.json()["error"]["code"] == "image_too_large", url[:40]
+        for url in (data_url(RED), "red.png", image_site + "/red.png"):
+            assert ask_about(url).status_code == 200, url[:40]
+
+
+# ---- browsers and keys ------------------------------------------------------------------------------------
+
+
+def test_a_cross_origin_request_is_refused_before_it_runs(server, batcher):
+    """A web page elsewhere can POST text/plain to a loopback server without a preflight: refused, unanswered."""
+    body = json.dumps({"model": MODEL, "max_tokens": 2, "messages": HI})
+    before = len(batcher.batch_sizes)
+    for origin in ("http://evil.example", "null"):
+        response = httpx.post(server[0] + "/v1/chat/completions", content=body,
+                              headers={"Content-Type": "text/plain", "Origin": origin}, timeout=60)
+        assert response.status_code == 403 and response.json()["error"]["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in response.headers
+    assert len(batcher.batch_sizes) == before  # nothing was generated
+    own = httpx.post(server[0] + "/v1/chat/completions", content=body, timeout=60,  # the server's own page
+                     headers={"Content-Type": "application/json", "Origin": server[0]})
+    assert own.status_code == 200
+
+
+def test_allowed_origins_get_cors_and_an_api_key_guards_the_api(pipe):
+    settings = ServeSettings(model_name=MODEL, max_model_len=CONTEXT, allowed_origins=("http://localhost:3000",),
+                             api_key="sekret")
+    body = {"model": MODEL, "max_tokens": 2, "messages": HI}
+    key = {"Authorization": "Bearer sekret"}
+    with running_server(create_app(pipe, settings)) as base:
+        url = base + "/v1/chat/completions"
+        allowed = {"Origin": "http://localhost:3000"}
+        preflight = httpx.options(url, headers={**allowed, "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "authorization" in preflight.headers["access-control-allow-headers"]
+        answered = httpx.post(url, json=body, headers={**allowed, **key}, timeout=60)
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == allowed["Origin"]
+        other = httpx.post(url, json=body, headers={"Origin": "http://localhost:4000", **key}, timeout=60)
+        assert other.status_code == 403
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            refused = httpx.post(url, json=body, headers=headers, timeout=60)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(base + "/v1/models").status_code == 401
+        assert httpx.get(base + "/v1/models", headers=key).status_code == 200
+        assert httpx.get(base + "/health").status_code == 200 and httpx.get(base + "/").status_code == 200
+        client = openai.OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0, timeout=60)
+        assert ask(client, HI, max_tokens=2).usage.completion_tokens <= 2
+
+
 # ---- bad input: a 4xx in OpenAI's shape, and the server keeps serving ------------------------------------
 
 
@@ -547,9 +691,13 @@ def test_cli_serve_builds_the_app_from_its_flags(ckpt, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
     main(["serve", "--model", str(ckpt), "--port", "8123", "--device", "cpu", "--max-batch-size", "1",
-          "--allowed-local-media-path", str(ckpt / "media"), "--allow-remote-images", "--max-image-pixels", "100", "--max-waiting", "7"])
+          "--allowed-local-media-path", str(ckpt / "media"), "--allow-remote-images", "--max-image-pixels", "100",
+          "--max-waiting", "7", "--max-image-mb", "2", "--remote-timeout", "3", "--max-downloads", "5",
+          "--allowed-origins", "http://localhost:3000, https://app.example", "--api-key", "sekret"])
     settings = seen["app"].state.settings
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     assert settings.model_name == ckpt.name and settings.max_batch_size == 1 and settings.max_image_pixels == 100
     assert settings.allowed_local_media_path == str(ckpt / "media") and settings.allow_remote_images
     assert settings.max_waiting == 7
+    assert settings.max_image_bytes == 2 * 2**20 and settings.remote_timeout_s == 3 and settings.max_downloads == 5
+    assert settings.allowed_origins == ("http://localhost:3000", "https://app.example") and settings.api_key == "sekret"

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from polyfocus.checkpoints import load_model
+from polyfocus.data.formats import DataError
 from polyfocus.data.templates import get_template
 from polyfocus.data.tokenizer import build_tokenizer
 from polyfocus.synthworld.scenes import export
@@ -249,6 +250,19 @@ def test_resume_after_sigkill_is_exact(ws, reference, monkeypatch):
         assert steps == [1, 2, 3, 4, 5, 6]  # the log history came back from checkpoint-4 too
 
 
+def test_rerun_of_a_finished_run_trains_no_more_steps(ws, monkeypatch):
+    """The same command again after the run saved its checkpoint at max_steps resumes there and trains nothing:
+    transformers (5.x) checks max_steps only after a step, so it would train one step too many. 24 samples = 6 steps
+    per epoch, so checkpoint-4 lies inside the epoch (the case the library gets wrong)."""
+    overrides = ["--output_dir", "rerun_ft", "--max_steps", "4"]
+    _, steps = train_counting(monkeypatch, finetune_yaml(ws), overrides)
+    assert steps == [1, 2, 3, 4]
+    finished = weights(ws / "rerun_ft")
+    trainer, steps = train_counting(monkeypatch, finetune_yaml(ws), overrides)
+    assert steps == [] and trainer.state.global_step == 4
+    assert_same_weights(weights(ws / "rerun_ft"), finished)
+
+
 # ---- 3. atomic checkpoints --------------------------------------------------------------------------------------
 
 
@@ -279,6 +293,91 @@ def test_crash_inside_checkpoint_save_leaves_no_checkpoint(ws, reference, monkey
     for n in (4, 6):
         assert (out / f"checkpoint-{n}" / "trainer_state.json").is_file()
     assert_same_weights(weights(out), weights(reference[1]))
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename(ws, monkeypatch):
+    """The rename publishes a checkpoint: every file in it must be on disk first, or a power cut after the rename
+    could leave a checkpoint-N whose files are empty (the rename's own directory entry is made durable too)."""
+    synced, published = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if STAGING in str(src):  # what the rename publishes, and whether each piece was synced by then
+            for root, _, files in os.walk(os.path.realpath(src)):
+                published.extend((os.path.join(root, f), os.path.join(root, f) in synced) for f in files)
+                published.append((root, root in synced))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run.train(str(finetune_yaml(ws)), ["--output_dir", str(ws / "fsync_ft"), "--max_steps", "2"])
+    assert any(path.endswith("model.safetensors") for path, _ in published)
+    assert [path for path, ok in published if not ok] == []
+
+
+def bad_image_data(ws: Path) -> Path:
+    """data/bad.json: 8 image samples, one of them a corrupt file (its header does not read) and one a truncated
+    PNG (its header reads, its pixels do not)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (56, 56, 3), dtype=np.uint8)).save(data, "PNG")
+    (ws / "data" / "truncated.png").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    (ws / "data" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    records = json.loads((ws / "data" / "images.json").read_text())[:8]
+    records[3] = {**records[3], "id": "corrupt", "image": "corrupt.png"}
+    records[6] = {**records[6], "id": "truncated", "image": "truncated.png"}
+    (ws / "data" / "bad.json").write_text(json.dumps(records))
+    return ws / "data" / "bad.json"
+
+
+def test_a_corrupt_image_stops_a_strict_run_before_training(ws, monkeypatch):
+    bad_image_data(ws)
+    began = []
+
+    class Began(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            began.append(True)
+
+    monkeypatch.setattr(run, "PolyfocusTrainer", trainer_with(run.PolyfocusTrainer, [Began()]))
+    config = write_yaml(ws / "bad.yaml", stage="finetune", data_path="data/bad.json", per_device_train_batch_size=2,
+                        num_train_epochs=1, save_strategy="no", learning_rate=1.0e-3)
+    with pytest.raises(DataError, match=r"sample id 'corrupt': cannot read image .*corrupt\.png"):
+        run.train(str(config), ["--output_dir", "bad_strict"])
+    assert not began  # found by validate's header check, not hours later by the step that draws it
+
+
+def test_bad_images_are_left_out_never_replaced_and_reported(ws, monkeypatch, capsys):
+    """strict_data: false. The corrupt image is found before training (out of the index); the truncated one only
+    when its batch is made: dropped from that batch. No sample trains twice in the epoch to stand in for one, and
+    the skips are printed by reason at the end and written to skipped.json."""
+    bad_image_data(ws)
+    seen = []
+
+    class Recording(run.DataCollator):
+        def __call__(self, features):
+            seen.extend(f["id"] for f in features if isinstance(f, dict))
+            return super().__call__(features)
+
+    monkeypatch.setattr(run, "DataCollator", Recording)
+    config = write_yaml(ws / "bad.yaml", stage="finetune", data_path="data/bad.json", per_device_train_batch_size=2,
+                        num_train_epochs=1, save_strategy="no", learning_rate=1.0e-3, strict_data=False)
+    trainer, steps = train_counting(monkeypatch, config, ["--output_dir", "bad_lenient"])
+    good = [r["id"] for r in json.loads((ws / "data" / "bad.json").read_text())
+            if r["id"] not in ("corrupt", "truncated")]
+    assert sorted(seen) == sorted(good)  # each good sample once; neither bad one, nor a stand-in for it
+    assert steps == [1, 2, 3, 4]  # 7 samples in the index (the corrupt one is out), batches of 2
+    report = json.loads((ws / "bad_lenient" / "skipped.json").read_text())
+    assert report["total"] == 2 and report["by_reason"] == {"image": 2}
+    assert sorted(report["samples"]["data/bad.json"]["image"]) == ["id 'corrupt'", "id 'truncated'"]
+    assert "skipped samples: 2 (image 2)" in capsys.readouterr().out
 
 
 # ---- 4. DDP (2 processes, gloo) == 1 process, same global batch -------------------------------------------------

@@ -28,6 +28,7 @@ from polyfocus.checkpoints.llava import LLAVA_TEXT_MODEL_TYPES, load_llava_origi
 from polyfocus.checkpoints.llava_hf import load_llava_hf, save_llava_hf, to_llava_hf
 from polyfocus.checkpoints.mg_llava import is_deepspeed_checkpoint, load_mg_llava
 from polyfocus.config import MODEL_PARTS
+from polyfocus.data.files import require_local
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 
 __all__ = ["ADAPTER_PROCESSOR_FILES", "SKIP_QUANTIZATION", "base_of", "checkpoint_format", "copy_processor_files",
@@ -39,7 +40,7 @@ def checkpoint_format(path: str | Path) -> str:
     """'polyfocus' | 'llava-hf' | 'llava' (original LLaVA-1.5) | 'projector' (stage-1 mm_projector.bin only)
     | 'lora' (a peft adapter directory: polyfocus.train.lora) | 'mg-llava' (MG-LLaVA's xtuner state dict, or
     its converted layout: see load_mg_llava)."""
-    path = Path(path)
+    path = Path(require_local(path, "checkpoint", directory=Path(path).suffix not in (".pth", ".pt")))  # MG-LLaVA's
     if (path.suffix in (".pth", ".pt") and (path.is_file() or is_deepspeed_checkpoint(path))
             or (path / "fuse_module").is_dir()):
         return "mg-llava"
@@ -82,6 +83,9 @@ def load_model(
     hires_tower: MG-LLaVA's ConvNeXt (open_clip weights or a transformers directory), for an MG-LLaVA checkpoint.
     """
     fmt = checkpoint_format(path)
+    for given, what in ((model_base, "model_base"), (vision_tower, "vision_tower"), (hires_tower, "hires_tower")):
+        if given is not None:
+            require_local(given, what, directory=what != "hires_tower")  # open_clip's ConvNeXt may be one file
     if fmt == "mg-llava":
         return load_mg_llava(path, model_base, vision_tower, hires_tower, **from_pretrained_kwargs)
     if fmt == "lora":

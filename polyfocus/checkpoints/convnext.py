@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from polyfocus.config import CLIP_CONVNEXT_L
+from polyfocus.data.files import require_local
 
 OPEN_CLIP_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 # timm ConvNeXt (open_clip's `visual.trunk`) → transformers' ConvNextModel; the head is not used (MG-LLaVA drops it).
@@ -62,7 +63,7 @@ def load_hires_tower(path: str | os.PathLike, config=None) -> nn.Module:
     e.g. depths 3/3/27/3 and widths 192...1536 for CLIP-ConvNeXt-L)."""
     from transformers import AutoModel, ConvNextModel
 
-    path = Path(path)
+    path = Path(require_local(path, "hires_tower", directory=False))
     if (path / "config.json").is_file():
         return AutoModel.from_pretrained(path)
     file = path if path.is_file() else next((path / n for n in OPEN_CLIP_WEIGHTS if (path / n).is_file()), None)

@@ -146,6 +146,10 @@ def add_image_token(model: PolyfocusForConditionalGeneration, tokenizer) -> None
 def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path, src_dir: str | Path | None = None):
     """Write `out_dir` loadable by plain transformers (`LlavaForConditionalGeneration`, `AutoProcessor`).
 
+    The image processor's settings always go with the weights (`preprocessor_config.json`: the source's mean/std
+    and the model's aspect ratio), so converting back recovers them; with a tokenizer in `src_dir`, the whole
+    `LlavaProcessor` too (processor_config.json, the tokenizer and its chat template).
+
     A model whose image id is outside the vocabulary (an original LLaVA checkpoint's -200) is given an
     `<image>` token first: this resizes `model`'s embeddings and changes its `config.image_token_id` in place.
     """
@@ -158,19 +162,23 @@ def save_llava_hf(model: PolyfocusForConditionalGeneration, out_dir: str | Path,
             raise ValueError(f"{src_dir}: a tokenizer is needed to add the <image> token for transformers")
         add_image_token(model, tokenizer)
     to_llava_hf(model).save_pretrained(out_dir)
+    images = _image_processor(model.config, src_dir)
+    images.save_pretrained(out_dir)  # transformers 5's processor keeps its own copy inside processor_config.json
     if tokenizer is not None:
-        _save_llava_processor(model.config, tokenizer, out_dir, src_dir)
+        _save_llava_processor(model.config, tokenizer, images, out_dir)
 
 
-def _save_llava_processor(config: PolyfocusConfig, tokenizer, out_dir: str | Path, src_dir: str | Path) -> None:
+def _image_processor(config: PolyfocusConfig, src_dir: str | Path | None) -> ImageProcessor:
+    """The source's own image settings (mean/std of its tower, e.g. SigLIP's 0.5), with the model's aspect ratio."""
+    if src_dir and (Path(src_dir) / "preprocessor_config.json").is_file():
+        return ImageProcessor.from_pretrained(src_dir, aspect_ratio=config.image_aspect_ratio)
+    return ImageProcessor(image_size=config.vision_config.image_size, aspect_ratio=config.image_aspect_ratio)
+
+
+def _save_llava_processor(config: PolyfocusConfig, tokenizer, images: ImageProcessor, out_dir: str | Path) -> None:
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    # The source's own image settings (mean/std of its tower, e.g. SigLIP's 0.5), with the model's aspect ratio.
-    if (Path(src_dir) / "preprocessor_config.json").is_file():
-        images = ImageProcessor.from_pretrained(src_dir, aspect_ratio=config.image_aspect_ratio)
-    else:
-        images = ImageProcessor(image_size=config.vision_config.image_size, aspect_ratio=config.image_aspect_ratio)
     hf_fields = {k: v for k, v in images.to_hf_dict().items() if k != "image_processor_type"}
     processor = LlavaProcessor(
         image_processor=LlavaImageProcessorPil(**hf_fields),

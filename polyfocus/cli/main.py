@@ -1,9 +1,14 @@
-"""`polyfocus <verb>`: one console script, one small function per verb."""
+"""`polyfocus <verb>`: one console script, one small function per verb.
+
+An error in what the user gave (a path, a file, a setting) ends the command with one line, `polyfocus <verb>: ...`;
+anything else is a bug and keeps its traceback. POLYFOCUS_DEBUG=1 shows the traceback of the first kind too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -156,7 +161,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_waiting=args.max_waiting, batch_window_ms=args.batch_window_ms, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb * 2**20,
         max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-        allowed_local_media_path=args.allowed_local_media_path, allow_remote_images=args.allow_remote_images,
+        max_image_bytes=int(args.max_image_mb * 2**20), allowed_local_media_path=args.allowed_local_media_path,
+        allow_remote_images=args.allow_remote_images, remote_timeout_s=args.remote_timeout,
+        max_downloads=args.max_downloads, allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",")
+                                                                if o.strip()),
+        api_key=args.api_key or None,
     )
     serve(args.model, args.host, args.port, template=args.template, device=args.device, settings=settings)
 
@@ -308,10 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=int, default=32, help="largest request body, MiB")
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
+    p.add_argument("--max-image-mb", type=float, default=20, help="largest image file, MiB, however it arrives "
+                                                                  "(data: URL, local file, download)")
     p.add_argument("--allowed-local-media-path", default=None,
                    help="directory from which image_url may name local files (file:// or a path); off by default")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let image_url be http(s): the server fetches what clients name (off by default)")
+    p.add_argument("--remote-timeout", type=float, default=10.0,
+                   help="seconds one image download may take in all (waiting, connecting, every byte)")
+    p.add_argument("--max-downloads", type=int, default=8, help="image downloads at once, over all requests")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated browser origins (e.g. http://localhost:3000), besides the server's own page, "
+                        "that may call the API; '*' for any (default: none: a web page elsewhere cannot)")
+    p.add_argument("--api-key", default=os.environ.get("POLYFOCUS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default $POLYFOCUS_API_KEY; none: open)")
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("dualfocus-data", help="DualFocus: box-annotated VQA -> two-turn zoom training data + crops")
@@ -424,12 +443,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What bad input raises: our DataError, EvalDataError, TemplateError, BoxError and ImageLoadError are ValueErrors, as
+# are the configs' and arguments' checks; a missing or unreadable path is an OSError (FileNotFoundError); a missing
+# optional extra an ImportError whose message names it. Not `Exception`: a RuntimeError, KeyError, ... is a bug.
+USAGE_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [a for a in argv if not a.startswith("--local_rank=")]  # the deepspeed launcher's; LOCAL_RANK is set too
+    verb = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        run_verb(argv)
+    except USAGE_ERRORS as e:
+        if os.environ.get("POLYFOCUS_DEBUG", "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{' '.join(filter(None, ('polyfocus', verb)))}: {one_line(e)}") from None
+    except KeyboardInterrupt:  # Ctrl-C in a chat or a run: no traceback
+        raise SystemExit(130) from None
+
+
+def run_verb(argv: list[str]) -> None:
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
         # Everything after the YAML is --key value overrides, typed by the training arguments' own parser.
         has_config = len(argv) > 1 and not argv[1].startswith("-")
         return cmd_train(argparse.Namespace(config=argv[1] if has_config else None), argv[2 if has_config else 1:])
     args = build_parser().parse_args(argv)
     args.func(args)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (transformers' and the OS's messages may span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__

@@ -6,13 +6,16 @@ is its exact length in the LLM. Bad samples are found in three places, each erro
 - at init (no I/O beyond the annotation file): malformed records, unknown roles, `<image>` count != image count;
 - in `__getitem__` (lazy): missing/corrupt images, template errors, over-long samples, samples with nothing to
   learn (all labels masked);
-- in `validate()`, optionally: the lazy checks for every sample up front (text is tokenized, image files
-  stat'ed or decoded), so all ranks fail fast before training starts (ecosystem §2 items 5, 11).
+- in `validate()`, optionally: the lazy checks for every sample up front (text is tokenized, each image's header
+  read: format and size; or every image fully decoded), so all ranks fail fast before training starts (ecosystem
+  §2 items 5, 11).
 
 strict=True raises DataError at the first bad sample. strict=False skips it: one warning per sample, and
-`skipped` maps reason -> [sample names]. Skips found at init or by validate() drop the sample from the index;
-a skip found in __getitem__ returns the next good sample instead (deterministic: the next index, cyclically).
-Note that DataLoader workers each hold their own copy of `skipped`; run validate() for a complete count.
+`skipped` maps reason -> [sample names]. Skips found at init or by validate() drop the sample from the index, so
+the sampler never sees it. A skip found in __getitem__ (an image whose header reads but whose pixels do not, or no
+validate()) returns a `Skipped` marker, which the collator drops: that batch is one sample short. A bad sample is
+never replaced by another one, which would train that one twice in the epoch. The batch carries the markers
+(`skipped`), because DataLoader workers each hold their own copy of the dataset and its `skipped`.
 
 Over-long samples: image tokens are never cut. If the excess can be removed by dropping whole trailing
 (user, assistant) rounds that hold no `<image>`, while keeping at least one round, those rounds are dropped
@@ -21,7 +24,6 @@ Over-long samples: image tokens are never cut. If the excess can be removed by d
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from collections import defaultdict
@@ -32,10 +34,20 @@ import torch
 
 from polyfocus.data.boxes import BoxError, indexed
 from polyfocus.data.formats import DataError, Sample, load_samples
-from polyfocus.data.images import ImageLoadError, ImageProcessor, load_image
+from polyfocus.data.images import ImageLoadError, ImageProcessor, check_image, load_image
 from polyfocus.data.templates import IGNORE_INDEX, IMAGE_TOKEN, TemplateError, encode, get_template, move_image_to_front
 
 logger = logging.getLogger(__name__)
+VALIDATE_IMAGES = ("header", "decode")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What `SupervisedDataset[i]` returns (strict=False) for a sample that failed to load; the collator drops it."""
+
+    reason: str
+    sample: str
+    source: str  # the annotation file
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -79,7 +91,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.object_boxes = object_boxes
         self.skipped: dict[str, list[str]] = defaultdict(list)  # reason -> sample names
         self.trimmed: set[str] = set()  # samples whose trailing rounds were dropped to fit model_max_length
-        self._bad: set[int] = set()  # indices found bad in __getitem__ (strict=False)
 
         self.samples: list[Sample] = []
         for sample in load_samples(self.data_path, on_error=self._skip_or_raise):
@@ -94,23 +105,24 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        for j in itertools.chain(range(i, len(self.samples)), range(i)):
-            if j in self._bad:
-                continue
-            try:
-                return self._load(self.samples[j])
-            except DataError as e:
+    def __getitem__(self, i: int) -> dict | Skipped:
+        sample = self.samples[i]
+        try:
+            return self._load(sample)
+        except DataError as e:
+            if self.strict or sample.name not in self.skipped[e.reason]:  # a later epoch: no second warning
                 self._skip_or_raise(e)
-                self._bad.add(j)
-        raise DataError(f"{self.data_path}: every sample failed to load (skipped: {self._skip_counts()})", "empty")
+            return Skipped(e.reason, e.sample, self.data_path)
 
-    def validate(self, decode_images: bool = False) -> None:
-        """Run the lazy checks on every sample now: tokenize the text and stat (or fully decode) every image.
+    def validate(self, images: str = "header") -> None:
+        """Run the lazy checks on every sample now: tokenize the text, and read every image's header (format and
+        size: cheap) or, with images="decode", decode every image in full (what training will do).
 
         strict: raises at the first bad sample. Otherwise the bad ones are recorded and removed from the index,
         so build the sampler (which reads `modality_lengths`) after this call.
         """
+        if images not in VALIDATE_IMAGES:
+            raise ValueError(f"validate: images must be one of {VALIDATE_IMAGES}, got {images!r}")
         good = []
         for sample in self.samples:
             try:
@@ -119,16 +131,19 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     self._box_record(sample, None)  # the sample's box JSON record exists and is one image's
                 for rel in sample.images:
                     path = os.path.join(self.image_root, rel)
-                    if decode_images:
+                    if images == "decode":
                         self._load_image(sample, path)
-                    elif not os.path.isfile(path):
-                        raise self._error(sample, f"image not found: {path}", "image")
+                    else:
+                        try:
+                            check_image(path)
+                        except ImageLoadError as e:
+                            raise self._error(sample, str(e), "image") from e
                 good.append(sample)
             except DataError as e:
                 self._skip_or_raise(e)
         if not good:
             raise DataError(f"{self.data_path}: no usable samples (skipped: {self._skip_counts()})", "empty")
-        self.samples, self._bad = good, set()
+        self.samples = good
 
     # ---- lengths for the sampler (no tokenization, no image decoding) ----------------------------------------
 
@@ -259,6 +274,8 @@ class DataCollator:
     all samples are concatenated in sample order, [total_images, 3, S, S], matching the order of the image
     tokens in the batch; None when the batch has no image. Samples over `model_max_length` are an error, never
     cut: cutting could split an image's tokens (the dataset already refuses or trims such samples).
+    `Skipped` items (samples that failed to load) are dropped and listed in the batch's `skipped`; a batch of
+    nothing but them has zero rows.
     """
 
     pad_token_id: int
@@ -269,7 +286,13 @@ class DataCollator:
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
 
-    def __call__(self, features: list[dict]) -> dict:
+    def __call__(self, features: list[dict | Skipped]) -> dict:
+        skipped = [(f.source, f.reason, f.sample) for f in features if isinstance(f, Skipped)]
+        features = [f for f in features if not isinstance(f, Skipped)]
+        if not features:  # every sample of this batch failed to load (strict=False): an empty batch, reported
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty, "labels": empty, "pixel_values": None,
+                    "skipped": skipped}
         lengths = [len(f["input_ids"]) for f in features]
         if self.model_max_length is not None:
             for f, n in zip(features, lengths):
@@ -304,4 +327,6 @@ class DataCollator:
             batch["image_boxes"] = torch.cat(image_boxes)
         if has_labels:
             batch["labels"] = labels
+        if skipped:  # (annotation file, reason, sample) of each sample dropped from this batch
+            batch["skipped"] = skipped
         return batch

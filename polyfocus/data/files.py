@@ -1,4 +1,5 @@
-"""Reading and writing the project's small files: JSON read with errors that name the file, and atomic writes.
+"""Reading and writing the project's small files: JSON read with errors that name the file, and atomic writes; and
+the check that a path-like model argument is a local directory before transformers sees it.
 
 Every writer of a results, annotation, box or record file goes through `write_atomic`, so a crash never leaves a
 half-written file where a reader (or a resumed run) would trust it.
@@ -36,3 +37,27 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, fsync: bool = True)
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def is_path_like(name: str | os.PathLike) -> bool:
+    """`name` names a place on disk, not a model-hub id: it contains a path separator, starts with '.', '/' or '~',
+    or exists. (A hub id "org/name" contains a separator too: polyfocus loads weights from local directories.)"""
+    text = os.fspath(name)
+    return (os.sep in text or (os.altsep or os.sep) in text or text.startswith((".", "~"))
+            or os.path.exists(os.path.expanduser(text)))
+
+
+def require_local(path: str | os.PathLike, what: str, directory: bool = True) -> str:
+    """`path` (user-expanded) if it exists locally; FileNotFoundError naming `what` otherwise, for a path-like one.
+
+    transformers takes a missing "runs/stage2" for a hub repo id: offline it spends tens of seconds retrying, then
+    blames whatever file it looked for first. A bare name that is not a local path ("gpt2") passes unchanged."""
+    text = os.fspath(path)
+    if not is_path_like(text):
+        return text
+    expanded = os.path.expanduser(text)
+    if not os.path.exists(expanded):
+        raise FileNotFoundError(f"{what} {text}: no such {'directory' if directory else 'file or directory'}")
+    if directory and not os.path.isdir(expanded):
+        raise NotADirectoryError(f"{what} {text}: not a directory")
+    return expanded

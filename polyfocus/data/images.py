@@ -69,6 +69,25 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
         raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+def check_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """The cheap check of an image file: its header parses as an image of a sane size (no pixel is decoded).
+    Returns (width, height); raises ImageLoadError naming `path`. Catches missing, empty, truncated-header,
+    non-image and over-large files; a file whose pixel data is cut short passes (only `load_image` finds that)."""
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except FileNotFoundError:
+        raise ImageLoadError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise ImageLoadError(f"image size out of range: {path} is {width}x{height} pixels (limit {max_pixels})")
+    return width, height
+
+
 def expand2square(img: Image.Image, background_rgb: tuple[int, ...]) -> Image.Image:
     """Paste `img` centred on a max(w, h) square of `background_rgb`; the offset on the short axis is (max-min)//2."""
     width, height = img.size

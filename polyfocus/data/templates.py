@@ -109,15 +109,26 @@ class Template:
             yield self.assistant_prompt, False
 
     def to_jinja(self) -> str:
-        """An HF ``chat_template`` rendering exactly what ``render`` renders (for the same messages)."""
+        """An HF ``chat_template`` rendering exactly what ``render`` renders (for the same messages).
+
+        It also takes OpenAI-style list content (``[{"type": "image"}, {"type": "text", "text": ...}]``, what
+        transformers' processors and vLLM pass): a message's images first, ``"<image>\\n"`` each, then its text
+        parts joined by newlines, as the server (infer/server.py) and llava-hf's own templates lay them out."""
         q = _jinja_literal
         sys_pre, sys_post = self.system_format.split("{system}")
         user_pre, user_post = self.user_format.split("{content}")
         first_pre, first_post = (self.first_user_format or self.user_format).split("{content}")
         reply_pre, reply_post = self.reply_format.split("{content}")
         lines = [
+            "{%- macro flat(content) -%}",
+            "{%- if content is string -%}{{ content }}",
+            "{%- else -%}{{ " + q(IMAGE_TOKEN + "\n")
+            + " * (content | selectattr('type', 'in', ['image', 'image_url']) | list | length) }}"
+            "{{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') }}",
+            "{%- endif -%}",
+            "{%- endmacro -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
-            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
+            "{%- set system = flat(messages[0]['content']) -%}{%- set turns = messages[1:] -%}",
             "{%- else -%}",
             "{%- set system = " + q(self.system) + " -%}{%- set turns = messages -%}",
             "{%- endif -%}",
@@ -133,9 +144,9 @@ class Template:
         ]
         if self.images_only:
             image = q(IMAGE_TOKEN)
-            lines.append("{%- set content = " + image + " * message['content'].count(" + image + ") -%}")
+            lines.append("{%- set content = " + image + " * flat(message['content']).count(" + image + ") -%}")
         else:
-            lines.append("{%- set content = message['content'] -%}")
+            lines.append("{%- set content = flat(message['content']) -%}")
         if self.system_in_user:
             lines.append(
                 "{%- if loop.first and system -%}{%- set content = "
@@ -145,7 +156,7 @@ class Template:
             "{%- if loop.first -%}{{ " + q(first_pre) + " + content + " + q(first_post) + " }}",
             "{%- else -%}{{ " + q(user_pre) + " + content + " + q(user_post) + " }}{%- endif -%}",
             "{%- else -%}",
-            "{{ " + q(self.assistant_prompt + reply_pre) + " + message['content'] + "
+            "{{ " + q(self.assistant_prompt + reply_pre) + " + flat(message['content']) + "
             + q(reply_post + self.reply_suffix) + " }}",
             "{%- endif -%}",
             "{%- endfor -%}",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polyfocus.data.files import write_atomic
+from polyfocus.data.files import require_local, write_atomic
 from polyfocus.experts import Item
 
 RANKS = ("centroid", "semdedup")
@@ -53,6 +53,7 @@ def embed_images(items: list[Item], image_root: str, model: str, batch_size: int
     from polyfocus.experts.base import default_device, hf_image_processor, pooled
 
     device = default_device(device)
+    model = require_local(model, "embedding model")
     encoder = AutoModel.from_pretrained(model).to(device).eval()
     processor = hf_image_processor(model)
     chunks = []

@@ -38,7 +38,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from polyfocus.data.files import write_atomic
+from polyfocus.data.files import require_local, write_atomic
 from polyfocus.eval.benchmarks import Benchmark, EvalDataError, Row, get_benchmark
 
 IMAGE_TOKEN = "<image>"
@@ -74,11 +74,14 @@ def evaluate(model, benchmark: str, data: str | os.PathLike, out: str | os.PathL
     bench = get_benchmark(benchmark, data, **(options or {}))
     rows = bench.load()[:limit] if limit else bench.load()
     check_rows(bench, rows)
+    if isinstance(model, (str, os.PathLike)):  # a missing model directory: said now, never looked up on a hub
+        require_local(model, "model")
     rank, world, launched = shard_of(num_chunks, chunk_idx)
     out_dir = Path(out if out is not None else default_out(model)) / bench.name
     max_new_tokens = max_new_tokens or bench.max_new_tokens
     options = json.loads(json.dumps(options or {}, default=str))  # paths as strings: run.json is JSON
-    settings = {"benchmark": bench.name, "data": str(Path(data).resolve()), "options": options,
+    answering_options = {k: v for k, v in options.items() if k not in bench.scoring_options}  # the answers' settings
+    settings = {"benchmark": bench.name, "data": str(Path(data).resolve()), "options": answering_options,
                 "model": model_path(model), "template": template or "auto", "max_new_tokens": max_new_tokens,
                 "temperature": 0.0, "num_beams": 1, "world_size": world, "strategy": strategy}
     check_settings(out_dir, settings)

@@ -5,11 +5,14 @@ Two evaluators are in use, and they differ in small ways (spec llava_base.md §4
 - `normalize_answer` is EvalAI's answer processor as LLaVA copies it (`llava/eval/m4c_evaluator.py`,
   `EvalAIAnswerProcessor`): LLaVA applies it to every VQAv2 / VizWiz answer before upload, and the TextVQA
   evaluator (`textvqa_accuracy`) applies it to the prediction and to all ten human answers.
-- `official_vqa_accuracy` is the official VQA evaluator (`GT-Vision-Lab/VQA`, `vqaEval.py`), what the EvalAI
-  server runs on an uploaded VQAv2 file: the prediction gets `process_punctuation` + `process_digit_article`
-  (no lower-casing first, no "'s" split); the human answers get `process_punctuation` only, and only when they
-  disagree (more than one distinct answer). The spec summarises this as "normalises only when the GT set has
-  more than one unique answer"; the published code normalises the prediction always.
+- `official_vqa_accuracy` is the official VQA evaluator as it is today (`GT-Vision-Lab/VQA`, `vqaEval.py` since
+  a013f00, 2021-03-11, "Fixed processing answers bug"; `VQA_RULES`, recorded in results): newlines, tabs and outer
+  spaces go from the prediction and from every human answer; then, only when the human answers disagree (more
+  than one distinct answer), the prediction and every human answer get `process_punctuation` +
+  `process_digit_article` (no "'s" split). When they agree, nothing else is processed: "Two" against ten "2" is
+  0 there (the upload, through the EvalAI processor, is already "2"). Before that fix the prediction was always
+  processed and the human answers got punctuation processing only ("two" against 8 x "two" + 2 x "2" scored 0.6
+  instead of 1.0).
 
 Quirks kept on purpose (they change scores):
 - the period regex `(?!<=\\d)(\\.)(?!\\d)` has a malformed look-behind, so a '.' is removed unless a digit
@@ -51,6 +54,7 @@ CONTRACTIONS = {
     "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
     "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
+VQA_RULES = "vqaEval.py@a013f00 (2021-03-11)"  # the official rule version official_vqa_accuracy follows
 NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
               "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = ("a", "an", "the")
@@ -104,9 +108,17 @@ def textvqa_accuracy(prediction: str, answers: list[str]) -> float:
 
 
 def official_vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """vqaEval.py for one question (what EvalAI computes on an uploaded VQAv2 answer)."""
-    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
-    prediction = process_digit_article(process_punctuation(prediction, COMMA_STRIP_OFFICIAL))
-    if len(set(answers)) > 1:
-        answers = [process_punctuation(a, COMMA_STRIP_OFFICIAL) for a in answers]
-    return soft_score(prediction, list(answers))
+    """vqaEval.py (VQA_RULES) for one question: what EvalAI computes on an uploaded VQAv2 answer. Written from the
+    official code's rules, not copied (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py)."""
+    prediction, answers = _strip_breaks(prediction), [_strip_breaks(a) for a in answers]
+    if len(set(answers)) > 1:  # only then is anything normalised, on both sides
+        prediction, answers = _official_normal(prediction), [_official_normal(a) for a in answers]
+    return soft_score(prediction, answers)
+
+
+def _strip_breaks(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _official_normal(text: str) -> str:
+    return process_digit_article(process_punctuation(text, COMMA_STRIP_OFFICIAL))

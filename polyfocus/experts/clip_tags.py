@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from polyfocus.data.files import require_local
 from polyfocus.experts.base import Expert, Item, default_device, hf_image_processor, pooled
 
 
@@ -39,6 +40,7 @@ class CLIPTagger(Expert):
         list."""
         from transformers import AutoModel, AutoTokenizer
 
+        model = require_local(model, "tagger")
         self.tags = read_vocabulary(vocabulary)
         self.top_k, self.min_probability = int(top_k), float(min_probability)
         self.device = default_device(device)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from polyfocus.data.boxes import BoxRecord
+from polyfocus.data.files import require_local
 from polyfocus.experts.base import default_device, hf_image_processor
 
 KINDS = ("owlv2", "owlvit", "grounding-dino")
@@ -49,6 +50,7 @@ class OpenVocabularyDetector:
                  device: str | None = None, template: str = "a photo of {}"):
         from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor, AutoTokenizer
 
+        path = require_local(path, "detector")
         self.kind = AutoConfig.from_pretrained(path).model_type
         if self.kind not in KINDS:
             raise ValueError(f"{path}: model_type {self.kind!r} is not OWLv2, OWL-ViT or Grounding DINO")

@@ -26,6 +26,7 @@ from PIL import Image
 from transformers import AutoTokenizer, TextIteratorStreamer
 
 from polyfocus.data.boxes import BoxRecord, ObjectBoxes, indexed
+from polyfocus.data.files import require_local
 from polyfocus.data.images import CONFIG_NAME, ImageProcessor, load_image
 from polyfocus.data.templates import (
     AUTO_NAMES, IMAGE_TOKEN, TEMPLATES, Template, TemplateError, TokenizerTemplate, encode, get_template,
@@ -222,8 +223,9 @@ class Pipeline:
 
 
 def load_tokenizer(path: str | os.PathLike):
+    path = require_local(path, "model")  # never a hub lookup for a missing directory
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(path))
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise OSError(f"{path}: cannot load a tokenizer from this directory ({e})") from e
 

@@ -15,7 +15,14 @@ queued (size, JSON, fields and types, images, token counts), so bad input costs 
 Concurrent requests are batched by `polyfocus.infer.batcher.Batcher`.
 
 Image URLs: data: (base64) always; local files (file:// or a path) only under --allowed-local-media-path;
-http(s) only with --allow-remote-images (off by default: the server would fetch any URL a client names).
+http(s) only with --allow-remote-images (off by default: the server would fetch any URL a client names). Every image
+is held to one size limit however it arrives (`max_image_bytes`). Downloads run on the event loop, a bounded number
+at once (`max_downloads`), each within a total deadline (`remote_timeout_s`): a URL that sends a byte now and then
+holds one download slot until its deadline, never a thread that other requests need.
+
+Browsers: a web page the user opens elsewhere can POST to a loopback server (a "simple" cross-origin request, e.g.
+text/plain, needs no preflight), so a request whose Origin is not the server's own is refused unless
+--allowed-origins names it. With --api-key, /v1/* needs `Authorization: Bearer <key>` (as OpenAI and vLLM).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import io
 import math
 import re
@@ -46,7 +54,7 @@ from polyfocus.infer.strategies import STRATEGIES, get_strategy
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -72,10 +80,13 @@ class ServeSettings:
     max_body_bytes: int = 32 * 2**20
     max_images: int = 4  # per request
     max_image_pixels: int = 4096 * 4096  # checked on the header, before anything is decoded
-    max_image_bytes: int = 20 * 2**20  # local files and downloads (a data: URL is bounded by max_body_bytes)
+    max_image_bytes: int = 20 * 2**20  # one limit however an image arrives: a data: URL, a local file, a download
     allowed_local_media_path: str | None = None
     allow_remote_images: bool = False
-    remote_timeout_s: float = 10.0
+    remote_timeout_s: float = 10.0  # one download in total: waiting for a slot, connecting, redirects, every byte
+    max_downloads: int = 8  # image downloads at once, over all requests
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own that may call it; "*": any
+    api_key: str | None = None  # set: /v1/* needs "Authorization: Bearer <api_key>"
 
 
 class APIError(Exception):
@@ -209,8 +220,8 @@ def validation_error(e: ValidationError) -> APIError:
 # ---- request -> job --------------------------------------------------------------------------------------
 
 
-def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
-    """Check a parsed request against the model and the limits, decode its images: a Job for the batcher."""
+def check_request(chat: ChatRequest, settings: ServeSettings) -> None:
+    """The checks that need neither the model nor the images (before any image is fetched)."""
     if chat.model != settings.model_name:
         raise APIError(f"The model `{chat.model}` does not exist; this server serves `{settings.model_name}`.",
                        param="model", code="model_not_found", status=404)
@@ -221,9 +232,15 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
                        param="messages", code="too_many_images")
     if chat.messages[-1].role != "user":
         raise APIError("the last message must be the user's", param=f"messages[{len(chat.messages) - 1}].role")
+
+
+def build_job(chat: ChatRequest, pipe, settings: ServeSettings, fetched: dict[str, bytes] | None = None) -> Job:
+    """Check a parsed request against the model and the limits, decode its images: a Job for the batcher.
+    fetched: the request's http(s) images, downloaded beforehand (ImageDownloads.fetch_all), by URL."""
+    check_request(chat, settings)
     messages, images = [], []
     for i, message in enumerate(chat.messages):
-        text, message_images = message_content(message, f"messages[{i}]", settings)
+        text, message_images = message_content(message, f"messages[{i}]", settings, fetched or {})
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
         images += message_images
     refusal = get_strategy(chat.strategy).refusal(pipe.model.config, images, messages)
@@ -244,7 +261,8 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
                ignore_eos=chat.ignore_eos, boxes=boxes)
 
 
-def message_content(message: Message, where: str, settings: ServeSettings) -> tuple[str, list[Image.Image]]:
+def message_content(message: Message, where: str, settings: ServeSettings,
+                    fetched: dict[str, bytes]) -> tuple[str, list[Image.Image]]:
     """A message's content as template text ("<image>\\n" per image, then the text parts) and its images."""
     parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
     texts, images = [], []
@@ -257,7 +275,7 @@ def message_content(message: Message, where: str, settings: ServeSettings) -> tu
         elif message.role != "user":
             raise APIError(f"{at}: images are accepted in user messages only", param=at)
         else:
-            images.append(load_image_url(part.image_url.url, f"{at}.image_url.url", settings))
+            images.append(load_image_url(part.image_url.url, f"{at}.image_url.url", settings, fetched))
     return (IMAGE_TOKEN + "\n") * len(images) + "\n".join(texts), images
 
 
@@ -286,14 +304,12 @@ def completion_budget(chat: ChatRequest, prompt_tokens: int, context: int, setti
 # ---- images ----------------------------------------------------------------------------------------------
 
 
-def load_image_url(url: str, param: str, settings: ServeSettings) -> Image.Image:
+def load_image_url(url: str, param: str, settings: ServeSettings, fetched: dict[str, bytes]) -> Image.Image:
     if url.startswith("data:"):
-        data = decode_data_url(url, param)
+        data = decode_data_url(url, param, settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
-        if not settings.allow_remote_images:
-            raise APIError(f"{param}: remote image URLs are off on this server (start it with --allow-remote-images);"
-                           " send the image as a data: URL", param=param, code="remote_images_disabled")
-        data = fetch_url(url, param, settings)
+        check_remote_allowed(param, settings)
+        data = fetched[url]  # downloaded before the job was built, on the event loop (ImageDownloads)
     elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url) and not url.startswith("file:"):
         raise APIError(f"{param}: unsupported URL scheme {url.split(':', 1)[0]!r} (data:, file:, http(s):)",
                        param=param, code="invalid_image_url")
@@ -302,15 +318,31 @@ def load_image_url(url: str, param: str, settings: ServeSettings) -> Image.Image
     return decode_image(data, param, settings.max_image_pixels)
 
 
-def decode_data_url(url: str, param: str) -> bytes:
+def check_image_bytes(size: int, param: str, limit: int) -> None:
+    """The one size limit of an image, however it arrives."""
+    if size > limit:
+        raise APIError(f"{param}: the image is over {limit} bytes (the server's limit for an image)", param=param,
+                       code="image_too_large")
+
+
+def check_remote_allowed(param: str, settings: ServeSettings) -> None:
+    if not settings.allow_remote_images:
+        raise APIError(f"{param}: remote image URLs are off on this server (start it with --allow-remote-images);"
+                       " send the image as a data: URL", param=param, code="remote_images_disabled")
+
+
+def decode_data_url(url: str, param: str, limit: int) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise APIError(f"{param}: a data URL must look like data:image/png;base64,<data>", param=param,
                        code="invalid_image_url")
+    check_image_bytes(len(payload) // 4 * 3 - payload[-2:].count("="), param, limit)  # before decoding it
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(f"{param}: invalid base64 ({e})", param=param, code="invalid_base64") from None
+    check_image_bytes(len(data), param, limit)
+    return data
 
 
 def read_local_file(url: str, param: str, settings: ServeSettings) -> bytes:
@@ -328,33 +360,74 @@ def read_local_file(url: str, param: str, settings: ServeSettings) -> bytes:
                            code="path_not_allowed", status=403)
         if not path.is_file():
             raise APIError(f"{param}: no such file: {name}", param=param, code="image_not_found")
-        if path.stat().st_size > settings.max_image_bytes:
-            raise APIError(f"{param}: {name} is over {settings.max_image_bytes} bytes", param=param,
-                           code="image_too_large")
+        check_image_bytes(path.stat().st_size, param, settings.max_image_bytes)
         return path.read_bytes()
     except (OSError, ValueError) as e:
         raise APIError(f"{param}: cannot read the local file {name[:200]!r}: {type(e).__name__}: "
                        f"{getattr(e, 'strerror', None) or e}", param=param, code="invalid_image_url") from None
 
 
-def fetch_url(url: str, param: str, settings: ServeSettings) -> bytes:
-    import httpx  # only with --allow-remote-images
+class ImageDownloads:
+    """The http(s) images of requests (--allow-remote-images), fetched on the event loop before a request's job is
+    built: at most `max_downloads` at once over all requests, each within `remote_timeout_s` in total (waiting for
+    a slot included). A download holds a slot, never a thread: the request threads decode and tokenize for every
+    other request, and a URL that sends a byte every half second once held one for a minute."""
 
-    limit = settings.max_image_bytes
-    try:
-        with httpx.stream("GET", url, timeout=settings.remote_timeout_s, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise APIError(f"{param}: fetching the image gave HTTP {response.status_code}", param=param,
-                               code="image_fetch_failed")
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > limit:
-                    raise APIError(f"{param}: the image is over {limit} bytes", param=param, code="image_too_large")
-            return bytes(data)
-    except (httpx.HTTPError, httpx.InvalidURL) as e:  # InvalidURL is not an HTTPError
-        raise APIError(f"{param}: cannot fetch the image ({type(e).__name__}: {e})", param=param,
-                       code="image_fetch_failed") from None
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.slots = asyncio.Semaphore(settings.max_downloads)
+        self.client = None  # httpx.AsyncClient, made on the first download
+
+    async def fetch_all(self, chat: ChatRequest) -> dict[str, bytes]:
+        """The bytes of every http(s) image in the request's user messages, by URL."""
+        wanted: dict[str, str] = {}  # url -> where it first appears
+        for i, message in enumerate(chat.messages):
+            if message.role != "user" or isinstance(message.content, str):
+                continue  # an image elsewhere is refused when the job is built
+            for j, part in enumerate(message.content):
+                if part.type == "image_url" and part.image_url.url.startswith(("http://", "https://")):
+                    param = f"messages[{i}].content[{j}].image_url.url"
+                    check_remote_allowed(param, self.settings)
+                    wanted.setdefault(part.image_url.url, param)
+        tasks = [asyncio.ensure_future(self.fetch(url, param)) for url, param in wanted.items()]
+        try:
+            return dict(zip(wanted, await asyncio.gather(*tasks)))
+        finally:  # one failed: the others stop too, and free their slots
+            for task in tasks:
+                task.cancel()
+
+    async def fetch(self, url: str, param: str) -> bytes:
+        import httpx  # only with --allow-remote-images
+
+        deadline = self.settings.remote_timeout_s
+        try:
+            return await asyncio.wait_for(self._download(url, param), deadline)
+        except asyncio.TimeoutError:
+            raise APIError(f"{param}: the image did not arrive within {deadline:g} s", param=param,
+                           code="image_fetch_timeout") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as e:  # InvalidURL is not an HTTPError
+            raise APIError(f"{param}: cannot fetch the image ({type(e).__name__}: {e})", param=param,
+                           code="image_fetch_failed") from None
+
+    async def _download(self, url: str, param: str) -> bytes:
+        import httpx
+
+        async with self.slots:
+            if self.client is None:
+                self.client = httpx.AsyncClient(follow_redirects=True, timeout=self.settings.remote_timeout_s)
+            async with self.client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise APIError(f"{param}: fetching the image gave HTTP {response.status_code}", param=param,
+                                   code="image_fetch_failed")
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    check_image_bytes(len(data), param, self.settings.max_image_bytes)
+                return bytes(data)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
@@ -401,11 +474,14 @@ def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.batcher = Batcher(pipe, settings.max_batch_size, settings.batch_window_ms / 1000)
+        app.state.downloads = ImageDownloads(settings)
         yield
+        await app.state.downloads.close()
         app.state.batcher.close()
 
     app = FastAPI(title="polyfocus", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -441,7 +517,9 @@ def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
         if waiting >= settings.max_waiting:  # refuse before decoding images: an overload must not grow memory
             raise APIError(f"the server is overloaded: {waiting} requests are waiting for a batch; retry later",
                            code="overloaded", status=503, type="server_error")
-        job = await run_in_threadpool(build_job, chat, pipe, settings)  # image decoding off the event loop
+        check_request(chat, settings)
+        fetched = await request.app.state.downloads.fetch_all(chat)  # on the loop: no request thread waits on one
+        job = await run_in_threadpool(build_job, chat, pipe, settings, fetched)  # image decoding off the event loop
         events = get_strategy(chat.strategy).serve(request.app.state.batcher, job)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         if chat.stream:
@@ -451,6 +529,54 @@ def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
         return await until_disconnected(request, completion(events, meta, job), job)
 
     return app
+
+
+class RequestGuard:
+    """ASGI middleware, before any route: browsers' cross-origin requests and the API key.
+
+    A request whose Origin is neither the server's own (scheme and Host) nor in `allowed_origins` is refused with 403
+    before it runs: a browser sends a "simple" cross-origin POST (text/plain) without asking first, so CORS headers
+    alone would only hide the answer from the page, not stop the generation. Allowed origins get CORS headers and
+    their preflight answered. Clients that are not browsers send no Origin and are not affected. With an API key,
+    /v1/* needs `Authorization: Bearer <key>` (preflights excepted: browsers send them without credentials)."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        origin, cors = request.headers.get("origin"), []
+        if origin is not None and origin.lower() != f"{scope['scheme']}://{request.headers.get('host', '')}".lower():
+            if origin not in self.settings.allowed_origins and "*" not in self.settings.allowed_origins:
+                error = APIError(f"cross-origin requests from {origin} are refused; start the server with "
+                                 f"--allowed-origins {origin} to allow them", code="origin_not_allowed", status=403)
+                return await error.response()(scope, receive, send)
+            cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+            if request.method == "OPTIONS" and "access-control-request-method" in request.headers:  # a preflight
+                asked = request.headers.get("access-control-request-headers", "authorization, content-type")
+                preflight = Response(status_code=204, headers={
+                    "Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Max-Age": "600",
+                    "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Allow-Headers": asked})
+                return await preflight(scope, receive, send)
+        if self.settings.api_key and scope["path"].startswith("/v1/") and not self.authorized(request):
+            error = APIError("Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key", status=401)
+            response = error.response()
+            response.headers.update({k.decode(): v.decode() for k, v in cors})
+            return await response(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start" and cors:
+                message = {**message, "headers": [*message.get("headers", []), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    def authorized(self, request: Request) -> bool:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.settings.api_key.encode())
 
 
 async def until_disconnected(request: Request, work, job: Job, poll_s: float = 0.25):

@@ -163,9 +163,11 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         features = self.mm_projector(features.to(projector_dtype))  # [n, N, D]
         objects = None
         if self.mm_object_projector is not None and image_boxes is not None:  # MG-LLaVA: one token per box
+            dtype = next(self.mm_object_projector.parameters()).dtype
             pooled = box_features(tower.hires_stages, image_boxes, self.config.hires_image_size,
-                                  self.config.box_feat_size)  # [K, sum C_s]
-            objects = self.mm_object_projector(pooled.to(next(self.mm_object_projector.parameters()).dtype))
+                                  self.config.box_feat_size, precision=self.config.box_pool_precision,
+                                  bin_dtype=dtype)  # [K, sum C_s]
+            objects = self.mm_object_projector(pooled.to(dtype))
         return features, objects
 
     def projector_inputs(self, tower: TowerOutputs) -> torch.Tensor:

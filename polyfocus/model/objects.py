@@ -12,11 +12,21 @@ the bins are averaged right away, and bilinear sampling and upsampling are both 
 v_n = sum_ij a_n[i] b_n[j] M[:, i, j] for one row-weight and one column-weight vector per box, and through the
 upsampling matrices that is sum_pq (a_n U_s)[p] (b_n V_s)[q] s_s[:, p, q] per stage (`roi_mean`): exact up to float
 rounding, without the 2880 x 192 x 192 map (425 MB per image in fp32) or the RoIAlign output (2880 x 56 x 56 per box).
+
+Precision (config.box_pool_precision). "fp32", the default: the upsampling, the bins and their mean in fp32, whatever
+the model's dtype. "reference": MG-LLaVA's own casts, which matter only in bf16/fp16: its open_clip encoder upsamples
+each stage in fp32 and casts it back to the tower's dtype before the concatenation (the map holds bf16 values), and
+its `align_box` runs RoIAlign in fp32 on that map, then casts the 56 x 56 bins to the LLM's dtype before the mean
+(`roi_mean_reference`: one upsampled stage and one box's bins at a time; slower, for checkpoints trained that way).
+bench/box_pool_precision.py measures the difference in bf16 (docs/mg_llava.md).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from polyfocus.config import BOX_POOL_PRECISIONS
 
 
 def _axis_samples(start: torch.Tensor, length: torch.Tensor, bins: int, sampling_ratio: int):
@@ -112,6 +122,20 @@ def _mean_weights(start: torch.Tensor, length: torch.Tensor, size: int, bins: in
     return weights.scatter_add_(1, high, w_high * used / count)
 
 
+def _bin_weights(start: torch.Tensor, length: torch.Tensor, size: int, bins: int, sampling_ratio: int):
+    """[N, bins, size]: the weight of each feature row (or column) in each of a box's bins along this axis (the bin's
+    bilinear samples averaged); `_mean_weights` is their mean over the bins."""
+    coords, used, grid = _axis_samples(start, length, bins, sampling_ratio)
+    low, high, w_low, w_high = _bilinear_taps(coords, size)
+    g = grid.clamp(min=1)[:, None]
+    k = torch.arange(coords.shape[1], device=coords.device)[None]
+    row = (k // g).clamp(max=bins - 1) * size  # the sample's bin, as an offset into [bins * size]
+    scale = used / g.to(coords.dtype)
+    weights = coords.new_zeros(len(start), bins * size)
+    weights.scatter_add_(1, row + low, w_low * scale)
+    return weights.scatter_add_(1, row + high, w_high * scale).view(len(start), bins, size)
+
+
 def upsample_matrix(out_size: int, in_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """[out, in]: `F.interpolate(mode="bilinear", align_corners=False)` along one axis as a matrix (identity when the
     sizes match): source = (dst + 0.5) * in / out - 0.5, clamped at 0; taps floor(source) and the next (or the same,
@@ -149,31 +173,66 @@ def roi_mean(stages: list[torch.Tensor], boxes: torch.Tensor, spatial_scale: flo
     return torch.cat(pooled, dim=1)
 
 
+def roi_mean_reference(stages: list[torch.Tensor], boxes: torch.Tensor, spatial_scale: float, output_size: int = 56,
+                       sampling_ratio: int = -1, aligned: bool = False,
+                       bin_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`roi_mean` with MG-LLaVA's casts: the stages after the first upsampled in fp32 and rounded to the stages' dtype
+    (the tower's: the reference's map), RoIAlign's bins computed in fp32 on that map, rounded to `bin_dtype` (the
+    LLM's; default the stages') and averaged in it. One image: stages [C_s, h_s, w_s], boxes [N, 4] → [N, sum C_s]
+    in bin_dtype. Builds one upsampled stage and one box's C_s x bins x bins at a time."""
+    height, width = stages[0].shape[-2:]
+    map_dtype, bin_dtype = stages[0].dtype, bin_dtype or stages[0].dtype
+    boxes = boxes.to(device=stages[0].device, dtype=torch.float32)
+    (ys, rh), (xs, rw) = _box_axes(boxes, spatial_scale, aligned)
+    rows = _bin_weights(ys, rh, height, output_size, sampling_ratio)  # [N, P, H]
+    cols = _bin_weights(xs, rw, width, output_size, sampling_ratio)   # [N, Q, W]
+    pooled = []
+    for s, stage in enumerate(stages):
+        level = stage.float()
+        if s:  # open_clip_encoder.py: F.interpolate in fp32, then `.to(dtype=stage.dtype)`
+            level = F.interpolate(level[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        level = level.to(map_dtype).float()  # fuse_model.py: the concatenated map `.float()` for RoIAlign
+        pooled.append(torch.stack([torch.einsum("ph,chw,qw->cpq", rows[n], level, cols[n]).to(bin_dtype).mean((1, 2))
+                                   for n in range(len(boxes))]))
+    return torch.cat(pooled, dim=1)
+
+
 def box_features(stages: list[torch.Tensor], image_boxes: torch.Tensor, image_size: int, output_size: int = 56,
-                 sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+                 sampling_ratio: int = -1, aligned: bool = False, precision: str = "fp32",
+                 bin_dtype: torch.dtype | None = None) -> torch.Tensor:
     """MG-LLaVA's per-box vectors for a batch: stages [B, C_s, h_s, w_s] (s_0 the finest), image_boxes [K, 5]
-    (image index, x1, y1, x2, y2) in pixels of the `image_size` input → [K, sum C_s] float32, in the boxes' order."""
+    (image index, x1, y1, x2, y2) in pixels of the `image_size` input → [K, sum C_s], in the boxes' order: float32
+    (precision "fp32"), or in `bin_dtype` with MG-LLaVA's casts (precision "reference", `roi_mean_reference`)."""
+    if precision not in BOX_POOL_PRECISIONS:
+        raise ValueError(f"box pooling precision must be one of {BOX_POOL_PRECISIONS}, got {precision!r}")
     spatial_scale = stages[0].shape[-1] / image_size  # ConvNeXt's stage 0: stride 4 (192 / 768)
     image_boxes = _indexed_boxes(image_boxes, stages[0].shape[0])
     image_of_box = image_boxes[:, 0].long()
-    out = torch.empty(len(image_boxes), sum(s.shape[1] for s in stages), device=stages[0].device)
+    reference = precision == "reference"
+    dtype = (bin_dtype or stages[0].dtype) if reference else torch.float32
+    out = torch.empty(len(image_boxes), sum(s.shape[1] for s in stages), device=stages[0].device, dtype=dtype)
     for image in image_of_box.unique().tolist():
         mine = image_of_box == image
-        out[mine] = roi_mean([s[image] for s in stages], image_boxes[mine, 1:], spatial_scale, output_size,
-                             sampling_ratio, aligned)
+        args = ([s[image] for s in stages], image_boxes[mine, 1:], spatial_scale, output_size, sampling_ratio, aligned)
+        out[mine] = roi_mean_reference(*args, bin_dtype=dtype) if reference else roi_mean(*args)
     return out
 
 
 def naive_box_features(stages: list[torch.Tensor], boxes: torch.Tensor, image_size: int, output_size: int = 56,
-                       sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+                       sampling_ratio: int = -1, aligned: bool = False,
+                       casts: tuple[torch.dtype, torch.dtype] | None = None) -> torch.Tensor:
     """The reference's way, for one image: upsample every stage to stage 0's size, concatenate (the full multi-stage
-    map), RoIAlign, mean over the bins. stages [C_s, h_s, w_s]; boxes [N, 4] → [N, sum C_s]."""
+    map), RoIAlign, mean over the bins. stages [C_s, h_s, w_s]; boxes [N, 4] → [N, sum C_s]. casts: None (all in
+    fp32), or (map dtype, bin dtype): MG-LLaVA's casts, the map rounded to the first, the bins to the second."""
     size = stages[0].shape[-2:]
-    upsampled = [stages[0].float()] + [torch.nn.functional.interpolate(
-        s[None].float(), size=size, mode="bilinear", align_corners=False)[0] for s in stages[1:]]
+    upsampled = [stages[0].float()] + [F.interpolate(s[None].float(), size=size, mode="bilinear",
+                                                     align_corners=False)[0] for s in stages[1:]]
     feature_map = torch.cat(upsampled)[None]  # [1, sum C_s, H, W]
+    if casts:
+        feature_map = feature_map.to(casts[0]).float()
     spatial_scale = size[-1] / image_size
-    return roi_align(feature_map, [boxes.float()], output_size, spatial_scale, sampling_ratio, aligned).mean((2, 3))
+    bins = roi_align(feature_map, [boxes.float()], output_size, spatial_scale, sampling_ratio, aligned)
+    return (bins.to(casts[1]) if casts else bins).mean((2, 3))
 
 
 def with_object_tokens(features: torch.Tensor, objects: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,8 @@ class DataArguments:
     image_aspect_ratio: str = "pad"
     lazy_preprocess: bool = True  # accepted for LLaVA compatibility; loading is always lazy
     strict_data: bool = True  # False: skip bad samples (counted and logged) instead of stopping
-    validate_data: bool = True  # check every sample (text, image files) before training starts
+    validate_data: bool = True  # check every sample (text, images) before training starts
+    validate_images: str = "header"  # how validate_data checks an image: header (format and size: cheap) | decode
 
 
 @dataclass
@@ -145,6 +146,8 @@ def parse_args(config: str | None = None, overrides: list[str] | tuple[str, ...]
     model_args, data_args, training_args = HfArgumentParser(ALL_ARGUMENTS).parse_dict(merged)
     if training_args.quiet:
         training_args.disable_tqdm = True
+    if data_args.validate_images not in ("header", "decode"):
+        raise ValueError(f"validate_images must be header or decode, got {data_args.validate_images!r}")
     if data_args.image_aspect_ratio not in ("pad", "square", "resize"):
         raise ValueError(f"image_aspect_ratio must be pad, square or resize, got {data_args.image_aspect_ratio!r}")
     return model_args, data_args, training_args

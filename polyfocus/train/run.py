@@ -3,8 +3,8 @@
 Runs unchanged under `python`, `torchrun` and `accelerate launch` (the Trainer reads the launcher's environment).
 The output directory is a loadable polyfocus checkpoint (weights, config, tokenizer with the training template as
 its chat_template, image processor), plus the resolved arguments (`train_args.yaml`), the metrics
-(`trainer_state.json`) and `loss.png`. A run whose output directory already holds checkpoints resumes from the
-last one, as LLaVA's train.py does.
+(`trainer_state.json`), the samples left out of training by reason (`skipped.json`) and `loss.png`. A run whose
+output directory already holds checkpoints resumes from the last one, as LLaVA's train.py does.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from polyfocus.config import BUILD, METHOD_FIELDS, MODEL_PARTS, SETTING
 from polyfocus.data.dataset import DataCollator, SupervisedDataset
+from polyfocus.data.files import require_local, write_atomic
 from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.templates import AUTO_NAMES, get_template
@@ -31,6 +33,7 @@ from polyfocus.train.freeze import configure_trainable, parameter_summary, train
 from polyfocus.train.trainer import PolyfocusTrainer
 
 logger = logging.getLogger(__name__)
+SKIPPED_FILE = "skipped.json"  # the samples left out of training, by reason (strict_data: false)
 # The methods' config fields (polyfocus/config.py): those that shape a new model (from backbones or model_config; a
 # multimodal checkpoint's are fixed), and the settings any model takes, a checkpoint included.
 BUILD_FIELDS = tuple(name for name, f in METHOD_FIELDS.items() if f.when == BUILD)
@@ -91,7 +94,8 @@ def load_tokenizer(model_args):
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source is None:
         raise ValueError("no tokenizer: give tokenizer_name_or_path (or model_name_or_path)")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    what = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+    tokenizer = AutoTokenizer.from_pretrained(require_local(source, what))
     if tokenizer.pad_token is None:  # LLaVA pads with <unk> for Llama-family tokenizers
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -103,6 +107,9 @@ def build_model(model_args, data_args, training_args, tokenizer):
 
     dtype = torch.bfloat16 if training_args.bf16 else None
     overrides = {k: getattr(model_args, k) for k in BUILD_FIELDS if getattr(model_args, k) is not None}
+    for what in ("model_name_or_path", "vision_tower", "model_base", "hires_tower"):  # before any hub lookup
+        if getattr(model_args, what):
+            require_local(getattr(model_args, what), what, directory=what != "hires_tower")
     path = model_args.model_name_or_path
     if path and _is_multimodal_checkpoint(path):
         if overrides or model_args.hires_tower:
@@ -279,7 +286,7 @@ def build_dataset(data_args, training_args, model, tokenizer, template, image_pr
                                     training_args.model_max_length, strict=data_args.strict_data,
                                     object_boxes=object_boxes)
         if data_args.validate_data:
-            dataset.validate()
+            dataset.validate(data_args.validate_images)
         if dataset.skipped:
             logger.warning("%s: skipped %s", path, {r: len(n) for r, n in dataset.skipped.items()})
         parts.append(dataset)
@@ -336,14 +343,28 @@ def save_final(trainer, tokenizer, template, image_processor, data_args, trainin
     out = training_args.output_dir
     trainer.save_model(out)
     trainer.save_state()
+    skipped = trainer.skipped_samples()  # every rank takes part in gathering them
     if not trainer.is_world_process_zero():
         return
+    report_skipped(skipped, Path(out) / SKIPPED_FILE)
     if getattr(template, "name", None) not in AUTO_NAMES and hasattr(template, "to_jinja"):
         tokenizer.chat_template = template.to_jinja()  # chat/serve/export then use the training template
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     if training_args.plot_loss:
         plot_loss(trainer.state.log_history, Path(out) / "loss.png")
+
+
+def report_skipped(skipped: list[tuple[str, str, str]], path: Path) -> None:
+    """The samples left out of training (strict_data: false), by reason: one line printed, and `path`
+    ({"total", "by_reason", "samples": {file: {reason: [sample, ...]}}}), written even when none was."""
+    by_reason = dict(sorted(Counter(reason for _, reason, _ in skipped).items()))
+    samples: dict[str, dict[str, list[str]]] = {}
+    for file, reason, name in skipped:
+        samples.setdefault(file, {}).setdefault(reason, []).append(name)
+    write_atomic(path, json.dumps({"total": len(skipped), "by_reason": by_reason, "samples": samples}, indent=2))
+    counts = ", ".join(f"{reason} {n}" for reason, n in by_reason.items())
+    print(f"skipped samples: {len(skipped)}{f' ({counts})' if counts else ''}; listed in {path}", flush=True)
 
 
 def plot_loss(log_history: list[dict], path: Path) -> None:

@@ -3,11 +3,13 @@
 - optimizer parameter groups per model part (projector / fusion / vision tower / LLM learning rates),
   each split into decay and no-decay, as LLaVATrainer.create_optimizer does;
 - the modality-length grouped sampler (`group_by_modality_length`);
-- checkpoints written atomically: into `<output_dir>/.staging/checkpoint-N`, renamed to `checkpoint-N` only once
-  every rank has finished, so a crash mid-save never leaves a `checkpoint-N` that loads half-written;
+- checkpoints written atomically: into `<output_dir>/.staging/checkpoint-N`, fsynced, renamed to `checkpoint-N` only
+  once every rank has finished, so a crash mid-save (or a power cut after it) never leaves a `checkpoint-N` that
+  loads half-written;
 - checkpoints that hold only the trainable weights (`save_trainable_only`; LLaVA stage 1 saves only the
   projector) — resume loads them over the frozen weights, which the run rebuilds from its starting model;
 - VW-LMM's visual-word loss logged on its own (`vw_loss`) and averaged over micro-batches as the reference does;
+- samples that failed to load (`strict_data: false`) dropped from their batch and collected for the run's report;
 
 Everything else (DDP/FSDP/DeepSpeed, resume of optimizer/scheduler/RNG/data position, logging, report_to)
 is the library's.
@@ -22,6 +24,7 @@ import torch
 from transformers import Trainer
 
 from polyfocus.config import MODEL_PARTS
+from polyfocus.data.formats import DataError
 from polyfocus.data.sampler import LengthGroupedSampler
 from polyfocus.train.freeze import part_of
 
@@ -29,6 +32,10 @@ STAGING = ".staging"
 
 
 class PolyfocusTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dropped: set[tuple[str, str, str]] = set()  # (file, reason, sample) dropped from batches on this rank
+
     def part_learning_rates(self) -> dict[str, float]:
         """The parts given a learning rate of their own (mm_projector_lr, mm_fusion_lr, ...: config.MODEL_PARTS)."""
         lrs = {part: getattr(self.args, flag) for part, flag in MODEL_PARTS.values() if flag}
@@ -86,6 +93,38 @@ class PolyfocusTrainer(Trainer):
             self._vw_losses = []
         super().log(logs, start_time)
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers (5.x) checks max_steps only after an optimizer step: a run resumed from a checkpoint already at
+        # max_steps (the same command run again) would train one step more. Nothing is left to train: stop here.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
+    # ---- samples that failed to load (strict_data: false) ------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The collator lists what it dropped: DataLoader workers hold their own copies of the dataset's counts.
+        self.dropped.update(inputs.pop("skipped", ()))
+        if inputs["input_ids"].shape[0] == 0:  # every sample of this micro-batch failed to load
+            if self.args.world_size > 1:  # the other ranks would wait for this one's gradients forever
+                raise DataError("every sample of a batch failed to load on this rank, and a multi-process run cannot "
+                                "skip a whole batch on one rank: find them before training with validate_data: true "
+                                "and validate_images: decode", "empty")
+            return torch.zeros((), device=self.args.device)  # no gradient: the step uses the other micro-batches'
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def skipped_samples(self) -> list[tuple[str, str, str]]:
+        """Every sample left out of training, over all ranks: (file, reason, sample), sorted. Those found before
+        training (the datasets' `skipped`: not in the index) and those dropped from a batch."""
+        from accelerate.utils import gather_object
+
+        found = set(self.dropped)
+        for part in getattr(self.train_dataset, "datasets", [self.train_dataset]):
+            found |= {(part.data_path, reason, name) for reason, names in getattr(part, "skipped", {}).items()
+                      for name in names}
+        return sorted(set(gather_object(sorted(found))))
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.args.group_by_modality_length:
@@ -114,6 +153,7 @@ class PolyfocusTrainer(Trainer):
             self._staging = False
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            _fsync_tree(staged)  # the data on disk before the rename publishes it: never a checkpoint of empty files
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(staged, final)  # atomic on one filesystem
@@ -144,6 +184,18 @@ class PolyfocusTrainer(Trainer):
         if missing or load_result.unexpected_keys:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
                              f"unexpected {list(load_result.unexpected_keys)[:5]}")
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under `path`, then every directory (their entries), deepest first."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
 
 
 def _fsync_dir(path: str) -> None:

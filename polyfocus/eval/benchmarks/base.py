@@ -49,6 +49,7 @@ class Benchmark:
     name = ""
     max_new_tokens = 128             # LLaVA's model_vqa_loader default; model_vqa / mmbench / science use 1024
     main_metric = "accuracy"         # the number the summary table shows
+    scoring_options: tuple[str, ...] = ()  # options that change the scoring only: a rerun may rescore with others
 
     def __init__(self, data: str | os.PathLike):
         self.data = Path(data)

@@ -10,9 +10,19 @@ the options up to the first missing one, + "\\nAnswer with the option's letter f
 directly." (CN: "\\n请直接回答选项字母。"). An option is missing when empty or one of pandas' default NA strings
 (LLaVA reads the TSV with pandas, so "None", "NA", "N/A", "nan" are missing there too).
 
-Scoring (no LLM): VLMEvalKit's exact-matching extraction `can_infer` (a single option letter among the words of
-the reply, else a single option whose text the reply contains), the fallback VLMEvalKit itself uses without a
-judge. Upload the xlsx to OpenCompass for its own extraction (it adds a ChatGPT fallback).
+Scoring (no LLM): VLMEvalKit's exact-matching extraction `can_infer` (vlmeval/utils/matching_util.py), the fallback
+VLMEvalKit itself uses without a judge, in one of two versions (the option `extraction`, recorded in the results'
+`scores["rules"]`):
+
+- "current" (default; VLMEvalKit 2cf2a36, 2026-06): an option letter counts when it is the reply's only one and
+  stands among its last 4 words (changed 2025-08); otherwise "answer is X" / "correct answer is **X**" anywhere
+  (case-insensitive, A-D: so "the answer is a cat" reads as A, as there; added 2026-06); otherwise the one option
+  whose text the reply contains, unless the reply is over twice as long as the options' texts together
+  (changed 2025-08).
+- "early2025" (VLMEvalKit aca64db, 2025-04): the reply's only option letter anywhere, else the one option whose
+  text it contains: what this project (and LLaVA-era numbers) used before.
+
+Upload the xlsx to OpenCompass for its own extraction (it adds a ChatGPT fallback).
 
 - circular unset (default): as LLaVA's v1.5 script, every row of the TSV is run; when the TSV carries circular
   copies (OpenCompass's dev TSVs do) the main number is the circular accuracy the evaluation server reports,
@@ -26,6 +36,7 @@ judge. Upload the xlsx to OpenCompass for its own extraction (it adds a ChatGPT 
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -41,38 +52,56 @@ REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process t
             "I'm sorry, but without the image provided", "Cannot determine the answer")
 
 
+# The versions of VLMEvalKit's extraction (vlmeval/utils/matching_util.py) that `can_infer` follows, by option value.
+EXTRACTIONS = {"current": "VLMEvalKit matching_util@2cf2a36 (2026-06-25)",
+               "early2025": "VLMEvalKit matching_util@aca64db (2025-04-08)"}
+LAST_WORDS = 4  # "current": a lone option letter counts only among the reply's last 4 words
+VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")  # "current": "answer is **B**"
+
+
 def is_missing(value) -> bool:
     return value is None or value in PANDAS_NA or value.lower() in ("nan", "none")
 
 
 # ----------------------------------------------------------------------------- answer extraction (VLMEvalKit)
+# Written from VLMEvalKit's rules (open-compass/VLMEvalKit, vlmeval/utils/matching_util.py), not copied.
 
 
-def can_infer_option(answer: str, choices: dict[str, str]) -> str | None:
+def can_infer_option(answer: str, choices: dict[str, str], extraction: str = "current") -> str | None:
     if "Failed to obtain answer via API" in answer:
         return None
     if any(refusal in answer for refusal in REFUSALS):
         return "Z"
+    words = answer
     for c in ".()[],:;!*#{}":
-        answer = answer.replace(c, " ")
-    words = answer.split()
+        words = words.replace(c, " ")
+    words = words.split()
     hits = [letter for letter in choices if letter in words]
-    if len(hits) == 1:
+    if len(hits) == 1 and (extraction != "current" or words.index(hits[0]) >= len(words) - LAST_WORDS):
         return hits[0]
-    if not hits and ("Z" in words):
+    if not hits and "Z" in words:
         return "Z"
+    if extraction == "current":  # several letters, or one too early: a stated answer decides
+        stated = VERBOSE_ANSWER.search(answer)
+        if stated and stated.group(1).upper() in choices:
+            return stated.group(1).upper()
     return None
 
 
-def can_infer_text(answer: str, choices: dict[str, str]) -> str | None:
+def can_infer_text(answer: str, choices: dict[str, str], extraction: str = "current") -> str | None:
     answer = answer.lower()
+    if extraction == "current" and len(answer) > 2 * sum(len(str(text)) for text in choices.values()):
+        return None  # a long reply mentions options it does not choose
     hits = [letter for letter, text in choices.items() if str(text).lower() in answer]
     return hits[0] if len(hits) == 1 else None
 
 
-def can_infer(answer: str, choices: dict[str, str]) -> str | None:
-    """The option letter a reply picks, or None (or "Z" for a refusal)."""
-    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+def can_infer(answer: str, choices: dict[str, str], extraction: str = "current") -> str | None:
+    """The option letter a reply picks, or None (or "Z" for a refusal), by VLMEvalKit's rules of `extraction`
+    (EXTRACTIONS)."""
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"extraction must be one of {sorted(EXTRACTIONS)}, got {extraction!r}")
+    return can_infer_option(answer, choices, extraction) or can_infer_text(answer, choices, extraction)
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -83,10 +112,14 @@ class MMBench(Benchmark):
     lang = "en"
     default_tsv = "mmbench_dev_20230712.tsv"
     max_new_tokens = 1024
+    scoring_options = ("extraction",)
 
-    def __init__(self, data, tsv: str | None = None, circular: bool | None = None):
+    def __init__(self, data, tsv: str | None = None, circular: bool | None = None, extraction: str = "current"):
         super().__init__(data)
+        if extraction not in EXTRACTIONS:
+            raise EvalDataError(f"{self.name}: extraction must be one of {sorted(EXTRACTIONS)}, got {extraction!r}")
         self.tsv, self.circular = tsv, circular  # None: circular exactly when the TSV carries circular copies
+        self.extraction = extraction
         self.main_metric = "circular_accuracy" if circular else "accuracy"
 
     def tsv_path(self) -> Path:
@@ -179,15 +212,16 @@ class MMBench(Benchmark):
 
     def score_one(self, row: Row, answer: str) -> dict:
         choices = dict(zip(LETTERS, row.meta["options"]))
-        letter = can_infer(answer, choices)
+        letter = can_infer(answer, choices, self.extraction)
         return {"score": float(letter is not None and letter == row.reference), "parsed": letter}
 
     def aggregate(self, rows, judged) -> dict:
+        rules = {"extraction": self.extraction, "rules": EXTRACTIONS[self.extraction]}
         if any(r.reference is None for r in rows):
-            return {"n": len(rows), "accuracy": None, "note": "no answer column: upload submission/*.xlsx"}
+            return {"n": len(rows), "accuracy": None, "note": "no answer column: upload submission/*.xlsx", **rules}
         single = [(r, j["score"]) for r, j in zip(rows, judged) if r.question_id < ROUND]
         scores = {"n": len(single), "accuracy": percent(s for _, s in single),
-                  "per_category": per_category([(r.meta["category"], s) for r, s in single])}
+                  "per_category": per_category([(r.meta["category"], s) for r, s in single]), **rules}
         if self.circular:
             groups: dict[int, list] = {}
             for r, j in zip(rows, judged):

@@ -5,7 +5,8 @@ instruction (added when a line lacks it).
 
 VQAv2 and VizWiz test answers are scored by EvalAI: `write_submission` makes the upload file exactly as
 LLaVA's converters do (`EvalAIAnswerProcessor` on every answer). With an `annotation_file` (a val split),
-they are also scored here with the official evaluator, applied to the processed answer as EvalAI would.
+they are also scored here with the official evaluator as it is today (vqa_eval.VQA_RULES, recorded in the scores'
+`rules`), applied to the processed answer as EvalAI would. (VizWiz's own server runs a derivative of it.)
 TextVQA is scored here as LLaVA's `eval_textvqa.py` does (m4c evaluator, joined on (image id, question)); as
 LLaVA's file repeats an image's id for each of its questions, rows take TextVQA's own question id.
 """
@@ -19,7 +20,7 @@ from polyfocus.data.prompts import SHORT_ANSWER
 from polyfocus.eval.benchmarks.base import (
     Benchmark, EvalDataError, Row, field_of, percent, read_json, read_jsonl, with_suffix, without_suffix,
 )
-from polyfocus.eval.vqa_eval import normalize_answer, official_vqa_accuracy, textvqa_accuracy
+from polyfocus.eval.vqa_eval import VQA_RULES, normalize_answer, official_vqa_accuracy, textvqa_accuracy
 
 VIZWIZ_SUFFIX = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
 OCR_PREFIX = "Reference OCR token:"
@@ -92,7 +93,7 @@ class VQAv2(Benchmark):
         for row, j in zip(rows, judged):
             by_type.setdefault(str(row.meta.get("answer_type")), []).append(j["score"])
         return {"n": len(rows), "accuracy": percent(j["score"] for j in judged),
-                "per_answer_type": {k: percent(v) for k, v in by_type.items()}}
+                "per_answer_type": {k: percent(v) for k, v in by_type.items()}, "rules": VQA_RULES}
 
     def write_submission(self, rows, answers, out_dir) -> list[Path]:
         """LLaVA's convert_vqav2_for_submission.py: every test2015 question, answered ones processed, others ""."""
@@ -134,7 +135,7 @@ class VizWiz(Benchmark):
         if any(j["score"] is None for j in judged):
             return {"n": len(rows), "accuracy": None,
                     "note": "no annotation_file: upload submission/*.json to EvalAI for the score"}
-        return {"n": len(rows), "accuracy": percent(j["score"] for j in judged)}
+        return {"n": len(rows), "accuracy": percent(j["score"] for j in judged), "rules": VQA_RULES}
 
     def write_submission(self, rows, answers, out_dir) -> list[Path]:
         """LLaVA's convert_vizwiz_for_submission.py: [{"image", "answer": EvalAIAnswerProcessor(text)}]."""
