@@ -486,6 +486,7 @@ def test_packing_arguments_are_checked(ws):
     with pytest.raises(ValueError, match="flash_attention_2 each batch is packed into one row"):
         run.build_collator(args, tokenizer, Model("flash_attention_2"))
     _, _, args = parse_args(str(config), ["--packing", "true"])
-    assert run.build_collator(args, tokenizer, Model("flash_attention_2")).one_row
+    assert run.build_collator(args, tokenizer, Model("flash_attention_2")).max_length is None  # one row
+    assert run.build_collator(args, tokenizer, Model("eager")).max_length == 2048  # model_max_length
     with pytest.raises(ValueError, match="'flex_attention' packed samples are not known to stay apart"):
         run.build_collator(args, tokenizer, Model("flex_attention"))

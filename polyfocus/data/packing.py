@@ -3,13 +3,14 @@
 A padded batch is as wide as its longest sample, so on instruction data that mixes one-line answers with long
 conversations (LLaVA-665K) much of it is padding. `PackingCollator` lays the batch's samples end to end instead:
 
-- rows of at most a token budget, filled first-fit by length, longest first (`first_fit`); image tokens count,
-  since each `<image>` is already expanded to its visual tokens in `input_ids`;
+- rows of at most a token budget (`packing_max_length`, by default `model_max_length`), filled first-fit by
+  length, longest first, and as narrow as that packing allows without more rows (`pack`); image tokens count, since
+  each `<image>` is already expanded to its visual tokens in `input_ids`;
 - `position_ids` restart at 0 at every sample; no `attention_mask`. From position ids that restart, and only when
   no 2D mask is given, transformers keeps attention inside each sample: on SDPA / eager / flex it builds a
   block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`, used by `create_causal_mask`), on
   FlashAttention 2/3 it runs the varlen kernel with sequence boundaries taken from the position ids
-  (`modeling_flash_attention_utils._is_packed_sequence`, which needs a batch of one row: hence `one_row`);
+  (`modeling_flash_attention_utils._is_packed_sequence`, which needs a batch of one row: no budget then);
 - each sample's first label is ignored, so the last token of a sample never learns to predict the next sample
   (unpacked, a row's first token is never a target either: the loss shifts labels by one);
 - the padding left at the end of a row gets position ids of its own (0, 1, ...): a segment that attends only to
@@ -57,28 +58,49 @@ def first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return rows
 
 
+def pack(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """`first_fit` rows of at most `budget` tokens that leave the least padding: every row is padded to the widest,
+    so a batch costs rows x width positions. Filling rows up to the budget gives the fewest rows, but rarely the
+    narrowest: for each row count from the fewest up, the narrowest width at which first-fit needs no more rows
+    (a bisection) is tried, and the cheapest layout kept (the narrower one at equal cost: attention grows with the
+    square of the width). A budget below the longest sample is raised to it. Deterministic: a function of the
+    lengths and the budget."""
+    longest, total = max(lengths), sum(lengths)
+    budget = max(budget, longest)
+    best, best_cost = None, None
+    for n_rows in range(len(first_fit(lengths, budget)), len(lengths) + 1):
+        narrowest = max(longest, -(-total // n_rows))  # no n_rows rows narrower than this hold the batch
+        if best_cost is not None and n_rows * narrowest > best_cost:
+            break  # more rows only cost more from here on
+        lo, hi = narrowest, budget  # first-fit fits the batch in n_rows rows at hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(first_fit(lengths, mid)) <= n_rows else (mid + 1, hi)
+        rows = first_fit(lengths, hi)
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
 @dataclass
 class PackingCollator:
     """Dataset items → one packed batch: `input_ids`, `labels`, `position_ids` [rows, width], the images.
 
-    max_length: the token budget of a row. None: the batch's longest sample, i.e. the width the padded batch would
-        have had. With a dense mask (SDPA, eager) attention costs rows x width², so rows never wider than the padded
-        batch never cost more per row than padding does, and there are fewer of them; a larger budget saves the
-        remaining padding but pays quadratically for it.
-    one_row: the whole batch in one row, no padding at all (FlashAttention's varlen path: attention costs per
-        sample whatever the row's width; transformers derives the boundaries from position ids for one row only).
+    max_length: the token budget of a row (`pack`). With a dense mask (SDPA, eager) attention costs rows x width²,
+        so the budget caps what a row costs; the padded batch of the longest allowed sample (`model_max_length`)
+        costs that much per row too. None: the whole batch in one row, no padding at all (FlashAttention's varlen
+        path: attention costs per sample whatever the row's width, and transformers derives the boundaries from
+        position ids for a batch of one row only).
     model_max_length: samples longer than this are an error, as in DataCollator (never cut: an image's tokens
         could be split).
     """
 
     pad_token_id: int
     max_length: int | None = None
-    one_row: bool = False
     model_max_length: int | None = None
 
     def __post_init__(self):
-        if self.one_row and self.max_length is not None:
-            raise ValueError("one_row packs the whole batch into one row: give no max_length")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
 
@@ -89,8 +111,7 @@ class PackingCollator:
                 if n > self.model_max_length:
                     raise ValueError(f"sample {f.get('id')!r} has {n} tokens > model_max_length "
                                      f"{self.model_max_length}")
-        budget = sum(lengths) if self.one_row else self.max_length or max(lengths)
-        rows = first_fit(lengths, budget)
+        rows = [list(range(len(features)))] if self.max_length is None else pack(lengths, self.max_length)
         width = max(sum(lengths[i] for i in row) for row in rows)
         has_labels = all("labels" in f for f in features)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)

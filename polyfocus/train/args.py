@@ -109,7 +109,7 @@ class TrainingArguments(transformers.TrainingArguments, PartLearningRates):
     group_by_modality_length: bool = False
     # Each batch's samples concatenated into fewer rows, without padding (polyfocus.data.packing, docs/training.md).
     packing: bool = False
-    # A packed row's token budget; none: the batch's longest sample (SDPA/eager), one row a batch (FlashAttention).
+    # A packed row's token budget (SDPA/eager; default model_max_length). FlashAttention packs a batch into one row.
     packing_max_length: int | None = None
     save_trainable_only: bool = True  # checkpoints hold only what trains (LLaVA stage 1: the projector)
     plot_loss: bool = True  # loss.png in output_dir at the end

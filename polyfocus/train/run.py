@@ -212,12 +212,13 @@ def build_collator(training_args, tokenizer, model):
     if attention not in PACKING_MASKED + PACKING_VARLEN:
         raise ValueError(f"packing: with attn_implementation {attention!r} packed samples are not known to stay "
                          f"apart; use one of {PACKING_MASKED + PACKING_VARLEN}, or packing: false")
-    one_row = attention in PACKING_VARLEN
-    if one_row and training_args.packing_max_length is not None:
-        raise ValueError(f"packing_max_length: with {attention} each batch is packed into one row (the varlen kernel "
-                         "costs per sample, whatever the row's width); leave packing_max_length unset")
-    return PackingCollator(tokenizer.pad_token_id, training_args.packing_max_length, one_row,
-                           training_args.model_max_length)
+    budget = training_args.packing_max_length or training_args.model_max_length
+    if attention in PACKING_VARLEN:
+        if training_args.packing_max_length is not None:
+            raise ValueError(f"packing_max_length: with {attention} each batch is packed into one row (the varlen "
+                             "kernel costs per sample, whatever the row's width); leave packing_max_length unset")
+        budget = None
+    return PackingCollator(tokenizer.pad_token_id, budget, training_args.model_max_length)
 
 
 def build_dataset(data_args, training_args, model, tokenizer, template, image_processor):
