@@ -2,10 +2,12 @@
 `LlavaForConditionalGeneration` with LLaVA's padding (each batch padded to its longest sample), same weights, same
 data, same batches (both take transformers' seeded random sampler), side by side in one process.
 
-Measured: non-padding tokens per second over STEPS optimizer steps after one warm-up step (the wall time from the
-end of the warm-up step to the end of the last, data loading and collation included), and the padding fraction of
-each run (positions that hold no sample ÷ all positions the LLM computed). Runs alternate (ours, reference, ours,
-...) so machine noise hits both alike; the speed-up is the ratio of the medians.
+Measured: non-padding tokens per second over STEPS optimizer steps after one warm-up step (from the end of the
+warm-up step to the end of the last, data loading and collation included), and the padding fraction of each run
+(positions that hold no sample ÷ all positions the LLM computed). Runs alternate (ours, reference, ours, ...) so
+machine noise hits both alike; the speed-up is the ratio of the medians. Both on one thread: `speedup` divides
+wall-clock rates, `speedup_cpu_time` rates per second of this process's CPU time, which other jobs on a shared
+machine disturb far less.
 
 The data: a synthworld mix with LLaVA-665K's composition and length profile (llava_v1_5_mix665k.json, LLaVA-1.5's
 stage 2), at half LLaVA-1.5's scale in tokens: 256 visual tokens per image (224 px / 14; LLaVA-1.5: 576) and
@@ -25,12 +27,13 @@ lengths, not the contents, are what this bench needs); the bench reports the len
 | multi-turn, long answers | 9 % | LLaVA conversation 58K | 1100-1650 (0.55-0.8), 3-5 rounds | dense captions and questions, to 0.55-0.8 |
 | text-only | 6 % | ShareGPT 40K | half near the cap (0.8-1.0), half 0.1-0.8 | dense captions without their image, same |
 
-Model: the demo's LLM shape widened (Llama 2 x 128, vocabulary = the project tokenizer's), CLIP 3 x 32 at 224 px,
-fp32, SDPA; batch 16 per step (LLaVA-1.5's per-GPU batch), lr 2e-5. Ours packs each batch into rows of at most
+Model: a Llama of 2 layers x 256 (bench/common.py's width; vocabulary = the project tokenizer's), CLIP 3 x 32 at
+224 px, fp32, SDPA; batch 16 per step (LLaVA-1.5's per-GPU batch), lr 2e-5. Ours packs each batch into rows of at most
 model_max_length tokens (the default `packing_max_length`; `--budget N` sets another).
 
 Prints one JSON line: {"bench": "train_packing", "speedup": ..., "padding_fraction": {"packed": ...,
-"reference": ...}, ...}. Usage: python bench/train_packing.py [REPEATS] [--steps N] [--batch N] [--budget N].
+"reference": ...}, ...}. Usage: python bench/train_packing.py [REPEATS] [--steps N] [--batch N] [--budget N]
+[--hidden N]. About 2 minutes on the project's CPU machine.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
 from common import emit
-import transformers
 from transformers import Trainer, TrainerCallback
 
 from polyfocus import PolyfocusForConditionalGeneration
@@ -64,7 +67,7 @@ IMAGE_SIZE, PATCH, MAX_LENGTH = 224, 14, 1024
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 # kind: (share, range of a sample's length in fractions of MAX_LENGTH; None: one round), as in the table above
 KINDS = {"single_short": (0.15, None), "single_long": (0.15, None), "multi_short": (0.55, (0.35, 0.5)),
-         "multi_long": (0.09, (0.55, 0.8)), "text_only": (0.06, (0.1, 1.0))}
+         "multi_long": (0.09, (0.55, 0.8)), "text_only": (0.06, (0.1, 0.8))}  # text: half of it 0.8-1.0
 SHORT = ("colour", "shape", "count", "existence", "text", "spatial", "mc", "grounding", "caption")
 ROUND_TOKENS = 7  # the v1 template's "USER: ... ASSISTANT: ...</s>" around a round (our tokenizer)
 SYSTEM_TOKENS = 34  # and its system prompt
@@ -104,7 +107,7 @@ def llava_mix(root: Path, n_samples: int, tokenizer, seed: int = 0) -> dict[str,
         if KINDS[kind][1] is not None:
             low, high = KINDS[kind][1]
             if kind == "text_only" and rng.random() < 0.5:
-                low = 0.8  # a piece cut at the context length
+                low, high = 0.8, 1.0  # a piece cut at the context length
             target = rng.uniform(low, high) * MAX_LENGTH
         if kind == "single_short":
             rounds = short[:1]
@@ -123,7 +126,8 @@ def llava_mix(root: Path, n_samples: int, tokenizer, seed: int = 0) -> dict[str,
         conversation = []
         for k, (q, a) in enumerate(rounds):
             image = k == 0 and kind != "text_only"
-            conversation += [{"from": "human", "value": ("<image>\n" if image else "") + q}, {"from": "gpt", "value": a}]
+            conversation += [{"from": "human", "value": ("<image>\n" if image else "") + q},
+                             {"from": "gpt", "value": a}]
         record = {"id": f"mix_{i:05d}_{kind}", "conversations": conversation}
         if kind != "text_only":
             record["image"] = images[scene]
@@ -141,6 +145,8 @@ class StepClock(TrainerCallback):
         self.seconds = self.cpu_seconds = self.tokens = 0
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels have run
         now, cpu = time.perf_counter(), time.process_time()
         if self.start is None:
             self.start, self.cpu_start, self.tokens0 = now, cpu, state.num_input_tokens_seen
@@ -177,11 +183,11 @@ def run_ours(config: Path, clock: StepClock, positions: Positions, out: str, ove
 
 def run_reference(model, dataset, collator, clock: StepClock, positions: Positions, out: str, steps: int,
                   batch: int) -> None:
-    args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 1,
-                             learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
-                             save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-                             dataloader_pin_memory=False, seed=0, logging_strategy="no", remove_unused_columns=False,
-                             include_num_input_tokens_seen="non_padding")
+    args = transformers.TrainingArguments(  # polyfocus's finetune preset, as far as the plain Trainer has it
+        output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 1, learning_rate=2e-5,
+        lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, logging_strategy="no",
+        remove_unused_columns=False, include_num_input_tokens_seen="non_padding")
     hook = model.register_forward_pre_hook(positions, with_kwargs=True)
     try:
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock]).train()
@@ -245,7 +251,8 @@ def main(repeats: int = 3, steps: int = 8, batch: int = 16, budget: int | None =
           "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
           "runs": {k: [round(x, 1) for x in v] for k, v in rates.items()},
           "runs_cpu_time": {k: [round(x, 1) for x in v] for k, v in cpu_rates.items()},
-          "steps": steps, "batch": batch, "llm": f"llama 2 x {hidden}", "repeats": repeats, "budget": budget or MAX_LENGTH,
+          "steps": steps, "batch": batch, "llm": f"llama 2 x {hidden}", "repeats": repeats,
+          "budget": budget or MAX_LENGTH,
           "timed_tokens": tokens["packed"], "data": composition,
           "length_of_max": {k: [round(min(v), 2), round(statistics.median(v), 2), round(max(v), 2)]
                             for k, v in by_kind.items()},  # min, median, max

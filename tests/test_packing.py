@@ -195,6 +195,7 @@ METHODS = {
     "visual_words": {"visual_words": True},
     "pseudo_image_features": {"visual_words": True, "pseudo_image_features": True},
     "mmfuser": {"fusion": "mmfuser"},
+    "s2": {"fusion": "s2", "s2_scales": [56, 112]},  # DenseFusion's multi-scale features
     "mg_llava": {"hires_config": TINY_HIRES, "fusion": "convgate", "object_tokens": True},
 }
 
