@@ -7,7 +7,7 @@ conversations (LLaVA-665K) much of it is padding. `PackingCollator` lays the bat
   length, longest first, and as narrow as that packing allows without more rows (`pack`); image tokens count, since
   each `<image>` is already expanded to its visual tokens in `input_ids`;
 - `position_ids` restart at 0 at every sample; no `attention_mask`. From position ids that restart, and only when
-  no 2D mask is given, transformers keeps attention inside each sample: on SDPA / eager / flex it builds a
+  no 2D mask is given, transformers keeps attention inside each sample: on SDPA and eager it builds a
   block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`, used by `create_causal_mask`), on
   FlashAttention 2/3 it runs the varlen kernel with sequence boundaries taken from the position ids
   (`modeling_flash_attention_utils._is_packed_sequence`, which needs a batch of one row: no budget then);
