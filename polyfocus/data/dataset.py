@@ -312,21 +312,26 @@ class DataCollator:
             if has_labels:
                 labels[row, cols] = torch.as_tensor(f["labels"])
 
-        pixel_values = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
-        image_boxes, first = [], 0  # MG-LLaVA's boxes: image indices shifted to the batch's image order
-        for f in features:
-            if f.get("image_boxes") is not None:
-                image_boxes.append(f["image_boxes"] + torch.tensor([first, 0, 0, 0, 0], dtype=torch.float32))
-            first += 0 if f.get("pixel_values") is None else len(f["pixel_values"])
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-        }
-        if image_boxes:
-            batch["image_boxes"] = torch.cat(image_boxes)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **collate_images(features)}
         if has_labels:
             batch["labels"] = labels
         if skipped:  # (annotation file, reason, sample) of each sample dropped from this batch
             batch["skipped"] = skipped
         return batch
+
+
+def collate_images(features: list[dict]) -> dict:
+    """The images of `features`, in their order: `pixel_values` [total_images, 3, S, S] (None without images) and,
+    with MG-LLaVA's boxes, `image_boxes` [K, 5] whose image indices count from the first image of the batch.
+    The model scatters the images into the image-token positions row-major, so `features` must come in the order
+    their tokens take in the batch (DataCollator: one row each; polyfocus.data.packing: row by row)."""
+    pixel_values = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+    image_boxes, first = [], 0
+    for f in features:
+        if f.get("image_boxes") is not None:
+            image_boxes.append(f["image_boxes"] + torch.tensor([first, 0, 0, 0, 0], dtype=torch.float32))
+        first += 0 if f.get("pixel_values") is None else len(f["pixel_values"])
+    images = {"pixel_values": torch.cat(pixel_values) if pixel_values else None}
+    if image_boxes:
+        images["image_boxes"] = torch.cat(image_boxes)
+    return images

@@ -243,6 +243,12 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if use_cache is None and labels is not None:
+            # A forward with labels scores whole sequences: it keeps no cache, and must build none, because with a
+            # cache transformers derives no per-sample mask from position ids that restart (packed rows,
+            # polyfocus.data.packing) and the samples of a row would attend to each other. The LLM's config
+            # defaults use_cache to True, training included.
+            use_cache = False
         # VW-LMM's loss needs the image positions (input_ids) and the visual words of the images.
         visual_word_loss_applies = self.vm_head is not None and labels is not None and input_ids is not None
         visual_words = None
@@ -266,15 +272,16 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         )
         if not visual_word_loss_applies:
             return outputs
-        return self.add_visual_word_loss(outputs, input_ids, visual_words)
+        return self.add_visual_word_loss(outputs, input_ids, visual_words, position_ids)
 
-    def add_visual_word_loss(self, outputs, input_ids: torch.LongTensor, visual_words: torch.Tensor | None):
+    def add_visual_word_loss(self, outputs, input_ids: torch.LongTensor, visual_words: torch.Tensor | None,
+                             position_ids: torch.LongTensor | None = None):
         """VW-LMM's objective: the text loss plus the weighted KL of the visual-word loss (model/visual_words.py)."""
         if visual_words is None:  # no images in this batch: a zero loss that still reaches the head (DDP, ZeRO)
             visual_words = self.vm_head(self.vm_head.weight.new_zeros(0, self.vm_head.in_features))
         is_image = input_ids == self.config.image_token_id
         vw_loss = visual_word_loss(outputs.logits, is_image, visual_words, self.config.vw_kl_direction,
-                                   self.config.vw_detach_target)
+                                   self.config.vw_detach_target, position_ids)
         fields = {**outputs, "loss": outputs.loss + self.config.vw_loss_weight * vw_loss}
         return CausalLMOutputWithVisualWords(**fields, lm_loss=outputs.loss, vw_loss=vw_loss)
 

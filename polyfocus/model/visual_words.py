@@ -88,7 +88,8 @@ class CausalLMOutputWithVisualWords(CausalLMOutputWithPast):
 
 
 def visual_word_loss(lm_logits: torch.Tensor, is_image: torch.Tensor, visual_words: torch.Tensor,
-                     direction: str = "forward", detach_target: bool = False) -> torch.Tensor:
+                     direction: str = "forward", detach_target: bool = False,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """KL between the LM's prediction at position t and the visual word of the image position t+1, averaged over
     those positions (PyTorch's `reduction="batchmean"`, as the reference). Zero, not NaN, when there are none.
 
@@ -99,13 +100,19 @@ def visual_word_loss(lm_logits: torch.Tensor, is_image: torch.Tensor, visual_wor
     direction:    "forward" KL(q_visual_word || p_LM); "reverse" KL(p_LM || q_visual_word)
     detach_target: stop the gradient through the KL's reference distribution (q for forward, p_LM for reverse).
                   The reference detaches nothing.
+    position_ids: [B, L] or [1, L], when the sequence's positions are not simply its indices. An image at position 0
+                  has no predictor: in a packed row (polyfocus.data.packing: positions restart at every sample) the
+                  token before it is the previous sample's last one, which cannot see this sample.
     """
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"vw_kl_direction must be one of {KL_DIRECTIONS}, got {direction!r}")
     positions = is_image.nonzero()  # [n, 2] (row, index), row-major
     if positions.shape[0] != visual_words.shape[0]:
         raise ValueError(f"{positions.shape[0]} image positions but {visual_words.shape[0]} visual words")
-    has_predictor = positions[:, 1] > 0  # an image at index 0 has no position before it
+    if position_ids is None:
+        has_predictor = positions[:, 1] > 0  # an image at index 0 has no position before it
+    else:  # the first position of a sample, wherever it sits in the row
+        has_predictor = position_ids.expand_as(is_image)[is_image] > 0  # row-major, as nonzero()
     row, index = positions[has_predictor].unbind(dim=-1)
     lm_logp = F.log_softmax(lm_logits[row, index - 1].float(), dim=-1)  # [M, V] prediction made at t
     vw_logp = F.log_softmax(visual_words[has_predictor].float(), dim=-1)  # [M, V] visual word of t+1

@@ -110,6 +110,10 @@ class TrainingArguments(transformers.TrainingArguments, PartLearningRates):
     stage: str | None = None  # pretrain | finetune: LLaVA-1.5 defaults for that stage (see STAGE_PRESETS)
     model_max_length: int = 2048
     group_by_modality_length: bool = False
+    # Each batch's samples concatenated into fewer rows, without padding (polyfocus.data.packing, docs/training.md).
+    packing: bool = False
+    # A packed row's token budget (SDPA/eager; default model_max_length). FlashAttention packs a batch into one row.
+    packing_max_length: int | None = None
     save_trainable_only: bool = True  # checkpoints hold only what trains (LLaVA stage 1: the projector)
     # With the vision tower frozen: each image's tower features computed once and kept (model/vision.py's
     # FeatureCache, up to vision_feature_cache_gb), not at every step (docs/training.md).

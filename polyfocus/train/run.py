@@ -26,6 +26,7 @@ from polyfocus.data.dataset import DataCollator, SupervisedDataset
 from polyfocus.data.files import require_local, write_atomic
 from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
 from polyfocus.data.images import ImageProcessor
+from polyfocus.data.packing import PackingCollator
 from polyfocus.data.templates import AUTO_NAMES, get_template
 from polyfocus.model.vision import FeatureCache, TowerOutputs
 from polyfocus.train.args import parse_args, resolved_config
@@ -38,6 +39,10 @@ SKIPPED_FILE = "skipped.json"  # the samples left out of training, by reason (st
 # multimodal checkpoint's are fixed), and the settings any model takes, a checkpoint included.
 BUILD_FIELDS = tuple(name for name, f in METHOD_FIELDS.items() if f.when == BUILD)
 SETTING_FIELDS = tuple(name for name, f in METHOD_FIELDS.items() if f.when == SETTING)
+# The LLM attention implementations on which transformers keeps packed samples apart from their position ids alone
+# (polyfocus.data.packing): a block-diagonal causal mask, or FlashAttention's varlen kernel over one row.
+PACKING_MASKED = ("sdpa", "eager")
+PACKING_VARLEN = ("flash_attention_2", "flash_attention_3")
 
 
 def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PolyfocusTrainer:
@@ -57,7 +62,7 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
         cache_vision_features(model, training_args.vision_feature_cache_gb)
     if training_args.activation_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input (LLaVA does this)
-    collator = DataCollator(tokenizer.pad_token_id, "right", training_args.model_max_length)
+    collator = build_collator(training_args, tokenizer, model)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and training_args.world_size == 1:
         raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but the Trainer is not distributed "
                            "(on a CPU-only machine pass --use_cpu true); refusing to train one copy per process")
@@ -257,6 +262,25 @@ def build_image_processor(model_args, model, aspect_ratio: str) -> ImageProcesso
         if source and (Path(source) / IMAGE_PROCESSOR_FILE).is_file():
             return ImageProcessor.from_pretrained(source, aspect_ratio=aspect_ratio, image_size=size)
     return ImageProcessor(image_size=size, aspect_ratio=aspect_ratio)
+
+
+def build_collator(training_args, tokenizer, model):
+    """Padded batches (LLaVA's), or packed ones with `packing: true`."""
+    if not training_args.packing:
+        if training_args.packing_max_length is not None:
+            raise ValueError("packing_max_length set, but packing is off: set packing: true")
+        return DataCollator(tokenizer.pad_token_id, "right", training_args.model_max_length)
+    attention = model.config.text_config._attn_implementation
+    if attention not in PACKING_MASKED + PACKING_VARLEN:
+        raise ValueError(f"packing: with attn_implementation {attention!r} packed samples are not known to stay "
+                         f"apart; use one of {PACKING_MASKED + PACKING_VARLEN}, or packing: false")
+    budget = training_args.packing_max_length or training_args.model_max_length
+    if attention in PACKING_VARLEN:
+        if training_args.packing_max_length is not None:
+            raise ValueError(f"packing_max_length: with {attention} each batch is packed into one row (the varlen "
+                             "kernel costs per sample, whatever the row's width); leave packing_max_length unset")
+        budget = None
+    return PackingCollator(tokenizer.pad_token_id, budget, training_args.model_max_length)
 
 
 def build_dataset(data_args, training_args, model, tokenizer, template, image_processor):
