@@ -99,10 +99,13 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
 
     data = out / "data"
     train_families = families + [f for f in CHAT_FAMILIES if f not in families]
-    for split, n, split_families in (("pretrain", train_scenes, ["dense_caption"]),
-                                     ("train", train_scenes, train_families), ("test", test_scenes, families)):
+    # Stage 2 asks each training image all its questions in one conversation (as LLaVA-1.5's data does): every answer
+    # is trained on for one pass over the image's tokens. The test split keeps one question per sample.
+    for split, n, split_families, multi_turn in (("pretrain", train_scenes, ["dense_caption"], False),
+                                                 ("train", train_scenes, train_families, True),
+                                                 ("test", test_scenes, families, False)):
         export(str(data), n, seed=seed, image_size=render_size or image_size, families=split_families, split=split,
-               max_objects=max_objects, sizes=sizes)
+               max_objects=max_objects, sizes=sizes, multi_turn=multi_turn)
     build_tokenizer(save_dir=out / "tokenizer")
 
 

@@ -355,7 +355,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
            families: list[str] | None = None, split: str = "train",
            include_scene: bool = False, max_objects: int = 6, sizes: tuple[str, ...] = tuple(SIZES),
-           balanced: bool = True) -> dict:
+           balanced: bool = True, multi_turn: bool = False) -> dict:
     """Write n scenes as a LLaVA dataset and return a summary.
 
     Files: out_dir/images/<scene id>.png, out_dir/<split>.json (a LLaVA conversation list, one
@@ -365,7 +365,11 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     captions only (LLaVA's stage 1). The split name is part of every scene's seed, so train/val/
     test exported with one seed hold different scenes. Deterministic in (n, seed, split, ...).
     sizes: the object size classes (make_scene). balanced: existence, multiple choice and count answers kept
-    balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative.
+    balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative. multi_turn: one
+    sample per scene, its families' questions as the turns of one conversation (in an order drawn per scene; the image
+    in the first turn), as LLaVA-1.5's instruction data asks several questions of one image: every answer is then
+    trained on at the cost of one pass over the image's tokens. Such a sample lists its turns' "families", "boxes"
+    and "meta".
     """
     # Tasks are built on top of scenes; importing them here keeps the module graph acyclic.
     from polyfocus.synthworld.tasks import FAMILIES, AnswerBalance, WorldStats, make_task
@@ -385,12 +389,18 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     balance = AnswerBalance() if balanced else None
     for scene in scenes:
         write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)), fsync=False)
+        tasks = []
         for family in families:
             task = make_task(scene, family, stats=stats, balance=balance)
             if task is None:  # no unambiguous question of this family in this scene
                 continue
-            samples.append(llava_sample(scene, task, include_scene))
+            tasks.append(task)
             counts[family] += 1
+        if multi_turn and tasks:
+            random.Random(f"{scene.seed}/turns").shuffle(tasks)
+            samples.append(conversation_sample(scene, tasks, include_scene))
+        else:
+            samples += [llava_sample(scene, task, include_scene) for task in tasks]
 
     json_path = os.path.join(out_dir, f"{split}.json")
     write_atomic(json_path, json.dumps(samples, ensure_ascii=False))
@@ -424,6 +434,21 @@ def llava_sample(scene: Scene, task, include_scene: bool = False) -> dict:
         "scene_id": scene.id,
         "meta": task.meta,
     }
+    if include_scene:
+        sample["scene"] = scene.to_dict()
+    return sample
+
+
+def conversation_sample(scene: Scene, tasks: list, include_scene: bool = False) -> dict:
+    """One LLaVA training record asking every Task of `tasks` about the scene, one turn each."""
+    turns = []
+    for k, task in enumerate(tasks):
+        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + task.prompt},
+                  {"from": "gpt", "value": task.answer}]
+    sample = {"id": f"{scene.id}_conversation", "image": _image_path(scene), "conversations": turns,
+              "families": [t.family for t in tasks], "boxes": [[[round(v, 4) for v in b] for b in t.boxes]
+                                                               for t in tasks],
+              "scene_id": scene.id, "meta": [t.meta for t in tasks]}
     if include_scene:
         sample["scene"] = scene.to_dict()
     return sample

@@ -170,7 +170,12 @@ def majority_answers(train_samples) -> dict[str, str]:
     training answer (first seen wins a tie), or for grounding the mean training box."""
     answers: dict[str, list[str]] = {}
     for sample in train_samples:
-        answers.setdefault(family_of(sample), []).append(reference_of(sample))
+        if "families" in sample.extra:  # a multi-turn sample: one question of each family per turn
+            replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
+            for family, reply in zip(sample.extra["families"], replies):
+                answers.setdefault(family, []).append(reply)
+        else:
+            answers.setdefault(family_of(sample), []).append(reference_of(sample))
     out = {}
     for family, texts in answers.items():
         if family == "grounding":

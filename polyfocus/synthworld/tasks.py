@@ -4,7 +4,7 @@ and the evidence boxes a model has to look at.
 Families (FAMILIES): colour, shape, count, existence (POPE), text (read the code), spatial,
 mc (multiple choice A-D), grounding (box answer), caption (short), dense_caption, and chat: free-form questions
 without the answer-format instruction, answered in a sentence, including questions the image cannot answer
-("I cannot tell from the image.") and about objects it does not hold.
+("I cannot tell from the image.").
 
 Prompts follow LLaVA-1.5: short-answer VQA ends with SHORT_ANSWER, multiple choice with
 MC_ANSWER, grounding uses LLaVA's RefCOCO prompt and answers "[x1, y1, x2, y2]" normalised to
@@ -442,9 +442,11 @@ UNKNOWABLE = ("What is behind {}?", "How heavy is {}?", "What is written on the 
 
 def chat_task(scene: Scene, rng: random.Random) -> Task | None:
     """A question as a user asks it in a chat, without the answer-format instruction, answered in a sentence: an
-    attribute ("What colour is the star?" → "The star is red."), a count, a description, an object the image does
-    not hold ("There is no hexagon in the image."), or something the image cannot tell."""
-    ask = rng.choice(("colour", "shape", "count", "describe", "absent", "unknowable"))
+    attribute ("What colour is the star?" → "The star is red."), a count, a description, or something no picture can
+    tell ("How heavy is the star?" → "I cannot tell from the image."). Not asked: about an object the image does not
+    hold, whose answer looks like an attribute question's but turns on seeing that nothing matches (the existence
+    family asks that, where a yes/no answer is scored)."""
+    ask = rng.choice(("colour", "shape", "count", "describe", "unknowable"))
     if ask in ("colour", "shape"):
         named = _referable(scene, without=ask)
         if not named:
@@ -459,11 +461,6 @@ def chat_task(scene: Scene, rng: random.Random) -> Task | None:
         return _chat("How many objects are there?", answer, [scene.norm(o.box) for o in scene.objects], asks=ask)
     if ask == "describe":
         return _chat(rng.choice(DESCRIBE_PROMPTS), short_caption(scene), [scene.norm(o.box) for o in scene.objects],
-                     asks=ask)
-    if ask == "absent":
-        missing = [s for s in SHAPES if all(o.shape != s for o in scene.objects)]
-        shape = rng.choice(missing)
-        return _chat(f"What colour is the {shape}?", f"There is no {shape} in the image.", [(0.0, 0.0, 1.0, 1.0)],
                      asks=ask)
     named = _referable(scene)
     if not named:

@@ -370,7 +370,7 @@ def save_final(trainer, tokenizer, template, image_processor, data_args, trainin
     skipped = trainer.skipped_samples()  # every rank takes part in gathering them
     if not trainer.is_world_process_zero():
         return
-    report_skipped(skipped, Path(out) / SKIPPED_FILE)
+    report_skipped(skipped, Path(out) / SKIPPED_FILE, quiet=training_args.quiet)
     if getattr(template, "name", None) not in AUTO_NAMES and hasattr(template, "to_jinja"):
         tokenizer.chat_template = template.to_jinja()  # chat/serve/export then use the training template
     tokenizer.save_pretrained(out)
@@ -379,15 +379,18 @@ def save_final(trainer, tokenizer, template, image_processor, data_args, trainin
         plot_loss(trainer.state.log_history, Path(out) / "loss.png")
 
 
-def report_skipped(skipped: list[tuple[str, str, str]], path: Path) -> None:
-    """The samples left out of training (strict_data: false), by reason: one line printed, and `path`
-    ({"total", "by_reason", "samples": {file: {reason: [sample, ...]}}}), written even when none was."""
+def report_skipped(skipped: list[tuple[str, str, str]], path: Path, quiet: bool = False) -> None:
+    """The samples left out of training (strict_data: false), by reason: one line printed (quiet: only when some
+    were), and `path` ({"total", "by_reason", "samples": {file: {reason: [sample, ...]}}}), written even when none
+    was."""
     by_reason = dict(sorted(Counter(reason for _, reason, _ in skipped).items()))
     samples: dict[str, dict[str, list[str]]] = {}
     for file, reason, name in skipped:
         samples.setdefault(file, {}).setdefault(reason, []).append(name)
     write_atomic(path, json.dumps({"total": len(skipped), "by_reason": by_reason, "samples": samples}, indent=2))
     counts = ", ".join(f"{reason} {n}" for reason, n in by_reason.items())
+    if quiet and not skipped:
+        return
     print(f"skipped samples: {len(skipped)}{f' ({counts})' if counts else ''}; listed in {path}", flush=True)
 
 
