@@ -399,10 +399,13 @@ class DualFocus:
         """One request in the server: the procedure's generations go to the batcher as jobs (the macro answer and
         the box together, batched with whatever else is running), the scoring to a worker thread. The chosen
         answer comes as one piece. The box is greedy; the answers follow the request's sampling settings (greedy
-        at temperature 0, as the reference)."""
+        at temperature 0, as the reference). On the continuous scheduler the box job decodes jump-forward, and the
+        prefix cache shares the image's prefix between the macro and box prompts (whichever is prefilled second)
+        and the box prompt and reply with the micro prompt."""
         pipe = self.pipe
         context = getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
         item = make_item(job.images, job.messages, 0)  # the strategy's refusal made sure it applies
+        box = BoxDrafter.for_pipe(pipe) if self.jump_forward else None  # a continuous scheduler verifies its drafts
 
         async def run(ask: Ask) -> Event:
             """One job through the batcher: its last event (the finish, or an error)."""
@@ -414,7 +417,7 @@ class DualFocus:
             budget = self.box_max_new_tokens if ask.box else job.max_tokens
             sub = Job(images=ask.images, messages=ask.messages, prompt_tokens=prompt_tokens,
                       max_tokens=min(budget, room), temperature=0.0 if ask.box else job.temperature, top_p=job.top_p,
-                      seed=job.seed, stop=() if ask.box else job.stop)
+                      seed=job.seed, stop=() if ask.box else job.stop, draft=box if ask.box else None)
             last = None
             async for last in batcher.stream(sub):
                 pass
