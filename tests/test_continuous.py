@@ -261,7 +261,7 @@ def test_images_tell_prefixes_apart(pipe, scheduler):
     wait_for(lambda: s.running == 0)
     other = Ask(pipe, [BLUE], chat("What colour is the star?"), 4)
     hit_tokens = s.prefixes.hit_tokens
-    _, _, key, ids = s.prompt(other.job)
+    _, _, _, ids = s.prompt(other.job)
     assert s.prefixes.hit_tokens - hit_tokens == ids.index(pipe.model.config.image_token_id)  # the text before it
     s.submit(other.job)
     assert other.result().text == pipe.generate([other.request], max_new_tokens=4)[0]

@@ -29,7 +29,7 @@ import os
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,42 +81,52 @@ class Row:
     next: int = -1  # its newest token, not yet fed
 
 
-@dataclass
 class Running:
-    """The running rows and their KV: `cache` [R, heads, T, head_dim] per layer, `mask` [R, T] (0: a pad, or a
-    rejected draft token). A row's tokens are its mask's ones, in order."""
+    """The running rows and their KV: a DynamicCache of `SlotLayer`s, [R, heads, T, head_dim] per layer, and `mask`
+    [R, T] (0: a pad, or a rejected draft token). A row's tokens are its mask's ones; every row's newest token is in
+    the last column."""
 
-    rows: list[Row] = field(default_factory=list)
-    cache: DynamicCache | None = None
-    mask: torch.Tensor | None = None
+    def __init__(self, config):
+        self.config = config
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
 
-    def add(self, rows: list[Row], caches: list[DynamicCache], config) -> None:
-        parts = ([self.cache] if self.cache is not None else []) + caches
+    def add(self, rows: list[Row], caches: list[DynamicCache]) -> None:
+        """The new rows (each with its own cache, no pads) join after the others, right-aligned."""
+        lengths = [c.get_seq_length() for c in caches]
+        width = max([self.mask.shape[1] if self.mask is not None else 0, *lengths])
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.config)
+            self.cache.layers = [SlotLayer() for _ in self.cache.layers]  # `refusal` checked they were DynamicLayers
+        for i, layer in enumerate(self.cache.layers):
+            layer.add_rows([(c.layers[i].keys, c.layers[i].values) for c in caches], width)
+        device = self.cache.layers[0].keys.device
         masks = ([self.mask] if self.mask is not None else []) + [
-            torch.ones(1, c.get_seq_length(), dtype=torch.long, device=c.layers[0].keys.device) for c in caches]
-        width = max(m.shape[1] for m in masks)
-        merged = DynamicCache(config=config)
-        for i, layer in enumerate(merged.layers):
-            keys, values = (torch.cat([F.pad(getattr(c.layers[i], name), (0, 0, width - m.shape[1], 0))
-                                       for c, m in zip(parts, masks)]) for name in ("keys", "values"))
-            set_layer(layer, keys, values)
-        self.cache = merged
+            torch.ones(1, n, dtype=torch.long, device=device) for n in lengths]
         self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
         self.rows += rows
 
     def keep(self, kept: list[int]) -> None:
-        """Keep only the rows at these indices; then cut the columns that are pads in every row."""
+        """Keep only the rows at these indices (the last rows move into the gaps: their order changes); then cut the
+        columns that are pads in every row."""
         if not kept:
             self.rows, self.cache, self.mask = [], None, None
             return
-        self.cache.batch_select_indices(torch.tensor(kept, device=self.mask.device))
-        self.mask = self.mask[kept]
-        self.rows = [self.rows[k] for k in kept]
+        n, gaps = len(kept), [k for k in range(len(kept)) if k not in set(kept)]
+        moves = list(zip(gaps, [k for k in kept if k >= n]))  # (slot, the row that moves into it)
+        order = list(range(n))
+        for slot, row in moves:
+            order[slot] = row
+        for layer in self.cache.layers:
+            layer.move(moves, n)
+        self.rows = [self.rows[k] for k in order]
+        self.mask = self.mask[order]
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if len(used) else self.mask.shape[1]
         if start:
             for layer in self.cache.layers:
-                set_layer(layer, layer.keys[:, :, start:], layer.values[:, :, start:])
+                layer.trim(start)
             self.mask = self.mask[:, start:]
 
     def row_kv(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -130,6 +140,82 @@ def set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     if not layer.is_initialized:
         layer.lazy_initialization(keys, values)
     layer.keys, layer.values = keys, values
+
+
+class SlotLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views [:rows, :, start:end] of larger tensors (`slots`), so that the
+    batch changes without copying it: a decoding step writes its column into the room after `end`, where
+    DynamicLayer.update concatenates (copying every row's KV at every step: a fifth of the decoding time on the
+    bench's CPU); a joining row is written into the next free row; a leaving row's slot takes the last row; cutting
+    leading columns moves `start`. Only running out of room copies (into tensors with as much room again)."""
+
+    ROOM = 64  # free columns (and at least one free row) after a copy
+
+    def add_rows(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+        """Append rows (keys, values [b, heads, n, head_dim]), right-aligned in `width` columns (zeros before: pads)."""
+        new_rows = sum(keys.shape[0] for keys, _ in parts)
+        if not self.is_initialized:
+            first = parts[0][0]
+            self.slots = [first.new_empty(new_rows + 1, first.shape[1], width + self.ROOM, first.shape[3])
+                          for _ in range(2)]
+            self.rows, self.start, self.end = 0, 0, width
+        elif width > self.end:  # a row longer than all columns so far: new tensors
+            self._copy(self.rows + new_rows, width)
+        elif width > self.end - self.start:  # room on the left (cut columns): the others get pads there
+            start = self.end - width
+            for slot in self.slots:
+                slot[:self.rows, :, start:self.start] = 0
+            self.start = start
+        if self.rows + new_rows > self.slots[0].shape[0]:
+            self._copy(self.rows + new_rows, self.end - self.start)
+        for keys, values in parts:
+            rows, n = slice(self.rows, self.rows + keys.shape[0]), keys.shape[2]
+            for slot, tensor in zip(self.slots, (keys, values)):
+                slot[rows, :, self.start:self.end - n] = 0
+                slot[rows, :, self.end - n:self.end] = tensor
+            self.rows += keys.shape[0]
+        self._view()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.end + n > self.slots[0].shape[2]:
+            self._copy(self.rows, self.end - self.start)
+        for slot, tensor in zip(self.slots, (key_states, value_states)):
+            slot[:self.rows, :, self.end:self.end + n] = tensor
+        self.end += n
+        self._view()
+        return self.keys, self.values
+
+    def move(self, moves: list[tuple[int, int]], rows: int) -> None:
+        """Row `src` into slot `dst` for each pair; then `rows` rows."""
+        for dst, src in moves:
+            for slot in self.slots:
+                slot[dst, :, self.start:self.end] = slot[src, :, self.start:self.end]
+        self.rows = rows
+        self._view()
+
+    def trim(self, columns: int) -> None:
+        self.start += columns
+        self._view()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.end -= abs(tokens_to_remove)
+        self._view()
+
+    def _copy(self, rows: int, width: int) -> None:
+        """Into new tensors of `rows` + 1 rows and `width` + ROOM + as many columns as now: the running rows
+        right-aligned at column `width` (pads before)."""
+        used = self.end - self.start
+        slots = [slot.new_empty(rows + 1, slot.shape[1], width + self.ROOM + used, slot.shape[3]) for slot in self.slots]
+        for new, old in zip(slots, self.slots):
+            new[:self.rows, :, :width - used] = 0
+            new[:self.rows, :, width - used:width] = old[:self.rows, :, self.start:self.end]
+        self.slots, self.start, self.end = slots, 0, width
+
+    def _view(self) -> None:
+        self.keys = self.slots[0][:self.rows, :, self.start:self.end]
+        self.values = self.slots[1][:self.rows, :, self.start:self.end]
+        self.is_initialized, self.device = True, self.keys.device
 
 
 class ContinuousBatcher(Scheduler):
@@ -146,7 +232,7 @@ class ContinuousBatcher(Scheduler):
         self.max_tokens_in_flight, self.max_prefill_tokens = max_tokens_in_flight, max_prefill_tokens
         self.prefixes, self.features = PrefixCache(prefix_cache_bytes), FeatureCache(feature_cache_bytes)
         self.step_sizes: deque[int] = deque(maxlen=10_000)
-        self.batch = Running()
+        self.batch = Running(pipe.model.config.text_config)
         self._pending: deque[Job] = deque()  # taken from the queue, not yet admitted (no room yet)
         self._closing = False
         self._start()
@@ -161,6 +247,7 @@ class ContinuousBatcher(Scheduler):
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def _loop(self) -> None:
         while (admitted := self._admit()) is not None:
             rows, caches = [], []
@@ -174,16 +261,16 @@ class ContinuousBatcher(Scheduler):
                 if not job.done:
                     rows.append(row)
                     caches.append(cache)
-            if rows:
-                self.batch.add(rows, caches, self.pipe.model.config.text_config)
-            if self.batch.rows:
-                try:
+            try:
+                if rows:
+                    self.batch.add(rows, caches)
+                if self.batch.rows:
                     self._step()
-                except Exception as e:  # noqa: BLE001 - the rows fail, the server goes on
-                    logger.exception("decoding step of %d rows failed", len(self.batch.rows))
-                    for row in self.batch.rows:
-                        fail(row.job, e)
-                    self.batch = Running()
+            except Exception as e:  # noqa: BLE001 - the rows fail, the server goes on
+                logger.exception("decoding step of %d rows failed", len(self.batch.rows) + len(rows))
+                for row in self.batch.rows + rows:
+                    fail(row.job, e)
+                self.batch = Running(self.pipe.model.config.text_config)
 
     def _admit(self) -> list[Job] | None:
         """The jobs that join the batch now ([] when none can); None once closing with nothing left to do."""
@@ -242,7 +329,7 @@ class ContinuousBatcher(Scheduler):
         row.tracker.advance(0, row.next)
         return row, cache
 
-    @torch.inference_mode()
+    @torch.inference_mode()  # also when called from outside the loop (tests)
     def prompt(self, job: Job) -> tuple[torch.Tensor, DynamicCache, list, list[int]]:
         """Prefill the job's prompt from its longest cached prefix, and keep its KV in the prefix cache: (the logits
         of its next token [V], its cache, its prefix-cache key, its ids)."""
@@ -301,7 +388,6 @@ class ContinuousBatcher(Scheduler):
 
     # ---- decoding ----------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _step(self) -> None:
         batch, model = self.batch, self.pipe.model
         gone = [k for k, row in enumerate(batch.rows) if row.job.cancelled]

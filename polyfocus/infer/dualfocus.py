@@ -644,7 +644,7 @@ class Rows:
             last = max(len(drafts[r]) for r in index) + 1  # the columns whose logits verify the drafts
             logits = self.forward(blocks, last=last)  # [R, last, V]
             if first:
-                width, block_end = self.ids.shape[1] - before, self.ids.shape[1]
+                block_end = self.ids.shape[1]
                 block_logits = {r: logits[k, -len(drafts[r]) - 1] for k, r in enumerate(index)}
                 block_drafts = {r: len(drafts[r]) for r in index}
             predictions: dict[int, list[int]] = {r: [] for r in index if not done[r]}

@@ -29,7 +29,7 @@ class BoxDrafter:
         self.lead = list(lead)  # the reply's first tokens, up to its "[0.", as the template writes a reply
 
     @classmethod
-    def for_pipe(cls, pipe) -> "BoxDrafter":
+    def for_pipe(cls, pipe) -> BoxDrafter:
         """For a Pipeline's tokenizer and template: the end token is the template's stop when it is one token, else
         EOS; the lead is what the template puts before a box reply's "[0." too (Vicuna's " ")."""
         end_id = pipe._stop_kwargs()["eos_token_id"][-1]
