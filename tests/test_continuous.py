@@ -305,3 +305,21 @@ def test_a_long_run_of_abandoned_jobs_is_skipped(pipe, scheduler):
     live = Ask(pipe, [], chat("Hi", 0), 2)
     s.submit(live.job)
     assert live.result().completion_tokens == 2 and s.batch_sizes[-1] == 1
+
+
+def test_an_image_seen_recently_skips_the_tower(pipe, scheduler):
+    """The same image under another system prompt: no prefix holds it, its visual tokens come from the feature
+    cache; the answer is one-at-a-time generation's."""
+    s = scheduler()
+    first = Ask(pipe, [BLUE], [{"role": "system", "content": "Be brief."}, *chat("What is it?")], 4)
+    s.submit(first.job)
+    first.result()
+    towers, tower = [], pipe.model.vision_tower.forward
+    pipe.model.vision_tower.forward = lambda *a, **k: towers.append(1) or tower(*a, **k)
+    try:
+        other = Ask(pipe, [BLUE], [{"role": "system", "content": "Answer at length."}, *chat("What is it?")], 4)
+        s.submit(other.job)
+        assert other.result().text and not towers and s.features.hits == 1
+    finally:
+        pipe.model.vision_tower.forward = tower
+    assert other.result().text == pipe.generate([other.request], max_new_tokens=4)[0]
