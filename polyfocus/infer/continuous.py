@@ -10,16 +10,17 @@ One scheduler thread loops:
 2. prefill each admitted job alone (batch 1, no padding: its first token is one-at-a-time generation's), from the
    longest cached prefix of its tokens and its images' cached visual tokens; its prompt's KV goes into the prefix
    cache (a second question on the same image finds it);
-3. merge the new rows' KV into the running batch's cache (left-padded to a common length and masked);
+3. write the new rows' KV into the running batch's cache (right-aligned with the others, pads before, masked);
 4. decode one step: each row feeds its newest token (a greedy job with a draft: the draft too, keeping what greedy
    decoding gives); per-row sampling and streaming as the window batcher's (`RowTracker`, `sample`);
 5. finished and cancelled rows leave the cache (a finished one's KV, answer included, goes to the prefix cache: the
    conversation's next turn finds it), and columns that only pads fill are cut.
 
-Built on transformers' DynamicCache (one [rows, heads, tokens, head_dim] tensor per layer; rows added by padding and
-concatenating, removed by `batch_select_indices`) and the model's own forward, rather than transformers'
-ContinuousBatchingManager: docs/serving.md says why. A model whose cache is not made of plain DynamicLayers (sliding
-windows, linear attention) cannot be row-managed this way: `refusal` says so and the server batches per window.
+Built on transformers' DynamicCache, its layers `SlotLayer`s (a DynamicLayer whose tensors have room for more rows and
+columns, so that joining, leaving and decoding copy nothing but the new KV), and the model's own forward, rather than
+transformers' ContinuousBatchingManager: docs/serving.md says why. A model whose cache is not made of plain
+DynamicLayers (sliding windows, linear attention) cannot be row-managed this way: `refusal` says so and the server
+batches per window.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class Running:
         if not kept:
             self.rows, self.cache, self.mask = [], None, None
             return
-        n, gaps = len(kept), [k for k in range(len(kept)) if k not in set(kept)]
+        n, keeping = len(kept), set(kept)
+        gaps = [k for k in range(n) if k not in keeping]
         moves = list(zip(gaps, [k for k in kept if k >= n]))  # (slot, the row that moves into it)
         order = list(range(n))
         for slot, row in moves:

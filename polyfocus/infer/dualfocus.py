@@ -218,6 +218,12 @@ class DualFocus:
         self.pipe, self.span, self.cached, self.box_max_new_tokens = pipe, span, cached, box_max_new_tokens
         self.jump_forward = jump_forward  # the box reply's fixed characters verified in passes with the digits
         self.last_results: list[DualFocusResult] = []
+        self._drafter: BoxDrafter | None = None
+
+    def box_drafter(self) -> BoxDrafter:
+        if self._drafter is None:
+            self._drafter = BoxDrafter.for_pipe(self.pipe)
+        return self._drafter
 
     def generate(self, requests: Sequence, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  batch_size: int = 16, **gen_kwargs) -> list[str]:
@@ -322,7 +328,7 @@ class DualFocus:
         rows.repeat(2)
         budgets = [max_new_tokens, self.box_max_new_tokens] * len(items)
         suffixes = [ids[s:] for m, b, s in zip(macro_ids, box_ids, shared) for ids in (m, b)]
-        box = BoxDrafter.for_pipe(pipe) if self.jump_forward else None
+        box = self.box_drafter() if self.jump_forward else None
         # the macro rows leave the cache once answered: the box rows go on alone, and the micro prompt continues them
         new = rows.complete(suffixes, budgets, gen_kwargs, drafters=[None, box] * len(items),
                             release=[True, False] * len(items))
@@ -405,7 +411,7 @@ class DualFocus:
         pipe = self.pipe
         context = getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
         item = make_item(job.images, job.messages, 0)  # the strategy's refusal made sure it applies
-        box = BoxDrafter.for_pipe(pipe) if self.jump_forward else None  # a continuous scheduler verifies its drafts
+        box = self.box_drafter() if self.jump_forward else None  # a continuous scheduler verifies its drafts
 
         async def run(ask: Ask) -> Event:
             """One job through the batcher: its last event (the finish, or an error)."""
@@ -618,8 +624,10 @@ class Rows:
         block_logits: dict[int, torch.Tensor] = {}
 
         def greedy(rows: list[int], extra: list[list[int]], scores: torch.Tensor) -> list[int]:
-            """The greedy token of each of `rows` from its scores [n, V], after the processors."""
-            if processors:
+            """The greedy token of each of `rows` (after its new tokens and `extra`) from its scores [n, V], after the
+            processors. They see one row per position a pass verifies, so they must judge a row by its own tokens,
+            as transformers' processors do (a processor that keeps state across calls: pass it to `generate`)."""
+            if processors and rows:
                 seqs = [histories[r] + new[r] + x for r, x in zip(rows, extra)]
                 width = max(len(q) for q in seqs)
                 ids = torch.tensor([[pipe.pad_token_id] * (width - len(q)) + q for q in seqs], device=self.device)
@@ -647,17 +655,14 @@ class Rows:
                 block_end = self.ids.shape[1]
                 block_logits = {r: logits[k, -len(drafts[r]) - 1] for k, r in enumerate(index)}
                 block_drafts = {r: len(drafts[r]) for r in index}
-            predictions: dict[int, list[int]] = {r: [] for r in index if not done[r]}
-            for j in range(last):
-                # the rows whose draft holds up to j: their greedy token after draft[:j]
-                rows = [r for r, p in predictions.items()
-                        if len(p) == j <= len(drafts[r]) and (j == 0 or p[-1] == drafts[r][j - 1])]
-                if not rows:
-                    break
-                at = {r: k for k, r in enumerate(index)}
-                scores = torch.stack([logits[at[r], last - 1 - len(drafts[r]) + j] for r in rows])
-                for r, token in zip(rows, greedy(rows, [drafts[r][:j] for r in rows], scores)):
-                    predictions[r].append(token)
+            # every row's greedy token after each prefix of its draft, all in one call of the processors
+            at = {r: k for k, r in enumerate(index)}
+            positions = [(r, j) for r in index if not done[r] for j in range(len(drafts[r]) + 1)]
+            scores = logits[[at[r] for r, _ in positions], [last - 1 - len(drafts[r]) + j for r, j in positions]]
+            predictions: dict[int, list[int]] = {r: [] for r, _ in positions}
+            for (r, _), token in zip(positions, greedy([r for r, _ in positions],
+                                                       [drafts[r][:j] for r, j in positions], scores)):
+                predictions[r].append(token)
             for k, r in enumerate(index):
                 if r not in predictions:
                     continue
