@@ -324,3 +324,22 @@ def test_an_image_seen_recently_skips_the_tower(pipe, scheduler):
     finally:
         pipe.model.vision_tower.forward = tower
     assert other.result().text == pipe.generate([other.request], max_new_tokens=4)[0]
+
+
+@pytest.mark.parametrize("method", [{"fusion": "mmfuser"}, {"visual_words": True, "pseudo_image_features": True}])
+def test_methods_whose_visual_tokens_differ_run_continuously(pipe, method):
+    """MMFuser's fused features and VW-LMM's PIF mixtures come from the model's own embed_inputs (MG-LLaVA's object
+    tokens: tests/test_mg_llava_boxes.py, through the server): the answers are one-at-a-time generation's."""
+    torch.manual_seed(0)
+    config = tiny_config(image_token_id=pipe.model.config.image_token_id, **method)
+    other = Pipeline(PolyfocusForConditionalGeneration(config).eval(), pipe.tokenizer, pipe.image_processor,
+                     "vicuna_v1")
+    s = ContinuousBatcher(other)
+    try:
+        asks = [Ask(other, [RED], chat("What colour is the star?"), 6), Ask(other, [BLUE, RED], chat("Compare.", 2), 5)]
+        for ask in asks:
+            s.submit(ask.job)
+        for ask in asks:
+            assert ask.result().text == other.generate([ask.request], max_new_tokens=ask.job.max_tokens)[0]
+    finally:
+        s.close()
