@@ -12,7 +12,7 @@ Three loads, each against a small random model (LLM 4 layers x 256, CLIP 112 px 
           random pause of 0-50 ms before each); the short ones' p99 latency, per window / continuous.
           Target (issue 23): >= 3x lower with continuous batching.
 
-Usage: python bench/serve_throughput.py [repeats=1] [torch_threads=1] [loads=fixed,mixed,short_under_long]. Prints one
+Usage: python bench/serve_throughput.py [repeats=2] [torch_threads=1] [loads=fixed,mixed,short_under_long]. Prints one
 JSON line: {"bench": "serve_throughput", "fixed": {...}, "mixed": {...}, "short_under_long": {...}, "target_met": ...};
 each mode's numbers are the best of its repeats (the least disturbed by other jobs on the machine).
 """
@@ -192,7 +192,7 @@ def run_load(pipe, name: str, repeats: int) -> dict:
             "target_met": all_ok and same and ratio >= target}
 
 
-def main(repeats: int = 1, threads: int = 1, loads: str = ",".join(LOADS)) -> None:
+def main(repeats: int = 2, threads: int = 1, loads: str = ",".join(LOADS)) -> None:
     # One intra-op thread by default: on a small shared CPU, two threads competing with other processes made
     # every forward many times slower, in all modes alike.
     torch.set_num_threads(int(threads))

@@ -64,6 +64,7 @@ class Job:
     stop: Sequence[str] = ()  # the request's stop strings (the template's is added by the scheduler)
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (benches); the request's own stop strings still apply
+    stream: bool = True  # whether anyone reads the text as it comes (else only the finish event is needed)
     boxes: list | None = None  # MG-LLaVA: each image's detections (BoxRecord), found once when the job was built
     draft: Callable[[list[int]], list[int]] | None = None  # jump-forward (infer/jump.py): ids the format puts next
     cancelled: bool = False  # set when the client went away: the row stops at the next step
@@ -233,6 +234,11 @@ class RowTracker(StoppingCriteria):
         self.batch, self.tokenizer = batch, tokenizer
         self.eos = set(eos)
         self.stops = [[s for s in ([] if job.ignore_eos else [template_stop]) + list(job.stop) if s] for job in batch]
+        # A stop string that is a special token never shows in the decoded text (EOS ends the row instead): a job that
+        # is not streamed and has no other stop string is decoded once, at its end, not at every token.
+        special = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        self.decode_each = [job.stream or any(stop not in special for stop in stops)
+                            for job, stops in zip(batch, self.stops)]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         for row, token in enumerate(input_ids[:, -1].tolist()):
@@ -252,6 +258,10 @@ class RowTracker(StoppingCriteria):
         if token in self.eos and not job.ignore_eos:
             self._finish(job, stops, "stop")
             return True
+        if not self.decode_each[row]:
+            if len(job.ids) >= job.max_tokens:
+                self._finish(job, stops, "length")
+            return job.done
         text, stopped = visible_text(self._decode(job), stops, final=False)
         if stopped:
             self._finish(job, stops, "stop")

@@ -423,7 +423,8 @@ class DualFocus:
             budget = self.box_max_new_tokens if ask.box else job.max_tokens
             sub = Job(images=ask.images, messages=ask.messages, prompt_tokens=prompt_tokens,
                       max_tokens=min(budget, room), temperature=0.0 if ask.box else job.temperature, top_p=job.top_p,
-                      seed=job.seed, stop=() if ask.box else job.stop, draft=box if ask.box else None)
+                      seed=job.seed, stop=() if ask.box else job.stop, draft=box if ask.box else None,
+                      stream=False)  # only its end is read
             last = None
             async for last in batcher.stream(sub):
                 pass

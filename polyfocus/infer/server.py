@@ -246,7 +246,7 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings) -> Job:
     max_tokens = completion_budget(chat, prompt_tokens, context_length(pipe, settings), settings)
     return Job(images=images, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                temperature=chat.temperature, top_p=chat.top_p, stop=chat.stop or [], seed=chat.seed,
-               ignore_eos=chat.ignore_eos, boxes=boxes)
+               ignore_eos=chat.ignore_eos, boxes=boxes, stream=chat.stream)
 
 
 def message_content(message: Message, where: str, settings: ServeSettings) -> tuple[str, list[Image.Image]]:
