@@ -6,13 +6,14 @@ questions in the same process. One JSON line.
     python bench/dualfocus_latency.py --size 7b  # GPU: LLaVA-1.5-7B's shapes (CLIP-L/336, Vicuna-7B), bf16
 
 Random weights answer gibberish, so every generation is scripted by `Replies` (a logits processor given to every
-`generate` of every run alike): the box turn replies "[0.25, 0.30, 0.60, 0.75]" one character per token (25 tokens,
-Llama's digit split), the question turns one letter, the macro and micro answers different, so that every question
-takes DualFocus's longest path: macro, box, crop, micro, perplexity scoring of two candidates.
+generation of every run alike): the box turn replies "[0.25, 0.30, 0.60, 0.75]" as a tokenizer with Llama's digit
+split writes it (25 tokens), the question turns one letter, the macro and micro answers different, so that every
+question takes DualFocus's longest path: macro, box, crop, micro, perplexity scoring of two candidates.
 
 latency: one question alone (batch 1), median over questions; throughput: questions/s at --batch-size, median of
---repeats rounds; the methods alternate.
-Targets (issue 7): dualfocus_cached / plain latency <= 1.6; same_choices (cached == reference-style).
+--repeats rounds; the methods alternate. --no-jump-forward: the cached path decodes the box one token at a time.
+Targets (issue 23): dualfocus_cached / plain latency <= 3.5 (issue 7's 1.6 was below this procedure's floor);
+same_choices (cached == reference-style).
 """
 
 from __future__ import annotations
@@ -45,27 +46,30 @@ VICUNA_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "i
 
 
 class Replies(LogitsProcessor):
-    """Forces each row's reply, chosen once per generate call from its last user turn."""
+    """Forces each row's reply, chosen from its last user turn: the box turn's is BOX_REPLY as the tokenizer writes it
+    (25 tokens with split digits, as Llama's), the others one letter; then the end token. Row by row from the row's
+    own tokens (the turn before its last " ASSISTANT:", and how many tokens follow it), so that it gives the same
+    reply however a path batches, drafts or verifies its tokens."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.previous, self.forced = tokenizer, None, []
-        char = {c: tokenizer.convert_tokens_to_ids("Ġ" if c == " " else c) for c in set(BOX_REPLY)}
-        self.box = [char[c] for c in BOX_REPLY]
-        self.letters = {c: tokenizer.convert_tokens_to_ids(c) for c in "AB"}
+        self.tokenizer = tokenizer
+        self.marker = tokenizer.encode(" ASSISTANT:", add_special_tokens=False)
+        self.box = tokenizer.encode(" " + BOX_REPLY, add_special_tokens=False)
+        self.letters = {c: tokenizer.encode(" " + c, add_special_tokens=False) for c in "AB"}
+        self.replies = {}  # the prompt's tokens -> its reply: each prompt decoded once
 
-    def reply(self, row: list[int]) -> list[int]:
-        turn = self.tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True).rpartition("USER:")[2]
-        body = self.box if BOX_PROMPT in turn else [self.letters["B" if ZOOM_PROMPT in turn else "A"]]
-        return body + [self.tokenizer.eos_token_id]
+    def reply(self, prompt: tuple) -> list[int]:
+        if prompt not in self.replies:
+            turn = self.tokenizer.decode([t for t in prompt if t >= 0], skip_special_tokens=True).rpartition("USER:")[2]
+            body = self.box if BOX_PROMPT in turn else self.letters["B" if ZOOM_PROMPT in turn else "A"]
+            self.replies[prompt] = body + [self.tokenizer.eos_token_id]
+        return self.replies[prompt]
 
     def __call__(self, input_ids, scores):
-        new_call = self.previous is None or self.previous.shape[0] != input_ids.shape[0] or \
-            self.previous.shape[1] + 1 != input_ids.shape[1] or not torch.equal(self.previous, input_ids[:, :-1])
-        if new_call:
-            self.start, self.forced = input_ids.shape[1], [self.reply(row) for row in input_ids.tolist()]
-        self.previous = input_ids
-        k = input_ids.shape[1] - self.start
-        for r, ids in enumerate(self.forced):
+        m = len(self.marker)
+        for r, row in enumerate(input_ids.tolist()):
+            at = next(j for j in range(len(row) - m, -1, -1) if row[j:j + m] == self.marker)
+            ids, k = self.reply(tuple(row[:at])), len(row) - at - m  # k: tokens generated so far
             if k < len(ids):
                 scores[r] = -float("inf")
                 scores[r, ids[k]] = 0.0
@@ -73,7 +77,7 @@ class Replies(LogitsProcessor):
 
 
 def build(size: str, device: str) -> Pipeline:
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(split_digits=True)  # Llama's split: the box reply is 25 tokens
     torch.manual_seed(0)
     if size == "small":
         config, image_size, dtype = bench_config(), 224, torch.float32
@@ -111,6 +115,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--latency-questions", type=int, default=8, help="questions timed alone")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the batched runs")
+    p.add_argument("--no-jump-forward", action="store_true", help="decode the box one token at a time")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -119,7 +124,7 @@ def main():
     requests = questions(args.questions, pipe.image_processor.image_size * 2)
     replies = LogitsProcessorList([Replies(pipe.tokenizer)])
     gen = {"max_new_tokens": MAX_NEW_TOKENS, "logits_processor": replies}
-    cached, reference = DualFocus(pipe), DualFocus(pipe, cached=False)
+    cached, reference = DualFocus(pipe, jump_forward=not args.no_jump_forward), DualFocus(pipe, cached=False)
 
     runs = {
         "plain": lambda reqs, b: pipe.generate(reqs, batch_size=b, **gen),
@@ -155,7 +160,8 @@ def main():
           "speedup_vs_reference": {"latency": round(latency["dualfocus_reference"] / latency["dualfocus_cached"], 3),
                                    "throughput": round(throughput["dualfocus_cached"]
                                                        / throughput["dualfocus_reference"], 3)},
-          "same_choices": all(same), "target": "latency_ratio_vs_plain <= 1.6"})
+          "jump_forward": not args.no_jump_forward, "same_choices": all(same),
+          "target": "latency_ratio_vs_plain <= 3.5"})
 
 
 if __name__ == "__main__":

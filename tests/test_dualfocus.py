@@ -29,9 +29,12 @@ from polyfocus.data.dualfocus import (
 )
 from polyfocus.data.formats import DataError, load_samples
 from polyfocus.data.images import ImageProcessor
+from polyfocus.data.prompts import box_continuation
+from polyfocus.data.tokenizer import build_tokenizer
 from polyfocus.data.templates import encode
 from polyfocus.eval.runner import evaluate, read_answers
-from polyfocus.infer.dualfocus import DualFocus, make_item, pick, run_steps, select, steps
+from polyfocus.infer.dualfocus import DualFocus, Rows, make_item, pick, run_steps, select, steps
+from polyfocus.infer.jump import BoxDrafter, accepted
 from polyfocus.infer.pipeline import Pipeline
 from polyfocus.infer.strategies import get_strategy
 from polyfocus.model.presets import tiny_config
@@ -274,6 +277,53 @@ def test_score_equals_a_naive_token_by_token_loop(pipe):
                 logits = pipe.model(input_ids=torch.tensor([enc.input_ids[:j]]), pixel_values=pixels[:n_images]).logits
                 nll.append(-torch.log_softmax(logits[0, -1], -1)[enc.input_ids[j]].item())
         assert df.score(item, "on the left") == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+# ---- jump-forward ---------------------------------------------------------------------------------------------------
+
+
+def test_box_continuation():
+    texts = ("", " [", "[0.1", "[0.12", "[1.00, 0.3", "[0.12, 0.34, 0.56, 0.78", "[0.12, 0.34, 0.56, 0.78]", "I think",
+             "[0.12, 0.34, 0.56, 0.78].")
+    assert [box_continuation(t) for t in texts] == ["[0.", "0.", "", ", 0.", "", "]", "", None, None]
+
+
+@pytest.mark.parametrize("split_digits", [False, True])
+def test_box_drafts_are_the_tokens_the_template_writes(split_digits):
+    """Decoding the template's own box reply with the drafter: every fixed token is drafted and accepted, so the
+    passes are the varying digits' (one per digit token, its neighbours drafted with it); "1." where "0." was guessed
+    costs nothing but the guess."""
+    tokenizer = build_tokenizer(split_digits=split_digits)
+    model = PolyfocusForConditionalGeneration(tiny_config(image_token_id=tokenizer.convert_tokens_to_ids("<image>")))
+    p = Pipeline(model.eval(), tokenizer, ImageProcessor(image_size=56), "vicuna_v1")
+    drafter = BoxDrafter.for_pipe(p)
+    question = [{"role": "user", "content": "Where?"}]
+    prompt = p.encode(question, 0)
+    for box in ("[0.25, 0.30, 0.60, 0.75]", "[1.00, 0.05, 0.99, 1.00]"):
+        truth = p.encode([*question, {"role": "assistant", "content": box}], 0, add_generation_prompt=False)
+        truth = truth[len(prompt):]  # the reply's tokens and the end token
+        generated, passes = [], 0
+        while len(generated) < len(truth):  # a model that greedily writes exactly `truth` (then stops)
+            draft = drafter(generated)
+            generated += accepted(draft, (truth + [-1] * len(draft))[len(generated):len(generated) + len(draft) + 1])
+            passes += 1
+        assert generated[:len(truth)] == truth and p.tokenizer.decode(truth, skip_special_tokens=True).strip() == box
+        varying = len(tokenizer.encode("25306075", add_special_tokens=False))
+        assert passes <= varying + 1 + 2 * box.count("1."), (tokenizer.convert_ids_to_tokens(truth), passes)
+
+
+def test_jump_forward_gives_the_same_results_in_fewer_passes(pipe, requests_, monkeypatch):
+    passes = []
+    forward = Rows.forward
+    monkeypatch.setattr(Rows, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    kwargs = {"max_new_tokens": 6, **script_kwargs(pipe)}
+    results = {}
+    for jump in (False, True):
+        passes.clear()
+        results[jump] = (DualFocus(pipe, box_max_new_tokens=24, jump_forward=jump).answer(requests_, batch_size=5,
+                                                                                            **kwargs), len(passes))
+    assert_same(results[False][0], results[True][0])
+    assert results[True][1] < results[False][1]
 
 
 # ---- the cached path against the reference-style one ----------------------------------------------------------------

@@ -138,13 +138,13 @@ def test_feature_cache_gives_the_same_features_and_stays_within_its_bytes():
     pixels = torch.randn(5, 3, 56, 56)
     plain = model.get_image_features(pixels)
     one_image = 16 * 32 * 4  # 16 tokens x 32 channels, fp32
-    model.vision_feature_cache = FeatureCache(max_bytes=3 * one_image)
+    model.vision_feature_cache = FeatureCache(capacity_bytes=3 * one_image)
     assert torch.equal(model.get_image_features(pixels[:3]), plain[:3])  # 3 misses
     assert torch.equal(model.get_image_features(pixels[[2, 0, 1]]), plain[[2, 0, 1]])  # 3 hits, another order
     cache = model.vision_feature_cache
     assert (cache.hits, cache.misses) == (3, 3)
     assert torch.equal(model.get_image_features(pixels[3:]), plain[3:])  # 2 more: the 2 least recent go
-    assert cache.bytes == 3 * one_image and len(cache.entries) == 3
+    assert cache.size == 3 * one_image and len(cache.entries) == 3
     model.vision_tower.requires_grad_(True)  # a tower that trains: never cached
     model.get_image_features(pixels[:1])
     assert cache.misses == 5

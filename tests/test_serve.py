@@ -638,16 +638,16 @@ def test_wrong_method_and_path_in_openai_shape(server):
 
 
 def test_a_failed_batch_is_a_500_and_the_next_request_is_served(client, server, pipe, monkeypatch):
-    real = pipe.model.generate
+    real = pipe.model.forward
 
     def broken(**kwargs):
-        monkeypatch.setattr(pipe.model, "generate", real)  # fails once
+        monkeypatch.setattr(pipe.model, "forward", real)  # fails once
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(pipe.model, "generate", broken)
+    monkeypatch.setattr(pipe.model, "forward", broken)
     with pytest.raises(openai.InternalServerError, match="simulated"):
         ask(client, HI)
-    monkeypatch.setattr(pipe.model, "generate", broken)
+    monkeypatch.setattr(pipe.model, "forward", broken)
     body = {"model": MODEL, "messages": HI, "max_tokens": 2, "stream": True}
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body) as response:
         events = response.read().decode().split("\n\n")
@@ -657,14 +657,14 @@ def test_a_failed_batch_is_a_500_and_the_next_request_is_served(client, server, 
 
 def test_an_overloaded_server_refuses_with_503_and_serves_again(client, server, settings, batcher, pipe, monkeypatch):
     """Backpressure: with the scheduler busy and max_waiting requests queued, the next one is refused at once."""
-    started, release, generate = threading.Event(), threading.Event(), pipe.model.generate
+    started, release, forward = threading.Event(), threading.Event(), pipe.model.forward
 
     def held(**kwargs):
         started.set()
         release.wait(30)
-        return generate(**kwargs)
+        return forward(**kwargs)
 
-    monkeypatch.setattr(pipe.model, "generate", held)
+    monkeypatch.setattr(pipe.model, "forward", held)
     monkeypatch.setattr(settings, "max_waiting", 1)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(ask, client, user("First?"), max_tokens=2)

@@ -159,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(
         model_name=args.served_model_name or Path(args.model).resolve().name, max_batch_size=args.max_batch_size,
         max_waiting=args.max_waiting, batch_window_ms=args.batch_window_ms, max_model_len=args.max_model_len,
+        scheduler=args.scheduler, max_tokens_in_flight=args.max_tokens_in_flight, prefix_cache_mb=args.prefix_cache_mb,
         default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb * 2**20,
         max_images=args.max_images, max_image_pixels=args.max_image_pixels,
         max_image_bytes=int(args.max_image_mb * 2**20), allowed_local_media_path=args.allowed_local_media_path,
@@ -308,7 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation template name (default: the tokenizer's chat_template)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests per batched forward; 1 = one at a time")
-    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long to wait for more requests to batch")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long an idle scheduler waits for more requests after the first")
+    p.add_argument("--scheduler", choices=["continuous", "window"], default="continuous",
+                   help="continuous batching (requests join and leave the running batch at every step) or batches "
+                        "per window (a batch runs to its longest answer)")
+    p.add_argument("--max-tokens-in-flight", type=int, default=65536,
+                   help="continuous: prompt + max_tokens of the running requests, at most (their KV cache)")
+    p.add_argument("--prefix-cache-mb", type=float, default=1024.0,
+                   help="continuous: KV of recent prompts and answers, reused by later requests that start the "
+                        "same way (0: off); recent images' visual tokens get a quarter of this more")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for a batch beyond which new ones get 503 (retry later)")
     p.add_argument("--max-model-len", type=int, default=None,

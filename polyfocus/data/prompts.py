@@ -36,6 +36,25 @@ def box_text(box) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
+# The shape of `box_text`'s output, for jump-forward decoding (infer/jump.py): "d" a digit that varies, "0" the integer
+# digit of a coordinate (0 but for 1.00: a guess, which the decoder verifies), anything else a fixed character.
+BOX_SHAPE = "[0.dd, 0.dd, 0.dd, 0.dd]"
+
+
+def box_continuation(text: str) -> str | None:
+    """What `box_text` writes after `text` (a reply so far; leading whitespace ignored) up to the next varying digit:
+    "[0." after "", "0." after "[", ", 0." after "[0.12", "]" after the fourth value, "" before a varying digit or
+    after the closing bracket; None when `text` is not the start of a box as `box_text` writes it."""
+    text = text.lstrip()
+    if len(text) > len(BOX_SHAPE):
+        return None
+    for char, shape in zip(text, BOX_SHAPE):
+        if char != shape and not (shape in "d0" and char.isdigit()):
+            return None
+    rest = BOX_SHAPE[len(text):]
+    return rest[: rest.index("d")] if "d" in rest else rest
+
+
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
     """The first four numbers of `text` as a box, or None if there are fewer."""
     numbers = _NUMBER.findall(text)

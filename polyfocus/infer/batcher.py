@@ -64,7 +64,9 @@ class Job:
     stop: Sequence[str] = ()  # the request's stop strings (the template's is added by the scheduler)
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (benches); the request's own stop strings still apply
+    stream: bool = True  # whether anyone reads the text as it comes (else only the finish event is needed)
     boxes: list | None = None  # MG-LLaVA: each image's detections (BoxRecord), found once when the job was built
+    draft: Callable[[list[int]], list[int]] | None = None  # jump-forward (infer/jump.py): ids the format puts next
     cancelled: bool = False  # set when the client went away: the row stops at the next step
     emit: Callable[[Event], None] = lambda event: None  # called from the scheduler thread; must be thread-safe
     # filled in by the scheduler
@@ -73,8 +75,10 @@ class Job:
     done: bool = False
 
 
-class Batcher:
-    """A queue and the scheduler thread that serves it. `submit` is safe from any thread."""
+class Scheduler:
+    """A queue of jobs and the thread that serves it: what the server and the strategies use (`submit`, `stream`,
+    `waiting`, `close`, `pipe`). `submit` is safe from any thread. Subclasses write `_loop`, which takes jobs from
+    `_queue` (None: close) until it returns."""
 
     def __init__(self, pipe, max_batch_size: int = 16, window_s: float = 0.01):
         if max_batch_size < 1:
@@ -82,10 +86,15 @@ class Batcher:
         self.pipe = pipe
         self.max_batch_size = max_batch_size
         self.window_s = window_s
-        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows of each batch run, newest last
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # jobs taken from the queue together, newest last
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread = Thread(target=self._loop, name="polyfocus-batcher", daemon=True)
+        self._thread = Thread(target=self._loop, name=f"polyfocus-{type(self).__name__.lower()}", daemon=True)
+
+    def _start(self) -> None:
         self._thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
 
     def submit(self, job: Job) -> None:
         self._queue.put(job)
@@ -120,6 +129,14 @@ class Batcher:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+
+
+class Batcher(Scheduler):
+    """Batching per window: a batch is the jobs queued within `window_s` of the first, run to its longest answer."""
+
+    def __init__(self, pipe, max_batch_size: int = 16, window_s: float = 0.01):
+        super().__init__(pipe, max_batch_size, window_s)
+        self._start()
 
     def _loop(self) -> None:
         while (batch := self._collect()) is not None:
@@ -180,11 +197,7 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, batch: list[Job]):
         self.batch = batch
-        self.generators = [
-            torch.Generator().manual_seed(secrets.randbits(63) if job.seed is None else job.seed)
-            if job.temperature > GREEDY_BELOW else None
-            for job in batch
-        ]
+        self.generators = [row_generator(job) for job in batch]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, (job, generator) in enumerate(zip(self.batch, self.generators)):
@@ -194,6 +207,13 @@ class RowSampler(LogitsProcessor):
             scores[row] = -float("inf")
             scores[row, token] = 0.0
         return scores
+
+
+def row_generator(job: Job) -> torch.Generator | None:
+    """A sampled job's own generator (its seed, or a random one); None for a greedy job."""
+    if job.temperature <= GREEDY_BELOW:
+        return None
+    return torch.Generator().manual_seed(secrets.randbits(63) if job.seed is None else job.seed)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -214,28 +234,43 @@ class RowTracker(StoppingCriteria):
         self.batch, self.tokenizer = batch, tokenizer
         self.eos = set(eos)
         self.stops = [[s for s in ([] if job.ignore_eos else [template_stop]) + list(job.stop) if s] for job in batch]
+        # A stop string that is a special token never shows in the decoded text (EOS ends the row instead): a job that
+        # is not streamed and has no other stop string is decoded once, at its end, not at every token.
+        special = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        self.decode_each = [job.stream or any(stop not in special for stop in stops)
+                            for job, stops in zip(batch, self.stops)]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        new_tokens = input_ids[:, -1].tolist()
-        for job, stops, token in zip(self.batch, self.stops, new_tokens):
-            if job.done:
-                continue
-            if job.cancelled:
-                job.done = True
-                continue
-            job.ids.append(token)
-            if token in self.eos and not job.ignore_eos:
-                self._finish(job, stops, "stop")
-                continue
-            text, stopped = visible_text(self._decode(job), stops, final=False)
-            if stopped:
-                self._finish(job, stops, "stop")
-            elif len(job.ids) >= job.max_tokens:
-                self._finish(job, stops, "length")
-            elif len(text) > len(job.emitted) and text.startswith(job.emitted):
-                job.emit(Event("delta", text[len(job.emitted):]))
-                job.emitted = text
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            self.advance(row, token)
         return torch.tensor([job.done for job in self.batch], device=input_ids.device)
+
+    def advance(self, row: int, token: int) -> bool:
+        """Row `row` generated `token`: record it, end the job if this token ends it, stream the new text. Whether
+        the job is done (so also when it already was, or its client went away)."""
+        job, stops = self.batch[row], self.stops[row]
+        if job.done:
+            return True
+        if job.cancelled:
+            job.done = True
+            return True
+        job.ids.append(token)
+        if token in self.eos and not job.ignore_eos:
+            self._finish(job, stops, "stop")
+            return True
+        if not self.decode_each[row]:
+            if len(job.ids) >= job.max_tokens:
+                self._finish(job, stops, "length")
+            return job.done
+        text, stopped = visible_text(self._decode(job), stops, final=False)
+        if stopped:
+            self._finish(job, stops, "stop")
+        elif len(job.ids) >= job.max_tokens:
+            self._finish(job, stops, "length")
+        elif len(text) > len(job.emitted) and text.startswith(job.emitted):
+            job.emit(Event("delta", text[len(job.emitted):]))
+            job.emitted = text
+        return job.done
 
     def finish_all(self, reason: str) -> None:
         for job, stops in zip(self.batch, self.stops):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import AsyncIterator, Generator, Sequence
@@ -46,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
 
 from polyfocus.config import IGNORE_INDEX
 from polyfocus.data.dualfocus import ZOOM_PROMPT, Question, box_turn, parse_box_text, split_prompt, zoom, zoom_turn
@@ -54,6 +55,7 @@ from polyfocus.data.images import load_image
 from polyfocus.data.prompts import LETTERS, SHORT_ANSWER, mcq_letter
 from polyfocus.data.templates import IMAGE_TOKEN, encode
 from polyfocus.infer.batcher import GREEDY_BELOW, Event, Job
+from polyfocus.infer.jump import BoxDrafter, accepted
 from polyfocus.infer.requests import normalize_request
 
 logger = logging.getLogger(__name__)
@@ -208,13 +210,20 @@ class DualFocus:
     one user message with one image is answered plainly (reason "not_single_image")."""
 
     def __init__(self, pipe, span: str = "box_and_answer", cached: bool = True,
-                 box_max_new_tokens: int = BOX_MAX_NEW_TOKENS):
+                 box_max_new_tokens: int = BOX_MAX_NEW_TOKENS, jump_forward: bool = True):
         if span not in SPANS:
             raise ValueError(f"span must be one of {SPANS}, got {span!r}")
         if getattr(pipe.model.config, "object_tokens", False):  # its scoring and cache feed images without boxes
             raise ValueError("dualfocus does not run on a model with MG-LLaVA's object tokens (config.object_tokens)")
         self.pipe, self.span, self.cached, self.box_max_new_tokens = pipe, span, cached, box_max_new_tokens
+        self.jump_forward = jump_forward  # the box reply's fixed characters verified in passes with the digits
         self.last_results: list[DualFocusResult] = []
+        self._drafter: BoxDrafter | None = None
+
+    def box_drafter(self) -> BoxDrafter:
+        if self._drafter is None:
+            self._drafter = BoxDrafter.for_pipe(self.pipe)
+        return self._drafter
 
     def generate(self, requests: Sequence, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  batch_size: int = 16, **gen_kwargs) -> list[str]:
@@ -319,9 +328,11 @@ class DualFocus:
         rows.repeat(2)
         budgets = [max_new_tokens, self.box_max_new_tokens] * len(items)
         suffixes = [ids[s:] for m, b, s in zip(macro_ids, box_ids, shared) for ids in (m, b)]
-        new = rows.generate(suffixes, max(budgets), gen_kwargs, keep=True)
-        # Greedy: the first k tokens of a longer run are the run with budget k.
-        texts = [pipe.decode(ids[:budget]) for ids, budget in zip(new, budgets)]
+        box = self.box_drafter() if self.jump_forward else None
+        # the macro rows leave the cache once answered: the box rows go on alone, and the micro prompt continues them
+        new = rows.complete(suffixes, budgets, gen_kwargs, drafters=[None, box] * len(items),
+                            release=[True, False] * len(items))
+        texts = [pipe.decode(ids) for ids in new]
         pending = {}  # question -> its next step, for the questions still going after their box
         for i, (procedure, macro, box) in enumerate(zip(procedures, texts[0::2], texts[1::2])):
             try:
@@ -334,10 +345,13 @@ class DualFocus:
         live = list(pending)
         if not live:
             return
-        rows.select([2 * i + 1 for i in live])
-        box_nll = rows.forward([plans[i].reply for i in live], labels=[plans[i].reply_labels for i in live])
-        rows.forward([plans[i].to_question for i in live], images=[items[i].crop for i in live])
-        new = rows.generate([plans[i].rest for i in live], max_new_tokens, gen_kwargs, keep=False)
+        rows.select(live)  # the box rows, one per question
+        # the box reply (its NLL taken on the way, for the reference's score), the crop and round 2, in one pass
+        box_nll = rows.forward([plans[i].reply + plans[i].to_question for i in live],
+                               images=[items[i].crop for i in live],
+                               labels=[plans[i].reply_labels + [IGNORE_INDEX] * len(plans[i].to_question)
+                                       for i in live])
+        new = rows.complete([plans[i].rest for i in live], [max_new_tokens] * len(live), gen_kwargs, keep=False)
         scored = []  # (row, question) of the questions that go to the perplexity pick
         for row, (i, ids) in enumerate(zip(live, new)):
             try:
@@ -391,10 +405,13 @@ class DualFocus:
         """One request in the server: the procedure's generations go to the batcher as jobs (the macro answer and
         the box together, batched with whatever else is running), the scoring to a worker thread. The chosen
         answer comes as one piece. The box is greedy; the answers follow the request's sampling settings (greedy
-        at temperature 0, as the reference)."""
+        at temperature 0, as the reference). On the continuous scheduler the box job decodes jump-forward, and the
+        prefix cache shares the image's prefix between the macro and box prompts (whichever is prefilled second)
+        and the box prompt and reply with the micro prompt."""
         pipe = self.pipe
         context = getattr(pipe.model.config.text_config, "max_position_embeddings", None) or 2048
         item = make_item(job.images, job.messages, 0)  # the strategy's refusal made sure it applies
+        box = self.box_drafter() if self.jump_forward else None  # a continuous scheduler verifies its drafts
 
         async def run(ask: Ask) -> Event:
             """One job through the batcher: its last event (the finish, or an error)."""
@@ -406,7 +423,8 @@ class DualFocus:
             budget = self.box_max_new_tokens if ask.box else job.max_tokens
             sub = Job(images=ask.images, messages=ask.messages, prompt_tokens=prompt_tokens,
                       max_tokens=min(budget, room), temperature=0.0 if ask.box else job.temperature, top_p=job.top_p,
-                      seed=job.seed, stop=() if ask.box else job.stop)
+                      seed=job.seed, stop=() if ask.box else job.stop, draft=box if ask.box else None,
+                      stream=False)  # only its end is read
             last = None
             async for last in batcher.stream(sub):
                 pass
@@ -497,27 +515,41 @@ class Rows:
         return ids, mask
 
     def forward(self, pieces: list[list[int]], images: list[Image.Image] | None = None,
-                labels: list[list[int]] | None = None):
+                labels: list[list[int]] | None = None, last: int | None = None):
         """Feed one block per row (the images it holds, in order). With labels: per-row (NLL sum, count) over the
-        supervised tokens of the block, each predicted from the position before it (`last_logits` for the first)."""
+        supervised tokens of the block, each predicted from the position before it (`last_logits` for the first).
+        last: return the logits of the block's last `last` columns [R, last, V] (float)."""
         ids, mask = self.block(pieces, self.pipe.pad_token_id)
         if self.ids.shape[0] != ids.shape[0]:  # the first block
             self.ids, self.mask = self.ids.expand(ids.shape[0], 0), self.mask.expand(ids.shape[0], 0)
         full_mask = torch.cat([self.mask, mask], dim=1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         pixel_values = self.pipe.image_processor(images).to(self.device) if images else None
+        width = ids.shape[1]
+        targets = self.block(labels, IGNORE_INDEX)[0] if labels is not None else None
+        if last is not None:
+            keep = torch.arange(width - last, width, device=self.device)
+        elif targets is None:
+            keep = torch.tensor([width - 1], device=self.device)
+        else:  # the LM head only where it predicts a label (the column before it), and at the end
+            label_columns = (targets != IGNORE_INDEX).any(0).nonzero().flatten()
+            keep = torch.cat([label_columns - 1, torch.tensor([width - 1], device=self.device)]).clamp(min=0).unique()
         logits = self.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, pixel_values=pixel_values,
-                            cache=self.cache, use_cache=True, logits_to_keep=0 if labels else 1).logits
+                            cache=self.cache, use_cache=True, logits_to_keep=keep).logits
         previous = self.last_logits
         self.ids, self.mask = torch.cat([self.ids, ids], dim=1), full_mask
         self.last_logits = logits[:, -1].float()
-        if labels is None:
+        if last is not None:
+            return logits.float()
+        if targets is None:
             return None
-        # the logits predicting column c: column c-1's, or the previous block's last ones for a row's first token
-        predictors = torch.cat([previous[:, None].to(logits.dtype), logits[:, :-1]], dim=1)
-        first = mask.bool() & (mask.cumsum(-1) == 1)  # each row's first token: after pads, so from `previous`
-        predictors[first] = previous.to(predictors.dtype)
-        targets = self.block(labels, IGNORE_INDEX)[0]
+        # the logits predicting label column c: column c-1's, or the previous block's last ones for a row's first token
+        columns = label_columns.tolist()
+        at = {c: k for k, c in enumerate(keep.tolist())}
+        predictors = torch.stack([logits[:, at[c - 1]] if c > 0 else previous.to(logits.dtype) for c in columns], 1)
+        first = (mask.bool() & (mask.cumsum(-1) == 1))[:, label_columns]  # after pads: predicted from `previous`
+        predictors[first] = previous[:, None].expand(-1, len(columns), -1)[first].to(predictors.dtype)
+        targets = targets[:, label_columns]
         nll = torch.nn.functional.cross_entropy(predictors.float().transpose(1, 2), targets,
                                                 ignore_index=IGNORE_INDEX, reduction="none")
         return nll.sum(-1), (targets != IGNORE_INDEX).sum(-1)
@@ -545,6 +577,119 @@ class Rows:
             self.ids, self.mask, self.last_logits = self.ids[:, :end], self.mask[:, :end], previous
         return new
 
+    def complete(self, pieces: list[list[int]], budgets: list[int], gen_kwargs: dict, drafters: list | None = None,
+                 keep: bool = True, release: list[bool] | None = None) -> list[list[int]]:
+        """Each row's greedy continuation after its block, up to its budget: by `decode` (jump-forward for the rows
+        with a drafter; see there for keep and release), or by `generate` when gen_kwargs or the model's generation
+        config ask for more than logits processors of the caller's."""
+        processors = greedy_processors(self.model, gen_kwargs)
+        if processors is not None:
+            return self.decode(pieces, budgets, processors, drafters, keep, release)
+        new = self.generate(pieces, max(budgets), gen_kwargs, keep)
+        if release:
+            self.select([r for r, gone in enumerate(release) if not gone])
+        return [ids[:budget].tolist() for ids, budget in zip(new, budgets)]  # greedy: a shorter run's prefix
+
+    def decode(self, pieces: list[list[int]], budgets: list[int], processors, drafters: list | None = None,
+               keep: bool = True, release: list[bool] | None = None) -> list[list[int]]:
+        """Greedy continuation of every row after its block (`generate`'s, with the caller's logits processors), in a
+        loop of our own so that rows with a drafter decode jump-forward (infer/jump.py): each pass feeds a row's
+        newest token (its block, in the first pass) and its draft, and keeps the tokens greedy decoding gives, several
+        per pass where the draft holds. A row ends at an end token, at the template's stop string or at its budget
+        (capped by the context). Returns each row's new tokens.
+
+        Afterwards the cache holds the rows up to their block's end (keep=True) or as they were before it
+        (keep=False). Rows marked in `release` leave the cache as soon as they end (their answer is all the caller
+        needs), so the others decode in a smaller batch; the cache then holds only the other rows, in order."""
+        pipe, n_rows = self.pipe, len(pieces)
+        before, previous = self.ids.shape[1], self.last_logits
+        stop_kwargs = pipe._stop_kwargs()
+        ends, stop = set(stop_kwargs["eos_token_id"]), stop_kwargs.get("stop_strings", [""])[0]
+        context = getattr(self.model.config.text_config, "max_position_embeddings", None) or 2**31
+        real = self.mask.bool() if self.mask.shape[0] == n_rows else None
+        lengths = [len(p) + (int(real[r].sum()) if real is not None else 0) for r, p in enumerate(pieces)]
+        budgets = [min(b, context - n) for b, n in zip(budgets, lengths)]
+        histories = None
+        if processors:  # what `generate` would show them: each row's tokens, pads in the middle left out
+            image_id = self.model.config.image_token_id
+            hidden = not 0 <= image_id < self.model.get_input_embeddings().num_embeddings  # as the model's generate
+            histories = [[0 if hidden and t == image_id else t
+                          for t in (self.ids[r][real[r]].tolist() if real is not None else []) + list(p)]
+                         for r, p in enumerate(pieces)]
+        release = release or [False] * n_rows
+        new: list[list[int]] = [[] for _ in pieces]
+        done = [budget < 1 for budget in budgets]
+        index = list(range(n_rows))  # the rows in the cache, in order
+        heads = [list(p) for p in pieces]  # what each row feeds before its draft: its block, then its newest token
+        first = True
+        block_logits: dict[int, torch.Tensor] = {}
+
+        def greedy(rows: list[int], extra: list[list[int]], scores: torch.Tensor) -> list[int]:
+            """The greedy token of each of `rows` (after its new tokens and `extra`) from its scores [n, V], after the
+            processors. They see one row per position a pass verifies, so they must judge a row by its own tokens,
+            as transformers' processors do (a processor that keeps state across calls: pass it to `generate`)."""
+            if processors and rows:
+                seqs = [histories[r] + new[r] + x for r, x in zip(rows, extra)]
+                width = max(len(q) for q in seqs)
+                ids = torch.tensor([[pipe.pad_token_id] * (width - len(q)) + q for q in seqs], device=self.device)
+                scores = processors(ids, scores.clone())
+            return scores.argmax(-1).tolist()
+
+        def take(r: int, tokens: list[int]) -> None:
+            for token in tokens:
+                new[r].append(token)
+                if token in ends or len(new[r]) >= budgets[r] or (stop and stop in pipe.tokenizer.decode(new[r])):
+                    done[r] = True
+                    return
+
+        while first or not all(done):
+            leaving = [k for k, r in enumerate(index) if done[r] and release[r]]
+            if leaving and not first:
+                self.select([k for k in range(len(index)) if k not in leaving])
+                index = [r for k, r in enumerate(index) if k not in leaving]
+            drafts = {r: (drafters[r](new[r])[: budgets[r] - len(new[r]) - 1]
+                          if drafters and drafters[r] and not done[r] else []) for r in index}
+            blocks = [heads[r] + drafts[r] if first or not done[r] else [] for r in index]
+            last = max(len(drafts[r]) for r in index) + 1  # the columns whose logits verify the drafts
+            logits = self.forward(blocks, last=last)  # [R, last, V]
+            if first:
+                block_end = self.ids.shape[1]
+                block_logits = {r: logits[k, -len(drafts[r]) - 1] for k, r in enumerate(index)}
+                block_drafts = {r: len(drafts[r]) for r in index}
+            # every row's greedy token after each prefix of its draft, all in one call of the processors
+            at = {r: k for k, r in enumerate(index)}
+            positions = [(r, j) for r in index if not done[r] for j in range(len(drafts[r]) + 1)]
+            scores = logits[[at[r] for r, _ in positions], [last - 1 - len(drafts[r]) + j for r, j in positions]]
+            predictions: dict[int, list[int]] = {r: [] for r, _ in positions}
+            for (r, _), token in zip(positions, greedy([r for r, _ in positions],
+                                                       [drafts[r][:j] for r, j in positions], scores)):
+                predictions[r].append(token)
+            for k, r in enumerate(index):
+                if r not in predictions:
+                    continue
+                tokens = accepted(drafts[r], predictions[r])
+                rejected = len(drafts[r]) - (len(tokens) - 1)
+                if rejected:  # the rejected draft tokens are in the cache: masked out, as pads
+                    self.mask[k, -rejected:] = 0
+                take(r, tokens)
+                heads[r] = [tokens[-1]]
+            first = False
+        gone = [k for k, r in enumerate(index) if release[r]]
+        if gone:
+            self.select([k for k in range(len(index)) if k not in gone])
+            index = [r for k, r in enumerate(index) if k not in gone]
+        end = block_end if keep else before
+        self.cache.crop(end - self.cache.get_seq_length())
+        self.ids, self.mask = self.ids[:, :end], self.mask[:, :end]
+        if keep:  # the first pass's drafts are not the block: masked out
+            for k, r in enumerate(index):
+                if block_drafts[r]:
+                    self.mask[k, -block_drafts[r]:] = 0
+            self.last_logits = torch.stack([block_logits[r] for r in index]) if index else self.last_logits[:0]
+        else:
+            self.last_logits = previous[index] if previous is not None else None
+        return new
+
     def repeat(self, n: int) -> None:
         """Each row n times in a row (row r -> rows n*r ... n*r + n-1)."""
         self.cache.batch_repeat_interleave(n)
@@ -569,6 +714,22 @@ def make_item(images, messages, index: int) -> Item | None:
         return None
     image = load_image(images[0]) if isinstance(images[0], (str, os.PathLike)) else images[0].convert("RGB")
     return Item(image, system, messages, split_prompt(turns[0]["content"]))
+
+
+def greedy_processors(model, gen_kwargs: dict) -> LogitsProcessorList | None:
+    """The logits processors that greedy `generate` runs with gen_kwargs, when they are only the caller's
+    `logits_processor`; None when gen_kwargs or the model's generation config (a repetition penalty, ...) ask for
+    more (then `generate` runs). transformers builds that list in GenerationMixin._get_logits_processor."""
+    if set(gen_kwargs) - {"logits_processor"}:
+        return None
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample = False
+    try:
+        if len(model._get_logits_processor(config, device=model.device)):
+            return None
+    except (AttributeError, TypeError, ValueError):  # a private method: if it changes, generate's loop runs
+        return None
+    return LogitsProcessorList(gen_kwargs.get("logits_processor") or [])
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

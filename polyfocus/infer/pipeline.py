@@ -29,7 +29,14 @@ from polyfocus.data.boxes import BoxRecord, ObjectBoxes, indexed
 from polyfocus.data.files import require_local
 from polyfocus.data.images import CONFIG_NAME, ImageProcessor, load_image
 from polyfocus.data.templates import (
-    AUTO_NAMES, IMAGE_TOKEN, TEMPLATES, Template, TemplateError, TokenizerTemplate, encode, get_template,
+    AUTO_NAMES,
+    IMAGE_TOKEN,
+    TEMPLATES,
+    Template,
+    TemplateError,
+    TokenizerTemplate,
+    encode,
+    get_template,
 )
 from polyfocus.experts.detectors import model_detector
 from polyfocus.infer.requests import ImageInput, Request, normalize_request

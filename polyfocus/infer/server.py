@@ -12,7 +12,8 @@ objects ending with `data: [DONE]`, errors as {"error": {"message", "type", "par
 A user message's images go first, each as "<image>\\n", then its text parts joined by newlines (as vLLM does for
 LLaVA, and as LLaVA puts the image before the question). Everything about a request is checked before it is
 queued (size, JSON, fields and types, images, token counts), so bad input costs one 4xx and nothing else.
-Concurrent requests are batched by `polyfocus.infer.batcher.Batcher`.
+Concurrent requests are batched by the scheduler `make_scheduler` picks (continuous batching, infer/continuous.py;
+or per window, infer/batcher.py).
 
 Image URLs: data: (base64) always; local files (file:// or a path) only under --allowed-local-media-path;
 http(s) only with --allow-remote-images (off by default: the server would fetch any URL a client names). Every image
@@ -49,7 +50,8 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from polyfocus.data.templates import IMAGE_TOKEN, TemplateError
-from polyfocus.infer.batcher import Batcher, Event, Job
+from polyfocus.infer.batcher import Event, Job
+from polyfocus.infer.continuous import make_scheduler
 from polyfocus.infer.strategies import STRATEGIES, get_strategy
 
 try:
@@ -74,7 +76,10 @@ class ServeSettings:
     model_name: str = "polyfocus"  # the `model` that requests must name
     max_batch_size: int = 16
     max_waiting: int = 256  # requests queued for the next batch; more are refused with 503 (backpressure)
-    batch_window_ms: float = 10.0  # how long the scheduler waits for more requests after the first
+    batch_window_ms: float = 10.0  # how long the scheduler waits for more requests after the first (when idle)
+    scheduler: str = "continuous"  # or "window" (infer/continuous.py's make_scheduler)
+    max_tokens_in_flight: int = 65536  # continuous: prompt + max_tokens of the running requests, at most
+    prefix_cache_mb: float = 1024.0  # continuous: KV of recent prompts and answers (0: off); image features: 1/4
     max_model_len: int | None = None  # prompt + completion tokens; default: the LLM's max_position_embeddings
     default_max_tokens: int = 512  # when a request names none (capped by what the context has left)
     max_body_bytes: int = 32 * 2**20
@@ -258,7 +263,7 @@ def build_job(chat: ChatRequest, pipe, settings: ServeSettings, fetched: dict[st
     max_tokens = completion_budget(chat, prompt_tokens, context_length(pipe, settings), settings)
     return Job(images=images, messages=messages, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                temperature=chat.temperature, top_p=chat.top_p, stop=chat.stop or [], seed=chat.seed,
-               ignore_eos=chat.ignore_eos, boxes=boxes)
+               ignore_eos=chat.ignore_eos, boxes=boxes, stream=chat.stream)
 
 
 def message_content(message: Message, where: str, settings: ServeSettings,
@@ -473,7 +478,11 @@ def create_app(pipe, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = Batcher(pipe, settings.max_batch_size, settings.batch_window_ms / 1000)
+        cache_bytes = int(settings.prefix_cache_mb * 2**20)
+        app.state.batcher = make_scheduler(pipe, settings.scheduler, settings.max_batch_size,
+                                           settings.batch_window_ms / 1000,
+                                           max_tokens_in_flight=settings.max_tokens_in_flight,
+                                           prefix_cache_bytes=cache_bytes, feature_cache_bytes=cache_bytes // 4)
         app.state.downloads = ImageDownloads(settings)
         yield
         await app.state.downloads.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from polyfocus.infer.batcher import Batcher, Event, Job
+from polyfocus.infer.batcher import Event, Job, Scheduler
 from polyfocus.infer.dualfocus import DualFocus, make_item
 
 
@@ -33,7 +33,7 @@ class Plain:
     def refusal(self, config, images: list, messages: list[dict]) -> tuple[str, str] | None:
         return None
 
-    def serve(self, batcher: Batcher, job: Job) -> AsyncIterator[Event]:
+    def serve(self, batcher: Scheduler, job: Job) -> AsyncIterator[Event]:
         return batcher.stream(job)
 
 
@@ -58,7 +58,7 @@ class DualFocusStrategy:
                     "message)", "messages")
         return None
 
-    def serve(self, batcher: Batcher, job: Job) -> AsyncIterator[Event]:
+    def serve(self, batcher: Scheduler, job: Job) -> AsyncIterator[Event]:
         return DualFocus(batcher.pipe, span=self.span).serve(batcher, job)
 
 

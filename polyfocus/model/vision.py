@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import cached_property
 
 import torch
@@ -85,17 +85,44 @@ class TowerOutputs:
         return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
 
 
-class FeatureCache:
+class TensorLRU:
+    """Key -> tensor, at most `capacity_bytes` of them, the least recently used dropped first. The server keeps recent
+    images' visual tokens in one (infer/continuous.py); `FeatureCache` below is one for a tower's features."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity, self.size, self.hits, self.misses = capacity_bytes, 0, 0, 0
+        self.entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if key in self.entries or size > self.capacity:
+            return
+        self.entries[key] = value
+        self.size += size
+        while self.size > self.capacity:
+            _, old = self.entries.popitem(last=False)
+            self.size -= old.numel() * old.element_size()
+
+
+class FeatureCache(TensorLRU):
     """The tower's selected features of recently seen images, keyed by the processed pixels (a hash of the tensor's
-    bytes, its shape and dtype), at most `max_bytes` of them, the least recently used dropped first. Exact: the same
-    pixels through a frozen tower give the same features (up to the float noise of another batch shape).
+    bytes, its shape and dtype). Exact: the same pixels through a frozen tower give the same features (up to the float
+    noise of another batch shape).
 
     Training with a frozen tower (`polyfocus train --cache_vision_features true`) computes each image's features
-    once instead of once per epoch and step; a server keeps the features of images a conversation returns to."""
+    once instead of once per epoch and step."""
 
-    def __init__(self, max_bytes: int = 2 * 2**30):
-        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
-        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+    def __init__(self, capacity_bytes: int = 2 * 2**30):
+        super().__init__(capacity_bytes)
 
     @staticmethod
     def key(image: torch.Tensor) -> bytes:
@@ -106,22 +133,11 @@ class FeatureCache:
     def features(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """[n, 3, S, S] → [n, N, C]: cached rows, and `compute(index of the missing images)` for the rest."""
         keys = [self.key(image) for image in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        found = [self.get(k) for k in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
         if missing:
             computed = compute(torch.tensor(missing, device=pixel_values.device))
             for i, row in zip(missing, computed):
-                self._put(keys[i], row.detach().clone())
-        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
-        for k in keys:
-            self.entries.move_to_end(k)
-        return torch.stack([self.entries[k] for k in keys]).to(pixel_values.device)
-
-    def _put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        self.entries[key] = value
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+                found[i] = row.detach().clone()
+                self.put(keys[i], found[i])
+        return torch.stack(found).to(pixel_values.device)
