@@ -33,6 +33,7 @@ import yaml
 
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
 CHAT_FAMILIES = ["chat"]  # trained on, not scored by the demo's table (free-form sentences)
+PRETRAIN_FAMILIES = ["dense_caption"]  # stage 1's captions
 DEFAULT_STEPS = (800, 1500)  # stage 1, stage 2
 DEFAULT_TOWER = "dinov2-s"
 DEFAULT_TOWER_STEPS = 3000  # the from-scratch tower's pretraining
@@ -101,7 +102,7 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
     train_families = families + [f for f in CHAT_FAMILIES if f not in families]
     # Stage 2 asks each training image all its questions in one conversation (as LLaVA-1.5's data does): every answer
     # is trained on for one pass over the image's tokens. The test split keeps one question per sample.
-    for split, n, split_families, multi_turn in (("pretrain", train_scenes, ["dense_caption"], False),
+    for split, n, split_families, multi_turn in (("pretrain", train_scenes, PRETRAIN_FAMILIES, False),
                                                  ("train", train_scenes, train_families, True),
                                                  ("test", test_scenes, families, False)):
         export(str(data), n, seed=seed, image_size=render_size or image_size, families=split_families, split=split,

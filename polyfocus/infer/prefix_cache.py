@@ -1,5 +1,6 @@
 """Reuse across requests: the KV states of recent prompts (so the next turn of a conversation, or another question on
-the same image with the same system prompt, prefills only its new tokens) and the visual tokens of recent images.
+the same image with the same system prompt, prefills only its new tokens). (The visual tokens of recent images are
+kept in a model/vision.py TensorLRU by the scheduler.)
 
 SGLang keeps every sequence's KV in a radix tree over its tokens (RadixAttention, Zheng et al. 2024,
 `sglang/srt/mem_cache/radix_cache.py`); vLLM hashes fixed-size blocks of tokens, each hash chained to the one before

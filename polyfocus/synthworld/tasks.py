@@ -28,7 +28,7 @@ from polyfocus.data.prompts import MC_ANSWER, SHORT_ANSWER, box_text
 from polyfocus.synthworld.scenes import COLOURS, SHAPES, Scene, SceneObject, make_scene
 
 FAMILIES = ("colour", "shape", "count", "existence", "text", "spatial", "mc", "grounding",
-            "caption", "dense_caption", "chat")
+            "caption", "dense_caption", "chat", "facts")
 POPE_STRATEGIES = ("random", "popular", "adversarial")
 KINDS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # every possible "red star"
 
@@ -419,6 +419,32 @@ def dense_caption(scene: Scene) -> str:
     return " ".join(sentences)
 
 
+def facts(scene: Scene) -> str:
+    """Each object twice, named the way questions name it: by the shortest phrase without its colour, then its
+    colour ("The star is red."), and by the shortest phrase without its shape, then its shape ("The red object is a
+    star."). What a colour or shape question asks, stated for every object: a caption that binds each object's
+    attributes to the words that pick it out."""
+    sentences = []
+    for obj in _reading_order(scene):
+        by_shape, by_colour = refer(scene, obj, without="colour"), refer(scene, obj, without="shape")
+        if by_shape is not None:
+            sentences.append(f"{by_shape} is {obj.colour}.")
+        if by_colour is not None:
+            sentences.append(f"{by_colour} is {_a(obj.shape)}.")
+    return " ".join(s[0].upper() + s[1:] for s in sentences)
+
+
+FACTS_PROMPTS = ("What is each object like?", "Name the colour and the shape of every object.")
+
+
+def facts_task(scene: Scene, rng: random.Random) -> Task | None:
+    text = facts(scene)
+    if not text:
+        return None
+    prompt = rng.choice(FACTS_PROMPTS)
+    return Task("facts", prompt, prompt, text, [scene.norm(o.box) for o in scene.objects])
+
+
 def caption_task(scene: Scene, rng: random.Random) -> Task:
     prompt = rng.choice(CAPTION_PROMPTS)
     return Task("caption", prompt, prompt, short_caption(scene),
@@ -476,5 +502,5 @@ def _chat(question: str, answer: str, boxes, **meta) -> Task:
 _BUILDERS = {
     "colour": colour_task, "shape": shape_task, "count": count_task, "existence": existence_task,
     "text": text_task, "spatial": spatial_task, "mc": mc_task, "grounding": grounding_task,
-    "caption": caption_task, "dense_caption": dense_caption_task, "chat": chat_task,
+    "caption": caption_task, "dense_caption": dense_caption_task, "chat": chat_task, "facts": facts_task,
 }

@@ -128,7 +128,8 @@ def pretrain_tower(vision_config, out_dir: str | Path, steps: int = 3000, batch_
     args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                              learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
                              weight_decay=0.0, logging_steps=50, save_strategy="no", report_to="none",
-                             remove_unused_columns=False, dataloader_num_workers=0, seed=seed, disable_tqdm=quiet)
+                             remove_unused_columns=False, dataloader_num_workers=0, seed=seed, disable_tqdm=quiet,
+                             dataloader_pin_memory=torch.cuda.is_available())
     model = ObjectClassifier(tower, select_layer, attributes)
     trainer = Trainer(model=model, args=args, train_dataset=scenes(steps * batch_size, "tower"),
                       data_collator=collate_objects)
