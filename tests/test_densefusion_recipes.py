@@ -184,7 +184,8 @@ def test_documented_synthworld_chain_end_to_end(tmp_path, monkeypatch):
     out = Path("polyfocus_demo")
     demo.make_data(out, 12, 2, 56, 3, ["colour"], seed=0)
     demo.make_backbones(out, demo.demo_model_config(56, {"hidden_size": 32}), 0, 4, 3, seed=0)
-    steps = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--bf16", "false", "--disable_tqdm", "true"]
+    steps = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--bf16", "false", "--disable_tqdm", "true",
+             "--mm_vision_select_layer", "-2"]  # the recipes read DINOv2's layer 6; this tiny tower has 3 layers
 
     main(["densefusion", "synthworld", "--data", "polyfocus_demo/data", "--out", "polyfocus_demo/densefusion"])
     shared = ["--images", "polyfocus_demo/densefusion/images.jsonl", "--image-root", "polyfocus_demo/data",

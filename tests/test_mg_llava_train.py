@@ -5,17 +5,17 @@ synthworld ConvNeXt pretraining.
 
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from test_mg_llava import TINY_HIRES, convnext_to_open_clip
+from train_helpers import changed as changed_tensors
+from train_helpers import train_recording, write_tiny_backbones
 
 from polyfocus.train.args import parse_args
 from polyfocus.train.freeze import trainable_parts
-
-from test_mg_llava import TINY_HIRES, convnext_to_open_clip  # noqa: E402
-from train_helpers import changed as changed_tensors  # noqa: E402
-from train_helpers import train_recording, write_tiny_backbones
 
 REPO = Path(__file__).resolve().parents[1]
 MG = REPO / "configs" / "mg_llava"
@@ -186,7 +186,8 @@ def test_tune_hires_tower_trains_the_convnext_at_its_own_rate(backbones, monkeyp
     stage = train_recording(monkeypatch, MG / "synthworld_objects_pretrain.yaml", CPU + [
         "--model_name_or_path", "vicuna", "--tokenizer_name_or_path", "vicuna", "--vision_tower", "clip",
         "--hires_tower", "convnext", "--data_path", "data/pretrain.json", "--image_folder", "data",
-        "--output_dir", str(tmp_path / "s1"), "--tune_hires_tower", "true", "--mm_hires_tower_lr", "1e-4"])
+        "--output_dir", str(tmp_path / "s1"), "--tune_hires_tower", "true", "--mm_hires_tower_lr", "1e-4",
+        "--mm_vision_select_layer", "-2", "--cache_vision_features", "false"])  # a 3-layer CLIP, not DINOv2
     assert "hires_tower" in changed(stage) and lrs(stage) == {2e-3, 1e-4}
     assert stage.model.config.box_detector == "synthworld"
 
@@ -195,16 +196,17 @@ def test_demo_switches_the_branch_on(tmp_path, monkeypatch):
     """`polyfocus demo --model-config '{"fusion": "convgate", "object_tokens": true}' --render-size 112`: the data is
     rendered at that size, a ConvNeXt is made for the model's resolution, and stage 1's recipe names it, with the
     object tokens and synthworld's detector (training and evaluation stubbed out)."""
-    import polyfocus.demo as demo
+    from polyfocus import demo
     from polyfocus.train import run
 
     seen = []
-    monkeypatch.setattr(run, "train", lambda config, overrides=(): seen.append(config))
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[], global_step=1))  # what the stage line reads
+    monkeypatch.setattr(run, "train", lambda config, overrides=(): seen.append(config) or trainer)
     monkeypatch.setattr(demo, "evaluate_model", lambda *a, **k: ("", {}, {}))
     monkeypatch.setattr(demo, "ask_fresh_image", lambda *a, **k: "")
     demo.run(str(tmp_path / "demo"), train_scenes=2, test_scenes=1, steps=(1, 1), image_size=56, batch_size=2,
              model_config={"hidden_size": 32, "fusion": "convgate", "object_tokens": True}, tower_steps=0,
-             hires_tower_steps=0, render_size=112)
+             hires_tower_steps=0, render_size=112, tower="scratch")
     stage1 = yaml.safe_load((tmp_path / "demo" / "stage1.yaml").read_text())
     assert (stage1["fusion"], stage1["object_tokens"], stage1["box_detector"]) == ("convgate", True, "synthworld")
     assert stage1["hires_tower"] == str(tmp_path / "demo" / "hires_tower")

@@ -7,20 +7,25 @@ The deformable attention itself is tested in tests/test_deformable_attention.py.
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_checkpoints import llava_config, write_base_llm, write_clip_tower, write_shards  # noqa: E402
+from test_checkpoints import (
+    llava_config,
+    write_base_llm,
+    write_clip_tower,
+    write_shards,
+)
+from train_helpers import changed, train_recording, write_tiny_backbones
 
 from polyfocus import PolyfocusConfig, PolyfocusForConditionalGeneration
 from polyfocus.checkpoints import checkpoint_format, load_model, to_llava_hf
 from polyfocus.model.fusion import MMFuser
 from polyfocus.model.fusion.deformable_attention import centre_grid
 from polyfocus.model.presets import tiny_config
-
-from train_helpers import changed, train_recording, write_tiny_backbones  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = 4
@@ -469,16 +474,18 @@ def test_fusion_from_a_multimodal_checkpoint_is_refused(backbones, tmp_path):
 def test_demo_model_config_switches_fusion_on_in_stage_1(tmp_path, monkeypatch):
     """`polyfocus demo --model-config '{"fusion": "mmfuser"}'`: the fuser reaches the stage-1 recipe, which builds
     the model (the training and evaluation themselves are stubbed out here)."""
-    import polyfocus.demo as demo
+    from polyfocus import demo
     from polyfocus.train import run
     from polyfocus.train.args import parse_args
 
     seen = []
-    monkeypatch.setattr(run, "train", lambda config, overrides=(): seen.append(config))
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[], global_step=1))  # what the stage line reads
+    monkeypatch.setattr(run, "train", lambda config, overrides=(): seen.append(config) or trainer)
     monkeypatch.setattr(demo, "evaluate_model", lambda *a, **k: ("", {}, {}))
     monkeypatch.setattr(demo, "ask_fresh_image", lambda *a, **k: "")
     demo.run(str(tmp_path / "demo"), train_scenes=2, test_scenes=1, steps=(1, 1), image_size=56, batch_size=2,
-             model_config={"hidden_size": 32, "fusion": "mmfuser", "mmfuser_num_heads": 8}, tower_steps=0)
+             model_config={"hidden_size": 32, "fusion": "mmfuser", "mmfuser_num_heads": 8}, tower_steps=0,
+             tower="scratch")
     stage1 = yaml.safe_load((tmp_path / "demo" / "stage1.yaml").read_text())
     assert (stage1["fusion"], stage1["mmfuser_num_heads"]) == ("mmfuser", 8)
     model_args = parse_args(seen[0])[0]

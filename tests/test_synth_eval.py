@@ -164,7 +164,8 @@ def test_own_reference_scores_100_percent_in_every_family(test_split):
 
 WRONG = {"colour": "chartreuse", "shape": "pentagon", "count": "99", "existence": "maybe",
          "text": "???", "spatial": "inside", "mc": "E", "grounding": "[2.00, 2.00, 3.00, 3.00]",
-         "caption": "A picture.", "dense_caption": "Nothing to see here.", "chat": "Purple elephants dance."}
+         "caption": "A picture.", "dense_caption": "Nothing to see here.", "chat": "Purple elephants dance.",
+         "facts": "The elephant is purple."}
 
 
 def test_wrong_answers_score_zero_in_every_family(test_split):
