@@ -43,11 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cached", action="store_true", help="the converted tower already in the cache")
     p.add_argument("--tower", default="dinov2-s", help="dinov2-s (default) or scratch")
+    p.add_argument("--out", help="keep the demo's directory here (default: a temporary one, removed)")
     args = p.parse_args(argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         cache = None if args.cached else os.path.join(tmp, "cache")
-        summary = run_demo(os.path.join(tmp, "demo"), args.tower, cache)
+        summary = run_demo(args.out or os.path.join(tmp, "demo"), args.tower, cache)
+    if args.out:  # what the user would have seen, kept beside the run
+        with open(os.path.join(args.out, "demo_output.txt"), "w") as f:
+            f.write(summary["output"])
     accuracy, baseline = summary["accuracy"], summary["majority_baseline"]
     total = summary["timings_s"]["total_s"]
     warnings = [line for line in summary["output"].splitlines() if "Warning" in line or "warning" in line]

@@ -34,7 +34,7 @@ import yaml
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
 CHAT_FAMILIES = ["chat"]  # trained on, not scored by the demo's table (free-form sentences)
 PRETRAIN_FAMILIES = ["dense_caption"]  # stage 1's captions
-DEFAULT_STEPS = (800, 1500)  # stage 1, stage 2
+DEFAULT_STEPS = (500, 800)  # stage 1, stage 2 (800 / 1500 measured no better: docs/benchmarks.md)
 DEFAULT_TOWER = "dinov2-s"
 DEFAULT_TOWER_STEPS = 3000  # the from-scratch tower's pretraining
 DEFAULT_IMAGE_SIZE = 112

@@ -78,8 +78,12 @@ def cmd_boxes(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
     from polyfocus.data.images import ImageLoadError, load_image
     from polyfocus.infer.pipeline import Pipeline
+
+    hf_logging.disable_progress_bar()  # a chat prints its answers only, not transformers' weight-loading bar
 
     try:
         image = load_image(args.image)  # once, as LLaVA's CLI; a bad path is a usage error
