@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from polyfocus.cli import main
 from polyfocus.synthworld.scenes import Scene
 
@@ -18,9 +20,20 @@ def test_synth_writes_the_requested_families_and_scenes(tmp_path, capsys):
         assert scenes[sample["scene_id"]].image_size == 192
 
 
+
+def test_synth_takes_the_demos_scene_settings(tmp_path, capsys):
+    """--max-objects and --sizes: the scenes `polyfocus demo` trains on (docs/evaluation.md's example); a size
+    synthworld does not know is one line."""
+    main(["synth", "--out", str(tmp_path), "--n", "40", "--image-size", "112", "--max-objects", "3",
+          "--sizes", "medium,large", "--families", "colour"])
+    scenes = [Scene.from_dict(json.loads(line)) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    assert max(len(s.objects) for s in scenes) == 3
+    assert {o.size for s in scenes for o in s.objects} == {"medium", "large"}
+    with pytest.raises(SystemExit, match="synth: --sizes: unknown object sizes \\['huge'\\]"):
+        main(["synth", "--out", str(tmp_path), "--n", "1", "--sizes", "huge"])
+
 # ---- errors: one line, and a missing path never reaches a model hub --------------------------------------------
 
-import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 

@@ -16,10 +16,15 @@ from polyfocus.cli.options import parse_options
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from polyfocus.synthworld.scenes import export
+    from polyfocus.synthworld.scenes import SIZES, export
 
     families = args.families.split(",") if args.families else None
-    summary = export(args.out, args.n, seed=args.seed, image_size=args.image_size, families=families, split=args.split)
+    sizes = tuple(args.sizes.split(",")) if args.sizes else tuple(SIZES)
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise ValueError(f"--sizes: unknown object sizes {unknown}; known: {', '.join(SIZES)}")
+    summary = export(args.out, args.n, seed=args.seed, image_size=args.image_size, families=families, split=args.split,
+                     max_objects=args.max_objects, sizes=sizes)
     print(json.dumps(summary, indent=2))
 
 
@@ -254,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test", "pretrain"],
                    help="pretrain = short captions only, for stage 1")
     p.add_argument("--families", default=None, help="comma-separated task families (default: all)")
+    p.add_argument("--max-objects", type=int, default=6, help="objects per scene, at most (the demo: 3)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated object sizes (default: all; the demo: medium,large, every object answerable "
+                        "at 112 px)")
     p.set_defaults(func=cmd_synth)
 
     p = verbs.add_parser("convert", help="convert a checkpoint: llava-hf <-> polyfocus, original LLaVA -> either")
