@@ -585,11 +585,11 @@ def test_released_checkpoint_layout_loads(tmp_path):
 def test_recipes(tmp_path):
     """The synthworld recipe is the demo's stage 2 with the DualFocus data added (same steps and rates); the real-size
     one is LLaVA-1.5-7B's finetune recipe with the DualFocus GQA data added."""
-    from polyfocus.demo import default_recipe
+    from polyfocus.demo import DEFAULT_STEPS, default_recipe
     from polyfocus.train.args import parse_args
 
     recipes = REPO / "configs" / "dualfocus"
-    demo = default_recipe(Path("polyfocus_demo"), (800, 1500), 16)["stage2"]
+    demo = default_recipe(Path("polyfocus_demo"), DEFAULT_STEPS, 16)["stage2"]
     mine = yaml.safe_load((recipes / "synthworld_finetune.yaml").read_text())
     differ = {k for k in set(demo) | set(mine) if demo.get(k) != mine.get(k)}
     assert differ == {"data_path", "output_dir"}
