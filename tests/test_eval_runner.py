@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from polyfocus.cli import main
+from polyfocus.data.files import sha256_file
 from polyfocus.eval.benchmarks import EvalDataError, Row
-from polyfocus.eval.runner import EvalRunError, evaluate, get_chunk, read_answers, sha256, summary_table
+from polyfocus.eval.runner import EvalRunError, evaluate, get_chunk, read_answers, summary_table
 from polyfocus.synthworld.scenes import export
 
 from eval_helpers import read_jsonl
@@ -103,7 +104,7 @@ def test_results_json_records_what_reproduces_the_run(reference, data, ckpt):
     assert results["benchmark"] == "synthworld" and results["n"] == 12
     assert results["decoding"] == {"do_sample": False, "temperature": 0.0, "num_beams": 1, "max_new_tokens": 4,
                                    "batch_size": 4}
-    assert results["files_sha256"] == {str(data / "test.json"): sha256(data / "test.json")}
+    assert results["files_sha256"] == {str(data / "test.json"): sha256_file(data / "test.json")}
     assert results["environment"]["packages"]["torch"] and results["environment"]["packages"]["transformers"]
     generation = results["settings"]["generation"]
     assert generation["template"] == "tokenizer" and generation["stop"] == "</s>"

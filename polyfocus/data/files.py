@@ -7,6 +7,7 @@ half-written file where a reader (or a resumed run) would trust it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -61,3 +62,12 @@ def require_local(path: str | os.PathLike, what: str, directory: bool = True) ->
     if directory and not os.path.isdir(expanded):
         raise NotADirectoryError(f"{what} {text}: not a directory")
     return expanded
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, hex, read in 1 MiB blocks (a wheel, an ONNX file, a benchmark's data)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

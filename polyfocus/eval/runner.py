@@ -38,7 +38,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from polyfocus.data.files import require_local, write_atomic
+from polyfocus.data.files import require_local, sha256_file, write_atomic
 from polyfocus.eval.benchmarks import Benchmark, EvalDataError, Row, get_benchmark
 
 IMAGE_TOKEN = "<image>"
@@ -374,7 +374,7 @@ def score_and_write(bench: Benchmark, rows: list[Row], answers: dict, out_dir: P
 
 def hash_files(files: list[Path]) -> dict[str, str]:
     """sha256 of each benchmark file; many small files (MME's) are summarised as one digest per folder."""
-    digests = {str(p): sha256(p) for p in dict.fromkeys(files)}
+    digests = {str(p): sha256_file(p) for p in dict.fromkeys(files)}
     if len(digests) <= 32:
         return digests
     folders: dict[str, Any] = {}
@@ -383,13 +383,6 @@ def hash_files(files: list[Path]) -> dict[str, str]:
         folders.setdefault(folder, hashlib.sha256()).update(f"{Path(path).name}:{digest}\n".encode())
     return {f"{folder}/ (combined)": h.hexdigest() for folder, h in folders.items()}
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def environment() -> dict:
