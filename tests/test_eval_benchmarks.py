@@ -12,10 +12,11 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
+from polyfocus.data.files import sha256_file
 from polyfocus.eval.benchmarks import BENCHMARKS, EvalDataError, get_benchmark
 from polyfocus.eval.benchmarks.judged import MMVET_RETRY
 from polyfocus.eval.judge import Judge, JudgeError
-from polyfocus.eval.runner import evaluate, sha256
+from polyfocus.eval.runner import evaluate
 from polyfocus.infer.pipeline import Pipeline
 from polyfocus.synthworld.scenes import export
 
@@ -306,7 +307,7 @@ def test_every_benchmark_runs_end_to_end_on_the_tiny_model(name, root, pipe, fak
     assert all(isinstance(s["answer"], str) and "score" in s for s in samples)
     assert results["main_metric"] in results["scores"] and json.loads((out / "results.json").read_text()) == results
     for path, digest in results["files_sha256"].items():  # every file that was read is hashed, correctly
-        assert "(combined)" in path or digest == sha256(path)
+        assert "(combined)" in path or digest == sha256_file(path)
     for path in results.get("submission", []):
         assert (out / "submission").exists() and path.startswith(str(out / "submission"))
 
