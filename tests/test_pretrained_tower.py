@@ -197,7 +197,6 @@ def test_standardised_features_from_training_images_folded_into_the_hf_export(ba
     dataset = trainer.train_dataset
     pixels = torch.cat([dataset[i]["pixel_values"] for i in range(5)])
     with torch.no_grad():
-        features = model.get_image_features  # noqa: F841 - the projector's input, below
         from polyfocus.model.vision import TowerOutputs
 
         inputs = model.projector_inputs(TowerOutputs(model.config, model.vision_tower, None, pixels))
@@ -234,3 +233,24 @@ def test_cached_features_and_the_truncated_tower_train_exactly_as_without(backbo
 def test_the_cache_needs_a_frozen_tower(backbones):
     with pytest.raises(ValueError, match="cache_vision_features needs a frozen vision tower"):
         train_tiny(backbones, "refused", cache_vision_features=True, unfreeze_vision_layers=-1)
+
+
+def test_calibration_passes_over_samples_that_failed_to_load():
+    """strict_data off: a sample whose image failed to load is a Skipped item, not measured; the statistics are the
+    loaded images' alone."""
+    from polyfocus.data.dataset import Skipped
+    from polyfocus.model.vision import TowerOutputs
+    from polyfocus.train.run import calibrate_feature_norm
+
+    torch.manual_seed(0)
+    model = PolyfocusForConditionalGeneration(tiny_config(vision="dinov2", mm_standardize_features=True)).eval()
+    size = model.config.vision_config.image_size
+    images = [torch.randn(1, 3, size, size) for _ in range(2)]
+    dataset = [Skipped("unreadable image", "bad", "data.json"), {"pixel_values": images[0]},
+               {"pixel_values": images[1]}]
+    calibrate_feature_norm(model, dataset, n_images=2, quiet=True)
+    with torch.no_grad():
+        inputs = model.projector_inputs(TowerOutputs(model.config, model.vision_tower, None, torch.cat(images)))
+    assert int(model.mm_feature_norm.images) == 2
+    flat = inputs.reshape(-1, inputs.shape[-1]).double()
+    torch.testing.assert_close(model.mm_feature_norm.mean.double(), flat.mean(0), rtol=0, atol=1e-6)

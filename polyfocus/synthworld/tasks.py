@@ -4,7 +4,8 @@ and the evidence boxes a model has to look at.
 Families (FAMILIES): colour, shape, count, existence (POPE), text (read the code), spatial,
 mc (multiple choice A-D), grounding (box answer), caption (short), dense_caption, and chat: free-form questions
 without the answer-format instruction, answered in a sentence, including questions the image cannot answer
-("I cannot tell from the image.").
+("I cannot tell from the image."), and facts (every object's colour and shape stated as the questions name it: a
+stage-1 caption for experiments).
 
 Prompts follow LLaVA-1.5: short-answer VQA ends with SHORT_ANSWER, multiple choice with
 MC_ANSWER, grounding uses LLaVA's RefCOCO prompt and answers "[x1, y1, x2, y2]" normalised to

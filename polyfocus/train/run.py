@@ -203,8 +203,8 @@ def calibrate_feature_norm(model, dataset, n_images: int = 256, batch_size: int 
         return
     pixels = []
     for i in range(len(dataset)):
-        item = dataset[i]
-        if item.get("pixel_values") is not None:
+        item = dataset[i]  # a Skipped (a sample that failed to load, strict_data off) has no pixels to measure
+        if isinstance(item, dict) and item.get("pixel_values") is not None:
             pixels += list(item["pixel_values"])
         if len(pixels) >= n_images:
             break
