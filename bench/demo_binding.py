@@ -11,7 +11,8 @@ MLP on top) of scenes at the demo's settings, and must name the colour of the ob
   token's own query to the patches), with nothing to route.
 
 Reported per scene size (1, 2, 3 objects): held-out colour accuracy, and the attention the shape word puts on its
-object's patches vs on the other objects' patches (the LLM: the best head of each layer). Same steps, batch and
+object's patches vs on the other objects' patches (the LLM: its most selective head, chosen per object among all
+layers' heads — an optimistic reading, said so where quoted). Same steps, batch and
 learning rate for both. docs/benchmarks.md ("The demo's accuracy target") reads it.
 
     python bench/demo_binding.py [--scenes 4000] [--steps 800]
@@ -168,7 +169,7 @@ def run_llm(train, test, steps, batch_size, lr, seed, work: Path) -> dict:
                 right = out.logits[0, n_image + pos].argmax().item() == ids[pos + 1]
                 shares = [max((attention_share(layer[0, h, n_image + pos, :n_image], obj, scene.objects)
                                for h in range(layer.shape[1])), key=lambda s: s[0] - s[1])
-                          for layer in out.attentions]  # per layer, the head most selective for the object
+                          for layer in out.attentions]  # per layer, the head most selective for this object
                 records.append((len(scene.objects), right, *max(shares, key=lambda s: s[0] - s[1])))
     return summarise(records)
 
