@@ -33,6 +33,7 @@ from torch import nn
 
 from polyfocus.checkpoints.dinov2 import dinov2_s
 from polyfocus.demo import DEFAULT_IMAGE_SIZE, DEMO_SIZES, DINOV2_LAYER
+from polyfocus.model.projector import build_projector
 from polyfocus.synthworld.scenes import make_scene, render
 
 PATCH = 14
@@ -67,10 +68,6 @@ def attention_share(weights, obj, objects) -> tuple[float, float]:
     return float(weights[own].sum()), float(weights[sorted(others)].sum()) if others else 0.0
 
 
-def projector(hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(384, hidden), nn.GELU(), nn.Linear(hidden, hidden))  # the demo's mlp2x_gelu
-
-
 def summarise(records) -> dict:
     """records: (objects in the scene, correct, attention on the object, on the others)."""
     by_size = defaultdict(list)
@@ -86,7 +83,7 @@ def run_probe(train, test, steps, batch_size, lr, seed) -> dict:
     colours = sorted({o.colour for s in train_scenes for o in s.objects})
     phrases = sorted({f"{o.size} {o.shape}" for s in train_scenes for o in s.objects})
     torch.manual_seed(seed)
-    project, query = projector(128), nn.Embedding(len(phrases), 128)
+    project, query = build_projector("mlp2x_gelu", 384, 128), nn.Embedding(len(phrases), 128)
     attend, read = nn.MultiheadAttention(128, 4, batch_first=True), nn.Linear(128, len(colours))
     params = [p for m in (project, query, attend, read) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -127,7 +124,7 @@ def run_llm(train, test, steps, batch_size, lr, seed, work: Path) -> dict:
     torch.manual_seed(seed)
     config = tiny_config(vocab_size=len(tokenizer), **demo_model_config()).text_config
     config._attn_implementation = "eager"  # attention weights are read
-    llm, project = LlamaForCausalLM(config), projector(config.hidden_size)
+    llm, project = LlamaForCausalLM(config), build_projector("mlp2x_gelu", 384, config.hidden_size)
     params = list(llm.parameters()) + list(project.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     prefix = tokenizer("Objects:", add_special_tokens=False)["input_ids"]
