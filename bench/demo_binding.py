@@ -1,13 +1,15 @@
-"""Where the demo's accuracy stops: do the tower's features let a question's word find its object, and does the
+"""Where the demo's accuracy stops: do the tower's features let a question's words find their object, and does the
 demo's LLM learn to? One JSON line.
 
 Both learners read the same frozen DINOv2 layer-6 patch features (standardised per channel, the demo's projector
-MLP on top) of scenes at the demo's settings, and must name the colour of the object a shape word picks out:
+MLP on top) of scenes at the demo's settings, and must name the colour of the object a phrase picks out — the phrase
+a colour question names it by ("the star", or "the large star" when the scene has two stars; objects that no phrase
+without their colour picks out alone are left out, as the questions leave them out):
 
-- `probe`: one cross-attention whose query is a learned vector per noun phrase ("medium triangle"), the answer read
-  from its output — the binding alone, one hop from the word to the patches;
+- `probe`: one cross-attention whose query is a learned vector per phrase, the answer read from its output — the
+  binding alone, one hop from the words to the patches;
 - `llm`: the demo's LLM (Llama 2 x 128 from random weights) after the image, trained on captions
-  "Objects: triangle red, hexagon blue." — the colour follows its shape word, so this too is one hop (the shape
+  "Objects: large star red, hexagon blue." — the colour follows its phrase, so this too is one hop (the shape
   token's own query to the patches), with nothing to route.
 
 Reported per scene size (1, 2, 3 objects): held-out colour accuracy, and the attention the shape word puts on its
@@ -35,6 +37,7 @@ from polyfocus.checkpoints.dinov2 import dinov2_s
 from polyfocus.demo import DEFAULT_IMAGE_SIZE, DEMO_SIZES, DINOV2_LAYER
 from polyfocus.model.projector import build_projector
 from polyfocus.synthworld.scenes import make_scene, render
+from polyfocus.synthworld.tasks import refer
 
 PATCH = 14
 
@@ -68,6 +71,12 @@ def attention_share(weights, obj, objects) -> tuple[float, float]:
     return float(weights[own].sum()), float(weights[sorted(others)].sum()) if others else 0.0
 
 
+def named(scene) -> list[tuple]:
+    """(object, the phrase a colour question names it by, "the large star") for every object that has one: a shape
+    alone is ambiguous in about a quarter of the scenes with two or three objects (synthworld groups objects by shape)."""
+    return [(o, phrase) for o in scene.objects if (phrase := refer(scene, o, without="colour"))]
+
+
 def summarise(records) -> dict:
     """records: (objects in the scene, correct, attention on the object, on the others)."""
     by_size = defaultdict(list)
@@ -81,7 +90,7 @@ def summarise(records) -> dict:
 def run_probe(train, test, steps, batch_size, lr, seed) -> dict:
     (train_scenes, train_x), (test_scenes, test_x) = train, test
     colours = sorted({o.colour for s in train_scenes for o in s.objects})
-    phrases = sorted({f"{o.size} {o.shape}" for s in train_scenes for o in s.objects})
+    phrases = sorted({phrase for s in train_scenes for _, phrase in named(s)})
     torch.manual_seed(seed)
     project, query = build_projector("mlp2x_gelu", 384, 128), nn.Embedding(len(phrases), 128)
     attend, read = nn.MultiheadAttention(128, 4, batch_first=True), nn.Linear(128, len(colours))
@@ -90,24 +99,27 @@ def run_probe(train, test, steps, batch_size, lr, seed) -> dict:
 
     def forward(x, objects):
         keys = project(x)
-        q = query(torch.tensor([phrases.index(f"{o.size} {o.shape}") for o in objects]))[:, None]
+        q = query(torch.tensor([phrases.index(phrase) for _, phrase in objects]))[:, None]
         out, weights = attend(q, keys, keys)
         return read(out[:, 0]), weights[:, 0]
 
-    rng = random.Random(seed)
+    rng, usable = random.Random(seed), [i for i, s in enumerate(train_scenes) if named(s)]
     for _ in range(steps):
-        idx = rng.sample(range(len(train_scenes)), batch_size)
-        objects = [rng.choice(train_scenes[i].objects) for i in idx]
+        idx = rng.sample(usable, batch_size)
+        objects = [rng.choice(named(train_scenes[i])) for i in idx]
         logits, _ = forward(train_x[idx], objects)
-        loss = nn.functional.cross_entropy(logits, torch.tensor([colours.index(o.colour) for o in objects]))
+        loss = nn.functional.cross_entropy(logits, torch.tensor([colours.index(o.colour) for o, _ in objects]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     records = []
     with torch.no_grad():
         for scene, x in zip(test_scenes, test_x):
-            logits, weights = forward(x.expand(len(scene.objects), -1, -1), scene.objects)
-            for obj, guess, w in zip(scene.objects, logits.argmax(-1), weights):
+            objects = named(scene)
+            if not objects:  # no object of this scene can be named without its colour
+                continue
+            logits, weights = forward(x.expand(len(objects), -1, -1), objects)
+            for (obj, _), guess, w in zip(objects, logits.argmax(-1), weights):
                 records.append((len(scene.objects), colours[guess] == obj.colour, *attention_share(w, obj, scene.objects)))
     return summarise(records)
 
@@ -132,8 +144,8 @@ def run_llm(train, test, steps, batch_size, lr, seed, work: Path) -> dict:
     def caption(objects):
         """Token ids and, per object, the position of its shape word's (last) token and of its colour's first."""
         ids, where = list(prefix), []
-        for k, o in enumerate(objects):
-            ids += tokenizer(("," if k else "") + " " + o.shape, add_special_tokens=False)["input_ids"]
+        for k, (o, phrase) in enumerate(objects):
+            ids += tokenizer(("," if k else "") + " " + phrase.removeprefix("the "), add_special_tokens=False)["input_ids"]
             where.append(len(ids) - 1)
             ids += tokenizer(" " + o.colour, add_special_tokens=False)["input_ids"]
         return ids + tokenizer(".", add_special_tokens=False)["input_ids"], where
@@ -142,11 +154,12 @@ def run_llm(train, test, steps, batch_size, lr, seed, work: Path) -> dict:
         ids, where = caption(objects)
         return torch.cat([project(x), llm.get_input_embeddings()(torch.tensor(ids))]), ids, where
 
-    rng = random.Random(seed)
+    rng, usable = random.Random(seed), [i for i, s in enumerate(train_scenes) if named(s)]
     for _ in range(steps):
         rows = []
-        for i in rng.sample(range(len(train_scenes)), batch_size):
-            emb, ids, _ = embed(train_x[i], rng.sample(train_scenes[i].objects, len(train_scenes[i].objects)))
+        for i in rng.sample(usable, batch_size):
+            objects = named(train_scenes[i])
+            emb, ids, _ = embed(train_x[i], rng.sample(objects, len(objects)))
             rows.append((emb, [-100] * train_x.shape[1] + ids))
         length = max(len(r[1]) for r in rows)
         inputs = torch.stack([nn.functional.pad(e, (0, 0, 0, length - len(e))) for e, _ in rows])
@@ -160,9 +173,12 @@ def run_llm(train, test, steps, batch_size, lr, seed, work: Path) -> dict:
     records, n_image = [], test_x.shape[1]
     with torch.no_grad():
         for scene, x in zip(test_scenes, test_x):
-            emb, ids, where = embed(x, scene.objects)
+            objects = named(scene)
+            if not objects:
+                continue
+            emb, ids, where = embed(x, objects)
             out = llm(inputs_embeds=emb[None], output_attentions=True)
-            for obj, pos in zip(scene.objects, where):
+            for (obj, _), pos in zip(objects, where):
                 right = out.logits[0, n_image + pos].argmax().item() == ids[pos + 1]
                 shares = [max((attention_share(layer[0, h, n_image + pos, :n_image], obj, scene.objects)
                                for h in range(layer.shape[1])), key=lambda s: s[0] - s[1])

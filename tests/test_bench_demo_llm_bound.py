@@ -1,0 +1,38 @@
+"""bench/demo_llm_bound.py: the oracle's patch tokens and the conversation the LLM is trained on, checked by hand."""
+
+from types import SimpleNamespace
+
+import torch
+from bench_helpers import load_bench_script
+
+from polyfocus.data.tokenizer import build_tokenizer
+from polyfocus.synthworld.tasks import Task
+
+bench = load_bench_script("demo_llm_bound")
+STAR = SimpleNamespace(shape="star", colour="red", size="large", box=[10, 10, 20, 30])  # patches 0, 1, 8, 9, 16, 17
+
+
+def test_the_oracle_marks_shape_colour_and_size_on_exactly_the_patches_the_object_touches():
+    x = bench.oracle_tokens(SimpleNamespace(objects=[STAR]))
+    assert x.shape == (64, len(bench.ONE_HOT))
+    touched = [0, 1, 8, 9, 16, 17]
+    assert x.sum(1).nonzero().flatten().tolist() == touched  # background patches stay zero
+    hot = [bench.ONE_HOT.index(w) for w in ("star", "red", "large")]
+    assert all(x[p].nonzero().flatten().tolist() == sorted(hot) for p in touched)
+
+
+def test_the_scene_fills_the_image_positions_and_only_the_answers_are_supervised(tmp_path):
+    tokenizer = build_tokenizer(save_dir=tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = bench.SceneLLM(tokenizer, "text")
+    scene = SimpleNamespace(objects=[STAR])
+    tasks = [Task("colour", "What colour is the star?", "What colour is the star?\nAnswer briefly.", "red", []),
+             Task("shape", "What shape is the red object?", "What shape is the red object?", "star", [])]
+    embeddings, labels = model.example(scene, tasks)
+    scene_ids = tokenizer(bench.scene_text(scene), add_special_tokens=False)["input_ids"]
+    table = model.llm.get_input_embeddings().weight
+    start = next(i for i in range(len(embeddings)) if torch.equal(embeddings[i], table[scene_ids[0]])
+                 and torch.equal(embeddings[i + len(scene_ids) - 1], table[scene_ids[-1]]))
+    assert torch.equal(embeddings[start:start + len(scene_ids)], table[scene_ids])
+    supervised = tokenizer.decode([t for t in labels if t != -100])
+    assert supervised.replace(" ", "") == "red</s>star</s>"  # the two replies and their end tokens, nothing else
