@@ -192,9 +192,16 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
     from polyfocus.train.run import train
 
     train(args.config, overrides)
+    # Under torchrun, tear the process group down before the interpreter does, as PyTorch asks of training scripts:
+    # left to exit, gloo's threads can outlive it and abort a rank ("terminate called without an active exception")
+    # after training has ended and the model is saved, failing the whole launch.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
