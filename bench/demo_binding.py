@@ -12,7 +12,7 @@ without their colour picks out alone are left out, as the questions leave them o
   "Objects: large star red, hexagon blue." — the colour follows its phrase, so this too is one hop (the shape
   token's own query to the patches), with nothing to route.
 
-Reported per scene size (1, 2, 3 objects): held-out colour accuracy, and the attention the shape word puts on its
+Reported per scene size (1, 2, 3 objects): held-out colour accuracy, and the attention the phrase puts on its
 object's patches vs on the other objects' patches (the LLM: its most selective head, chosen per object among all
 layers' heads — an optimistic reading, said so where quoted). Same steps, batch and
 learning rate for both. docs/benchmarks.md ("The demo's accuracy target") reads it.
@@ -72,8 +72,8 @@ def attention_share(weights, obj, objects) -> tuple[float, float]:
 
 
 def named(scene) -> list[tuple]:
-    """(object, the phrase a colour question names it by, "the large star") for every object that has one: a shape
-    alone is ambiguous in about a quarter of the scenes with two or three objects (synthworld groups objects by shape)."""
+    """(object, the phrase a colour question names it by, "the large star") for every object that has one: size and
+    shape alone fit more than one object for 23 % of the objects of demo scenes (synthworld groups objects by shape)."""
     return [(o, phrase) for o in scene.objects if (phrase := refer(scene, o, without="colour"))]
 
 
@@ -103,10 +103,11 @@ def run_probe(train, test, steps, batch_size, lr, seed) -> dict:
         out, weights = attend(q, keys, keys)
         return read(out[:, 0]), weights[:, 0]
 
-    rng, usable = random.Random(seed), [i for i, s in enumerate(train_scenes) if named(s)]
+    train_named = [named(s) for s in train_scenes]
+    rng, usable = random.Random(seed), [i for i, n in enumerate(train_named) if n]
     for _ in range(steps):
         idx = rng.sample(usable, batch_size)
-        objects = [rng.choice(named(train_scenes[i])) for i in idx]
+        objects = [rng.choice(train_named[i]) for i in idx]
         logits, _ = forward(train_x[idx], objects)
         loss = nn.functional.cross_entropy(logits, torch.tensor([colours.index(o.colour) for o, _ in objects]))
         optimizer.zero_grad()
@@ -154,11 +155,12 @@ def run_llm(train, test, steps, batch_size, lr, seed, work: Path) -> dict:
         ids, where = caption(objects)
         return torch.cat([project(x), llm.get_input_embeddings()(torch.tensor(ids))]), ids, where
 
-    rng, usable = random.Random(seed), [i for i, s in enumerate(train_scenes) if named(s)]
+    train_named = [named(s) for s in train_scenes]
+    rng, usable = random.Random(seed), [i for i, n in enumerate(train_named) if n]
     for _ in range(steps):
         rows = []
         for i in rng.sample(usable, batch_size):
-            objects = named(train_scenes[i])
+            objects = train_named[i]
             emb, ids, _ = embed(train_x[i], rng.sample(objects, len(objects)))
             rows.append((emb, [-100] * train_x.shape[1] + ids))
         length = max(len(r[1]) for r in rows)

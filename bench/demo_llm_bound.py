@@ -127,19 +127,16 @@ def evaluate(model: SceneLLM, test, batch_size: int = 64) -> dict:
     return {family: round(100 * right[family] / asked[family], 1) for family in VQA_FAMILIES}
 
 
-def train(inputs: str, train_split, test, steps: int, batch_size: int, lr: float, seed: int, work: Path) -> dict:
-    from polyfocus.data.tokenizer import build_tokenizer
+def train(inputs: str, tokenizer, train_split, test, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+    from transformers import get_cosine_schedule_with_warmup
 
-    tokenizer = build_tokenizer(save_dir=work / "tokenizer")
     torch.manual_seed(seed)
     tokens = torch.cat([oracle_tokens(scene) for scene, _ in train_split[:256]])  # the demo calibrates on 256 images
     model = SceneLLM(tokenizer, inputs, (tokens.mean(0), tokens.std(0).clamp(min=1e-6)))
-    warmup = math.ceil(0.03 * steps)  # the demo's schedule (train/args.py)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)  # the demo's (train/args.py)
     rng = random.Random(seed)
-    for step in range(1, steps + 1):
+    for _ in range(steps):
         out, _ = model(rng.sample(train_split, batch_size))
         optimizer.zero_grad()
         out.loss.backward()
@@ -164,10 +161,13 @@ def main() -> None:
     answers = {f: Counter(t.answer for _, tasks in test for t in tasks if t.family == f) for f in VQA_FAMILIES}
     record = {"bench": "demo_llm_bound", **vars(args),
               "majority": {f: round(100 * max(c.values()) / sum(c.values()), 1) for f, c in answers.items()}}
+    from polyfocus.data.tokenizer import build_tokenizer
+
     with tempfile.TemporaryDirectory() as work:
-        for inputs in args.inputs.split(","):
-            record[inputs] = {steps: train(inputs, train_split, test, int(steps), args.batch_size, args.lr, args.seed,
-                                           Path(work)) for steps in args.steps.split(",")}
+        tokenizer = build_tokenizer(save_dir=Path(work) / "tokenizer")
+    for inputs in args.inputs.split(","):
+        record[inputs] = {steps: train(inputs, tokenizer, train_split, test, int(steps), args.batch_size, args.lr,
+                                       args.seed) for steps in args.steps.split(",")}
     print(json.dumps(record))
 
 
