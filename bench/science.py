@@ -38,19 +38,24 @@ from polyfocus.train.run import train
 
 
 def shared_backbones(out: Path, args) -> None:
-    """Data, tokenizer and the pretrained tower, made once for every run under `out`."""
-    if (out / "tower" / "config.json").is_file():
+    """Data, tokenizer and the towers, made once for every run under `out`; backbones.json records which vision tower
+    was used (DINOv2 falls back to the from-scratch one where it cannot be had), which decides the recipe."""
+    if (out / "backbones.json").is_file():
         return
     demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects, demo.VQA_FAMILIES,
-                   seed=0, render_size=args.render_size)
+                   seed=0, render_size=args.render_size, sizes=tuple(args.sizes.split(",")))
     model_config = demo.demo_model_config(args.image_size)
-    if args.hires_tower_steps:  # before the tower: its config.json marks the directory as complete
+    if args.hires_tower_steps:
         demo.make_hires_tower(out, model_config, args.hires_tower_steps, args.batch_size, args.max_objects, seed=0)
-    demo.make_backbones(out, model_config, args.tower_steps, args.batch_size, args.max_objects, seed=0)
+    used = demo.make_backbones(out, model_config, args.tower_steps, args.batch_size, args.max_objects, seed=0,
+                               tower=args.tower)
+    (out / "backbones.json").write_text(json.dumps(used))  # last: it marks the directory as complete
 
 
 def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
-    recipe = demo.default_recipe(run_dir, (args.pretrain_steps, args.finetune_steps), args.batch_size)
+    backbones = json.loads((shared / "backbones.json").read_text())
+    recipe = demo.default_recipe(run_dir, (args.pretrain_steps, args.finetune_steps), args.batch_size,
+                                 frozen_tower=backbones["pretrained"], select_layer=demo.select_layer(args.tower))
     common = {k: v for k, v in variant.items() if k not in ("stage1", "stage2", "strategy")}
     for stage, stage_args in recipe.items():
         stage_args.update(tokenizer_name_or_path=str(shared / "tokenizer"), seed=seed, disable_tqdm=True,
@@ -63,18 +68,20 @@ def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> d
 
 def settings_of(args) -> dict:
     """What besides the variant and seed decides a run's result (the render size and the ConvNeXt only when set)."""
-    settings = {k: getattr(args, k) for k in ("pretrain_steps", "finetune_steps", "tower_steps", "train_scenes",
-                                              "test_scenes", "image_size", "max_objects", "batch_size")}
+    settings = {k: getattr(args, k) for k in ("tower", "pretrain_steps", "finetune_steps", "tower_steps",
+                                              "train_scenes", "test_scenes", "image_size", "max_objects", "sizes",
+                                              "batch_size")}
     return {**settings, **{k: getattr(args, k) for k in ("render_size", "hires_tower_steps") if getattr(args, k)}}
 
 
 def shared_dir(out: Path, settings: dict) -> Path:
-    """e.g. shared/112-3000-2000-100-3, or shared/112r512-3000h1500-2000-100-3 with 512 px scenes and a ConvNeXt."""
+    """e.g. shared/112-dinov2-s-2000-100-3-medium,large, or shared/112r512-scratch3000h1500-2000-100-3-... with 512 px
+    scenes, the from-scratch tower and a ConvNeXt."""
     size = f"{settings['image_size']}" + (f"r{settings['render_size']}" if "render_size" in settings else "")
-    towers = f"{settings['tower_steps']}" + (f"h{settings['hires_tower_steps']}" if "hires_tower_steps" in settings
-                                             else "")
+    tower = Path(settings["tower"]).name + (f"{settings['tower_steps']}" if settings["tower"] == "scratch" else "")
+    towers = tower + (f"h{settings['hires_tower_steps']}" if "hires_tower_steps" in settings else "")
     return out / "shared" / "-".join([size, towers, *(f"{settings[k]}" for k in ("train_scenes", "test_scenes",
-                                                                                     "max_objects"))])
+                                                                                     "max_objects", "sizes"))])
 
 
 def with_shared(variant: dict, shared: Path) -> dict:
@@ -136,16 +143,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/science")
     p.add_argument("--pretrain-steps", type=int, default=demo.DEFAULT_STEPS[0])
     p.add_argument("--finetune-steps", type=int, default=demo.DEFAULT_STEPS[1])
-    p.add_argument("--tower-steps", type=int, default=demo.DEFAULT_TOWER_STEPS)
+    p.add_argument("--tower", default=demo.DEFAULT_TOWER,
+                   help="the vision tower, as `polyfocus demo --tower`: dinov2-s (default), scratch or a directory")
+    p.add_argument("--tower-steps", type=int, default=demo.DEFAULT_TOWER_STEPS, help="the from-scratch tower's")
     p.add_argument("--train-scenes", type=int, default=2000)
     p.add_argument("--test-scenes", type=int, default=100)
     p.add_argument("--image-size", type=int, default=demo.DEFAULT_IMAGE_SIZE)
     p.add_argument("--max-objects", type=int, default=3)
+    p.add_argument("--sizes", default=",".join(demo.DEMO_SIZES),
+                   help="the objects' size classes, comma-separated (default the demo's: medium,large)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--render-size", type=int, help="render the scenes at this size (default: --image-size)")
     p.add_argument("--hires-tower-steps", type=int, default=0, help="pretrain MG-LLaVA's ConvNeXt, {shared}/hires_tower")
     args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a loading bar per from_pretrained, dozens per run: the runs' lines are enough
     out = Path(args.out)
     settings = settings_of(args)
     shared = shared_dir(out, settings)

@@ -90,6 +90,11 @@ def default_recipe(out: Path, steps: tuple[int, int], batch_size: int, frozen_to
     return {"stage1": stage1, "stage2": stage2}
 
 
+def select_layer(tower: str) -> int | None:
+    """The hidden state the projector reads from `tower` (make_backbones' argument); None: the model config's."""
+    return DINOV2_LAYER if tower == "dinov2-s" else None
+
+
 def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, max_objects: int, families: list[str],
               seed: int, render_size: int | None = None, sizes: tuple[str, ...] = DEMO_SIZES) -> None:
     """render_size: the scenes' pixel size when not the tower's (MG-LLaVA's high-resolution branch needs more
@@ -271,7 +276,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
         print(f"== MG-LLaVA's high-resolution ConvNeXt, pretrained on object labels ({hires_tower_steps} steps): "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in hires_accuracy.items()), flush=True)
     recipe = default_recipe(out_dir, steps, batch_size, frozen_tower=backbones["pretrained"],
-                            select_layer=DINOV2_LAYER if tower == "dinov2-s" else None)
+                            select_layer=select_layer(tower))
     # The methods' fields in --model-config (fusion, object_tokens, visual_words, ...) go to stage 1, which builds the
     # model; the settings among them (box_*, vw_*: any checkpoint takes them) to stage 2 too.
     recipe["stage1"].update({k: v for k, v in model_config.items() if k in METHOD_FIELDS})

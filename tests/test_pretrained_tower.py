@@ -150,6 +150,21 @@ def test_feature_cache_gives_the_same_features_and_stays_within_its_bytes():
     assert cache.misses == 5
 
 
+def test_feature_cache_serves_s2_tiles_too():
+    """S2 runs the tower on each image's tiles at every scale: with a frozen tower those come from the cache as well,
+    the same features as without it, and a second pass over the same images computes nothing."""
+    torch.manual_seed(0)
+    model = PolyfocusForConditionalGeneration(tiny_config(vision="dinov2", fusion="s2", s2_scales=[56, 112]))
+    model.eval().requires_grad_(False)
+    pixels = torch.randn(2, 3, 112, 112)
+    plain = model.get_image_features(pixels)
+    model.vision_feature_cache = cache = FeatureCache()
+    torch.testing.assert_close(model.get_image_features(pixels), plain, rtol=0, atol=1e-6)
+    assert (cache.hits, cache.misses) == (0, 2 + 2 * 4)  # the 56 px image and its four 56 px tiles at 112, each
+    torch.testing.assert_close(model.get_image_features(pixels), plain, rtol=0, atol=1e-6)
+    assert (cache.hits, cache.misses) == (10, 10)
+
+
 # ---- training with them: standardised features, the cache, the truncated tower ------------------------------------
 
 

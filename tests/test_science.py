@@ -58,7 +58,9 @@ def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypa
     monkeypatch.setattr(module, "train", lambda config: trained.append(Path(config).read_text()))
     monkeypatch.setattr(module.demo, "evaluate_model",
                         lambda model, data, strategy: scored.append(strategy) or ("", {"all": {"accuracy": 1}}, {}))
-    args = module.argparse.Namespace(pretrain_steps=1, finetune_steps=1, batch_size=2, image_size=112)
+    args = module.argparse.Namespace(pretrain_steps=1, finetune_steps=1, batch_size=2, image_size=112, tower="scratch")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "backbones.json").write_text(json.dumps({"pretrained": False}))
     variant = {"strategy": "dualfocus", "stage2": {"data_path": ["/d/train.json", "/d/dualfocus_train.json"]}}
     module.run_one(tmp_path / "shared", tmp_path / "run", variant, 0, args)
     assert scored == ["dualfocus"]
@@ -72,10 +74,30 @@ def test_shared_directory_names_its_settings_and_fills_variants(science, tmp_pat
     module, calls = science
     module.main(["--name", "mg", "--out", str(tmp_path), "--seeds", "0", "--render-size", "512",
                  "--hires-tower-steps", "1500", "--variant", 'hires={"stage1": {"hires_tower": "{shared}/hires_tower"}}'])
-    shared = tmp_path / "shared" / "112r512-3000h1500-2000-100-3"
+    shared = tmp_path / "shared" / "112r512-dinov2-sh1500-2000-100-3-medium,large"
     assert calls == [(json.dumps({"stage1": {"hires_tower": f"{shared}/hires_tower"}}), 0)]
     run = json.loads((tmp_path / "runs.jsonl").read_text())
     assert run["spec"] == {"stage1": {"hires_tower": "{shared}/hires_tower"}}  # the key stays free of the path
     assert run["settings"]["render_size"] == 512 and run["settings"]["hires_tower_steps"] == 1500
     module.main(["--name", "plain", "--out", str(tmp_path), "--seeds", "0", "--variant", "baseline={}"])
     assert "render_size" not in json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[1])["settings"]
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_recipe_follows_the_tower_the_shared_directory_got(tmp_path, pretrained):
+    """As the demo's: DINOv2 frozen, cut after layer 6, standardised and cached; where it could not be had (the
+    from-scratch fallback), the tower tuned in stage 2 and read at its config's layer."""
+    module = load_bench_script("science")
+    (tmp_path / "backbones.json").write_text(json.dumps({"pretrained": pretrained}))
+    args = module.argparse.Namespace(pretrain_steps=5, finetune_steps=7, batch_size=2, tower="dinov2-s")
+    recipe = module.recipe_for(tmp_path, tmp_path / "run", {}, 3, args)
+    stage1, stage2 = recipe["stage1"], recipe["stage2"]
+    assert (stage1["max_steps"], stage2["max_steps"], stage1["seed"], stage2["seed"]) == (5, 7, 3, 3)
+    assert stage1["vision_tower"] == str(tmp_path / "tower")
+    if pretrained:
+        assert stage1["mm_vision_select_layer"] == 6 and stage1["truncate_vision_tower"]
+        assert stage1["mm_standardize_features"] and stage2["cache_vision_features"]
+        assert "unfreeze_vision_layers" not in stage2
+    else:
+        assert "mm_vision_select_layer" not in stage1 and "truncate_vision_tower" not in stage1
+        assert stage2["unfreeze_vision_layers"] == -1

@@ -69,8 +69,13 @@ class TowerOutputs:
         return self.vision_tower(pixels, output_hidden_states=True).hidden_states
 
     @cached_property
+    def cached(self) -> bool:
+        """Features come from the cache: there is one and the tower is frozen (its features cannot change)."""
+        return self.cache is not None and not any(p.requires_grad for p in self.vision_tower.parameters())
+
+    @cached_property
     def features(self) -> torch.Tensor:
-        if self.cache is None or any(p.requires_grad for p in self.vision_tower.parameters()):
+        if not self.cached:
             return select_features(self.config, self.hidden_states)
         return self.cache.features(self.pixel_values, self._features_of)
 
@@ -81,8 +86,16 @@ class TowerOutputs:
             return part.features
 
     def select(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, s, s] tower-sized images → their selected features [n, N, C]."""
-        return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
+        """[n, 3, s, s] tower-sized images → their selected features [n, N, C], through the cache as `features` (S2's
+        tiles are the same pixels every epoch)."""
+        def compute(index=None):
+            x = pixel_values if index is None else pixel_values[index]
+            return select_features(self.config, self.vision_tower(x, output_hidden_states=True).hidden_states)
+
+        if not self.cached:
+            return compute()
+        with torch.no_grad():
+            return self.cache.features(pixel_values, compute)
 
 
 class TensorLRU:
