@@ -3,7 +3,8 @@
 Every variant trains the demo's two stages (polyfocus/demo.py) from the same backbones and data, once per seed,
 and is scored per task family on the same held-out scenes. The backbones and data are made once and shared, as
 a CLIP checkpoint and a dataset are shared by the runs of a paper's ablation; a seed sets the LLM's and the new
-modules' initialisation and the data order.
+modules' initialisation and the data order. The tower and its recipe are the demo's (`--tower`, default the frozen
+DINOv2); the world is set by `--max-objects` and `--sizes` (docs/results.md's instrument: one object per scene).
 
     python bench/science.py --name mmfuser --variant baseline='{}' \
         --variant mmfuser='{"stage1": {"fusion": "mmfuser"}}' --seeds 0 1 2
