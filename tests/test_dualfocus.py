@@ -549,6 +549,33 @@ def test_conversion_formats_and_filters(tmp_path):
         convert(tmp_path / "missing.json", tmp_path / "o.json")
 
 
+def test_multi_turn_records_give_one_question_per_turn(tmp_path):
+    """A conversation (synthworld's multi-turn records: per-question `boxes`, `families`, `meta` lists) gives one
+    DualFocus record per question, each with its own box, prompt and answer; its chat turn is skipped; per-question
+    lists of the wrong length name the sample."""
+    Image.new("RGB", (200, 100), "white").save(tmp_path / "a.png")
+    turns = [("<image>\nWhat colour is the star?\nAnswer the question using a single word or phrase.", "red"),
+             ("What is in the image?", "A red star."),
+             ("What shape is the red object?\nAnswer the question using a single word or phrase.", "star")]
+    record = {"id": "s0_conversation", "image": "a.png", "scene_id": "s0",
+              "conversations": [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))],
+              "families": ["colour", "chat", "shape"], "meta": [{"n": 0}, {"n": 1}, {"n": 2}],
+              "boxes": [[[0.1, 0.2, 0.3, 0.4]], [[0.1, 0.2, 0.3, 0.4]], [[0.2, 0.2, 0.3, 0.5]]]}
+    (tmp_path / "conv.json").write_text(json.dumps([record]))
+    summary = convert(tmp_path / "conv.json", tmp_path / "out.json")
+    assert summary["written"] == 2 and summary["skipped"] == {"family": {"n": 1, "first": ["s0_conversation_1"]}}
+    first, last = load_samples(tmp_path / "out.json")
+    assert first.id == "s0_conversation_0_dualfocus" and last.id == "s0_conversation_2_dualfocus"
+    assert [m["content"] for m in last.messages] == [
+        f"<image>\n{BOX_PROMPT}What shape is the red object?", "[0.20, 0.20, 0.30, 0.50]",
+        f"<image>\n{ZOOM_PROMPT}{turns[2][0]}", "star"]
+    assert first.messages[1]["content"] == "[0.10, 0.20, 0.30, 0.40]" and first.messages[3]["content"] == "red"
+    assert (first.extra["family"], first.extra["meta"], first.extra["scene_id"]) == ("colour", {"n": 0}, "s0")
+    (tmp_path / "bad.json").write_text(json.dumps([{**record, "boxes": record["boxes"][:2]}]))
+    with pytest.raises(DataError, match="sample id 's0_conversation'.*3 questions needs 'boxes'"):
+        convert(tmp_path / "bad.json", tmp_path / "o.json")
+
+
 def test_cli_dualfocus_data(data, tmp_path, capsys):
     main(["dualfocus-data", str(data / "train.json"), str(tmp_path / "df.json"), "--families", "colour"])
     summary = json.loads(capsys.readouterr().out)

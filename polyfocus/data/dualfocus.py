@@ -21,8 +21,9 @@ The crop comes from the box *as written in the text* (two decimals), through `zo
 the model's predicted box text: a model that predicts the training box exactly sees exactly the training crop. (The
 reference crops from the unrounded `sub_area`; the difference is at most half a hundredth of the image side.)
 
-Inputs (`convert`): any LLaVA / messages file whose single-turn, single-image records carry an evidence box
-(synthworld's `boxes`, normalised; or `sub_area`, DualFocus's own key, normalised or in pixels); a DualFocus record
+Inputs (`convert`): any LLaVA / messages file whose single-image records carry an evidence box per question
+(synthworld's `boxes`, normalised; or `sub_area`, DualFocus's own key, normalised or in pixels; a multi-turn record,
+as synthworld's conversations, gives one list item per question); a DualFocus record
 that is already two-turn (its crop is made); or GQA's questions JSON with its scene graphs (`scene_graphs=`): the
 box is the union of the objects the question and answer annotations point at (spec §2.2, GQA route).
 """
@@ -50,7 +51,9 @@ ZOOM_PROMPT = "Please combine the information from these two images and answer t
 MARGIN = 25  # pixels added around the squared box (the reference's enlarge_pixel)
 MIN_SIDE = 2  # a crop narrower than this is degenerate (spec §6: fall back to the macro answer)
 MAX_AREA = 0.7  # boxes covering more of the image are not worth zooming into (spec §2.2 recommends 50-70 %)
-NOT_VQA = ("grounding", "caption", "dense_caption")  # synthworld families whose answer is not a short VQA answer
+NOT_VQA = ("grounding", "caption", "dense_caption", "chat", "facts")  # synthworld families not answered in a word or phrase
+# A multi-turn record's per-question keys (synthworld's conversations) and the key each has on one question
+PER_TURN_KEYS = {"boxes": "boxes", "families": "family", "meta": "meta"}
 
 # The reference's find_boxes: four unsigned decimals separated by commas; the first match wins, signs are ignored.
 _BOX = re.compile(r"(\d+\.?\d*),\s*(\d+\.?\d*),\s*(\d+\.?\d*),\s*(\d+\.?\d*)")
@@ -253,31 +256,49 @@ def union(boxes: list[Box]) -> Box:
 
 
 def vqa_questions(path: Path) -> list[VQA]:
-    """Single-turn, single-image records of a LLaVA / messages file, with their boxes (`boxes` or `sub_area`).
-    A DualFocus record that is already two-turn keeps its own question, prompt and answer."""
+    """The questions of a LLaVA / messages file, with their evidence boxes (`boxes` or `sub_area`): one per record
+    of one question and its answer, or per question of a multi-turn record whose per-turn keys are lists, one item
+    per question (synthworld's conversations: `boxes`, `families`, `meta`). A DualFocus record that is already
+    two-turn keeps its own question, prompt and answer."""
     out = []
     for sample in load_samples(path):
-        extra = dict(sample.extra)
-        boxes = extra.pop("boxes", None)
-        if boxes is None and "sub_area" in extra:
-            boxes = [extra.pop("sub_area")]
-        if not isinstance(boxes, list) or (boxes and not isinstance(boxes[0], (list, tuple))):
-            raise DataError(f"{path}: sample {sample.name}: 'boxes' must be a list of [x1, y1, x2, y2] (or give "
-                            f"'sub_area'), got {boxes!r:.80}", sample=sample.name)
         if len(sample.images) != 1:
             raise DataError(f"{path}: sample {sample.name}: DualFocus data needs one image per question, got "
                             f"{len(sample.images)}", sample=sample.name)
+        sample_id = str(sample.id if sample.id is not None else sample.where)
         turns = [m for m in sample.messages if m["role"] != "system"]
         if len(turns) == 4 and turns[0]["content"].startswith(box_turn("")):  # already DualFocus: reuse its turns
             prompt = turns[2]["content"].replace(IMAGE_TOKEN, "").strip().removeprefix(ZOOM_PROMPT)
-        elif len(turns) == 2 and [m["role"] for m in turns] == ["user", "assistant"]:
-            prompt = turns[0]["content"]
-        else:
-            raise DataError(f"{path}: sample {sample.name}: expected one question and its answer, got "
-                            f"{len(turns)} turns", sample=sample.name)
-        out.append(VQA(str(sample.id if sample.id is not None else sample.where), sample.images[0], prompt,
-                       turns[-1]["content"], boxes, extra))
+            out.append(question_of(path, sample, sample_id, prompt, turns[-1]["content"], dict(sample.extra)))
+            continue
+        if len(turns) < 2 or len(turns) % 2 or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2):
+            raise DataError(f"{path}: sample {sample.name}: expected questions each followed by its answer, got "
+                            f"the roles {[m['role'] for m in turns]}", sample=sample.name)
+        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+        if len(pairs) == 1:
+            out.append(question_of(path, sample, sample_id, *pairs[0], dict(sample.extra)))
+            continue
+        per_turn = {k: v for k, v in sample.extra.items() if k in PER_TURN_KEYS}
+        if "boxes" not in per_turn or any(not isinstance(v, list) or len(v) != len(pairs) for v in per_turn.values()):
+            raise DataError(f"{path}: sample {sample.name}: a record of {len(pairs)} questions needs 'boxes' (and "
+                            f"'families', 'meta' if given) as lists of {len(pairs)} items, one per question",
+                            sample=sample.name)
+        shared = {k: v for k, v in sample.extra.items() if k not in per_turn}
+        for k, (prompt, answer) in enumerate(pairs):
+            extra = {**shared, **{PER_TURN_KEYS[key]: v[k] for key, v in per_turn.items()}}
+            out.append(question_of(path, sample, f"{sample_id}_{k}", prompt, answer, extra))
     return out
+
+
+def question_of(path: Path, sample: Sample, qid: str, prompt: str, answer: str, extra: dict) -> VQA:
+    """One question with its evidence boxes (`boxes`, or DualFocus's own `sub_area`) taken out of `extra`."""
+    boxes = extra.pop("boxes", None)
+    if boxes is None and "sub_area" in extra:
+        boxes = [extra.pop("sub_area")]
+    if not isinstance(boxes, list) or (boxes and not isinstance(boxes[0], (list, tuple))):
+        raise DataError(f"{path}: sample {sample.name}: 'boxes' must be a list of [x1, y1, x2, y2] (or give "
+                        f"'sub_area'), got {boxes!r:.80}", sample=sample.name)
+    return VQA(qid, sample.images[0], prompt, answer, boxes, extra)
 
 
 def gqa_questions(path: Path, scene_graphs: str | os.PathLike) -> list[VQA]:
