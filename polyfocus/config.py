@@ -70,7 +70,8 @@ METHOD_FIELDS = {
     "mm_vision_select_feature": MethodField("llava", BUILD, str, "patch (drop CLS) | cls_patch"),
     "mm_projector_type": MethodField("llava", BUILD, str, "linear | mlp2x_gelu (LLaVA-1.5) | identity"),
     "mm_standardize_features": MethodField("llava", BUILD, bool, "standardise the projector's input per channel"),
-    "fusion": MethodField("fusion", BUILD, str, "between the tower and the projector: mmfuser | s2 | convgate"),
+    "fusion": MethodField("fusion", BUILD, str, "between the tower and the projector: mmfuser | s2 | convgate, or "
+                          "several in order (mmfuser,convgate)"),
     "mmfuser_kv_layers": MethodField("mmfuser", BUILD, list[int], "MMFuser's key/value layers (default: 4 below)"),
     "mmfuser_num_heads": MethodField("mmfuser", BUILD, int, "MMFuser's deformable attention heads (16)"),
     "mmfuser_num_points": MethodField("mmfuser", BUILD, int, "MMFuser's sampling points per head and level (4)"),
@@ -109,6 +110,14 @@ MODEL_PARTS = {
 }
 
 
+def fusion_names(fusion: str | list[str] | None) -> list[str]:
+    """config.fusion as the fusion modules applied in order: [] (plain LLaVA), one name, or several
+    ("mmfuser,convgate" or a list: each reads the features the one before it made)."""
+    if fusion is None:
+        return []
+    return fusion.split(",") if isinstance(fusion, str) else list(fusion)
+
+
 class PolyfocusConfig(PreTrainedConfig):
     r"""
     Args:
@@ -123,9 +132,11 @@ class PolyfocusConfig(PreTrainedConfig):
         mm_standardize_features: standardise the projector's input per channel with statistics measured on training
             images (model/projector.py's FeatureStandardizer: buffers saved with the model, folded into the
             projector on an HF export). For towers whose features are tiny and offset (DINOv2's middle layers).
-        fusion: None (plain LLaVA), "s2" (see s2_scales) or "mmfuser" (polyfocus/model/fusion, docs/mmfuser.md):
-            the selected layer (`mm_vision_select_layer`, a single index: the query) is refined by deformable
-            attention over shallower layers of the tower before the projector; an identity at initialisation.
+        fusion: None (plain LLaVA), "s2" (see s2_scales), "convgate" (see hires_config) or "mmfuser"
+            (polyfocus/model/fusion, docs/mmfuser.md): the selected layer (`mm_vision_select_layer`, a single index:
+            the query) is refined by deformable attention over shallower layers of the tower before the projector;
+            an identity at initialisation. Several compose, applied in the order given ("mmfuser,convgate" or a
+            list): each reads the features the one before it made (MMFuser first; S2 alone).
         mmfuser_kv_layers: the hidden-state indices MMFuser's query attends to (its key/value levels), all below the
             query; None: up to 4 at an even stride below it (CLIP-L/336 with -2: 3, 8, 13, 18, the reference's).
         mmfuser_num_heads / mmfuser_num_points: deformable attention heads (must divide the tower's width) and
@@ -239,14 +250,27 @@ class PolyfocusConfig(PreTrainedConfig):
         layer = self.mm_vision_select_layer
         return [layer] if isinstance(layer, int) else list(layer)
 
+    @property
+    def fusions(self) -> list[str]:
+        return fusion_names(self.fusion)
+
     def _check_fusion(self) -> None:
-        if self.fusion not in (None, *FUSION_NAMES):
-            raise ValueError(f"fusion must be None or {' / '.join(map(repr, FUSION_NAMES))}, got {self.fusion!r}")
-        if self.fusion != "s2" and self.s2_scales is not None:
+        fusions = self.fusions
+        if not fusions and self.fusion is not None or any(f not in FUSION_NAMES for f in fusions) or \
+                len(set(fusions)) != len(fusions):
+            raise ValueError(f"fusion must be None, one of {' / '.join(map(repr, FUSION_NAMES))} or several of them in "
+                             f"the order they apply (e.g. 'mmfuser,convgate'), got {self.fusion!r}")
+        if "s2" in fusions and len(fusions) > 1:
+            raise ValueError(f"fusion {self.fusion!r}: S2 runs the tower on its own image sizes and concatenates the "
+                             "scales on channels; it combines with no other fusion")
+        if "mmfuser" in fusions[1:]:
+            raise ValueError(f"fusion {self.fusion!r}: MMFuser reads the tower's hidden states, not the features of "
+                             "the fusion before it: put it first")
+        if "s2" not in fusions and self.s2_scales is not None:
             raise ValueError(f"s2_scales is set but fusion is {self.fusion!r}: add fusion='s2'")
-        if self.fusion == "s2":
+        if "s2" in fusions:
             self.s2_scale_list()
-        if self.fusion != "mmfuser":
+        if "mmfuser" not in fusions:
             if (self.mmfuser_kv_layers, self.mmfuser_num_heads, self.mmfuser_num_points) != (None, 16, 4):
                 raise ValueError("mmfuser_kv_layers / mmfuser_num_heads / mmfuser_num_points are set but fusion is "
                                  f"{self.fusion!r}: add fusion='mmfuser'")
@@ -306,7 +330,7 @@ class PolyfocusConfig(PreTrainedConfig):
     @property
     def uses_hires(self) -> bool:
         """MG-LLaVA's high-resolution tower is part of the model (Conv-Gate fusion or object tokens)."""
-        return self.fusion == "convgate" or self.object_tokens
+        return "convgate" in self.fusions or self.object_tokens
 
     @property
     def hires_image_size(self) -> int:
@@ -336,10 +360,10 @@ class PolyfocusConfig(PreTrainedConfig):
         if not len(hires.depths) == len(hires.hidden_sizes) == hires.num_stages:
             raise ValueError(f"hires_config: depths {hires.depths} and hidden_sizes {hires.hidden_sizes} must both "
                              f"have num_stages ({hires.num_stages}) entries")
-        if self.fusion == "s2":
+        if "s2" in self.fusions:
             raise ValueError("object_tokens with fusion='s2': S2 takes its own image sizes; use fusion None, "
                              "'convgate' or 'mmfuser' with object tokens")
-        if self.fusion == "convgate" and self.vision_has_cls and self.mm_vision_select_feature != "patch":
+        if "convgate" in self.fusions and self.vision_has_cls and self.mm_vision_select_feature != "patch":
             raise ValueError("fusion='convgate' fuses the patch grid: mm_vision_select_feature must be 'patch'")
         if self.vision_config.image_size % self.vision_config.patch_size:
             raise ValueError(f"the high-resolution grid follows the tower's patch grid: image_size "
@@ -366,12 +390,12 @@ class PolyfocusConfig(PreTrainedConfig):
         high-resolution branch its `hires_image_size` (the tower sees them downsampled)."""
         if self.uses_hires:
             return self.hires_image_size
-        return self.s2_scale_list()[-1] if self.fusion == "s2" else self.vision_config.image_size
+        return self.s2_scale_list()[-1] if "s2" in self.fusions else self.vision_config.image_size
 
     @property
     def mm_hidden_size(self) -> int:
         """Width of the selected vision features (channels concatenated over selected layers, and S2's scales)."""
-        scales = len(self.s2_scale_list()) if self.fusion == "s2" else 1
+        scales = len(self.s2_scale_list()) if "s2" in self.fusions else 1
         return self.vision_config.hidden_size * len(self.select_layers) * scales
 
     @property

@@ -246,7 +246,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
         sizes: tuple[str, ...] = DEMO_SIZES) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from polyfocus.config import METHOD_FIELDS
+    from polyfocus.config import METHOD_FIELDS, fusion_names
     from polyfocus.train.run import SETTING_FIELDS, train
 
     hf_logging.disable_progress_bar()  # the loading bars of every from_pretrained: the demo prints its own lines
@@ -266,7 +266,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in backbones["accuracy"].items())
     print(f"== backbones: vision tower {backbones['tower']}{f' (held-out objects: {accuracy})' if accuracy else ''}; "
           f"a random LLM; in {timings['backbones_s']:.0f} s", flush=True)
-    mg_llava = model_config.get("fusion") == "convgate" or model_config.get("object_tokens")
+    mg_llava = "convgate" in fusion_names(model_config.get("fusion")) or model_config.get("object_tokens")
     if hires_tower_steps is None:
         hires_tower_steps = DEFAULT_HIRES_TOWER_STEPS if mg_llava else 0
     if hires_tower_steps or mg_llava:

@@ -313,6 +313,56 @@ def test_plain_checkpoint_with_the_branch_switched_on_gets_each_parts_own_init(t
                        plain(input_ids=ids, pixel_values=low_res_pixels(pixels, 56)).logits)
 
 
+# ---- 1b. composed with MMFuser ------------------------------------------------------------------------------------
+
+
+def test_fusion_chain_feeds_mmfusers_features_to_the_conv_gate(tmp_path):
+    """fusion "mmfuser,convgate": the Conv-Gate fuses the high-resolution stage into MMFuser's refined features
+    (each module's own forward, composed by hand); the chain is the plain model at initialisation; its weights keep
+    their modules' names and survive a save and load."""
+    from polyfocus.model.vision import TowerOutputs
+
+    plain, _ = plain_and_mg()
+    torch.manual_seed(0)
+    model = PolyfocusForConditionalGeneration(mg_config(fusion="mmfuser,convgate", mmfuser_num_heads=4)).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    pixels = hires_pixels()
+    tower = TowerOutputs(model.config, model.vision_tower, model.hires_tower, pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(model.projector_inputs(tower), tower.features, rtol=0, atol=0)  # identity at init
+        randomise(model.mm_fusion)
+        tower = TowerOutputs(model.config, model.vision_tower, model.hires_tower, pixels)
+        refined = model.mm_fusion["mmfuser"](tower)
+        by_hand = model.mm_fusion["convgate"].fuse(refined, tower.hires_stages[-1])
+        chained = model.projector_inputs(tower)
+    assert not torch.allclose(refined, tower.features) and not torch.allclose(by_hand, refined)
+    torch.testing.assert_close(chained, by_hand, rtol=0, atol=0)
+    names = {k.split(".")[1] for k in model.state_dict() if k.startswith("mm_fusion.")}
+    assert names == {"mmfuser", "convgate"}
+    model.save_pretrained(tmp_path)
+    loaded = PolyfocusForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.fusions == ["mmfuser", "convgate"]
+    with torch.no_grad():
+        again = loaded.projector_inputs(TowerOutputs(loaded.config, loaded.vision_tower, loaded.hires_tower, pixels))
+    torch.testing.assert_close(again, chained, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fusion,message", [
+    ("convgate,mmfuser", "MMFuser reads the tower's hidden states.*put it first"),
+    ("s2,convgate", "combines with no other fusion"),
+    ("mmfuser,mmfuser", "several of them in the order they apply"),
+    ("mmfuser,", "several of them in the order they apply"),
+])
+def test_bad_fusion_chain_is_a_clear_error(fusion, message):
+    with pytest.raises(ValueError, match=message):
+        mg_config(fusion=fusion, mmfuser_num_heads=4)
+
+
+def test_fusion_chain_as_a_list_is_the_same_model():
+    assert mg_config(fusion=["mmfuser", "convgate"], mmfuser_num_heads=4).fusions == ["mmfuser", "convgate"]
+    assert tiny_config(fusion="mmfuser", mmfuser_num_heads=4).fusions == ["mmfuser"] and tiny_config().fusions == []
+
+
 # ---- 2. object tokens ----------------------------------------------------------------------------------------------
 
 BOXES = torch.tensor([[0, 10.0, 20.0, 60.0, 90.0], [0, 0.0, 0.0, 0.0, 0.0], [1, 100.0, 3.0, 128.0, 40.0]])

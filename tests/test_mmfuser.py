@@ -176,7 +176,7 @@ def test_default_layers_are_the_references_for_clip_l():
     (dict(fusion="mmfuser", mmfuser_num_heads=5), "must divide the vision tower's width 32"),
     (dict(fusion="mmfuser", mmfuser_num_points=0), "at least 1"),
     (dict(fusion="mmfuser", mm_vision_select_layer=0), "the embeddings"),
-    (dict(fusion="no-such-fusion"), "fusion must be None or 'mmfuser'"),
+    (dict(fusion="no-such-fusion"), "fusion must be None, one of 'mmfuser'"),
     (dict(mmfuser_num_heads=8), "fusion is None"),
 ])
 def test_bad_fusion_config_is_a_clear_error(fields, message):

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, ConvNextCo
 
 from polyfocus.checkpoints.common import quiet_loading_report, vision_config_of, vision_state
 from polyfocus.checkpoints.convnext import load_hires_tower
-from polyfocus.config import PolyfocusConfig
+from polyfocus.config import PolyfocusConfig, fusion_names
 from polyfocus.model.modeling import PolyfocusForConditionalGeneration
 
 
@@ -23,7 +23,8 @@ def from_backbones(llm_path: str | Path, tower_path: str | Path, image_token_id:
     for path, what in ((llm_path, "LLM"), (tower_path, "vision tower")):
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; the {what} must be a local model directory")
-    if hires_tower is not None and not (config_fields.get("fusion") == "convgate" or config_fields.get("object_tokens")):
+    uses_hires = "convgate" in fusion_names(config_fields.get("fusion")) or config_fields.get("object_tokens")
+    if hires_tower is not None and not uses_hires:
         raise ValueError(f"hires_tower {hires_tower} given, but nothing uses it: add fusion='convgate' or "
                          "object_tokens")
     if hires_tower is not None:  # MG-LLaVA's ConvNeXt; its own config (or its weights' shapes) is the truth

@@ -126,7 +126,7 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         n_states = config.vision_config.num_hidden_layers + 1
         read = [i % n_states for i in config.select_layers]
         kv = None
-        if config.fusion == "mmfuser":
+        if "mmfuser" in config.fusions:
             query, kv = config.mmfuser_layers()
             read += [query, *kv]
         deepest = max(read)  # hidden state k is the output of layer k (0: the embeddings)

@@ -3,6 +3,7 @@ SigLIP, ...), LLaVA's feature selection, and `TowerOutputs`, what every fusion m
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -78,6 +79,13 @@ class TowerOutputs:
         if not self.cached:
             return select_features(self.config, self.hidden_states)
         return self.cache.features(self.pixel_values, self._features_of)
+
+    def with_features(self, features: torch.Tensor) -> TowerOutputs:
+        """These outputs with `features` replaced (a fusion chain's next module reads what the one before it made);
+        everything computed so far is shared, not recomputed."""
+        other = copy.copy(self)
+        other.__dict__["features"] = features  # the cached_property's slot
+        return other
 
     def _features_of(self, index: torch.Tensor) -> torch.Tensor:
         """The selected features of some of the images (the cache's misses), computed as `features` would."""

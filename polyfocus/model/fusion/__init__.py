@@ -6,11 +6,13 @@ and the features are what the projector reads in place of the plain selection. A
 `from_config(config)` and that forward, one line in FUSIONS, and its config fields (polyfocus/config.py).
 
 The model holds the module as `mm_fusion` (so training treats it as the "fusion" part: its own learning rate
-`mm_fusion_lr`, trained in both stages); `None` is the plain LLaVA path.
+`mm_fusion_lr`, trained in both stages); `None` is the plain LLaVA path. Several fusions ("mmfuser,convgate") are a
+`FusionChain`: each module reads the features the one before it made, under its name (`mm_fusion.convgate.*`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from polyfocus.config import FUSION_NAMES
@@ -31,4 +33,20 @@ FUSION_MODULES = (MMFuser, MultiScaleDeformableAttention, ConvGate)
 
 
 def build_fusion(config) -> nn.Module | None:
-    return None if config.fusion is None else FUSIONS[config.fusion].from_config(config)
+    """None (plain LLaVA), the one fusion module (its weights named as the reference's), or the chain of several."""
+    modules = {name: FUSIONS[name].from_config(config) for name in config.fusions}
+    if len(modules) <= 1:
+        return next(iter(modules.values()), None)
+    return FusionChain(modules)
+
+
+class FusionChain(nn.ModuleDict):
+    """Fusions applied in order (config.fusion "mmfuser,convgate"): each reads the tower's outputs with `features`
+    replaced by what the module before it made, so MMFuser's refined features are what the Conv-Gate fuses the
+    high-resolution stage into. Every module is an identity at initialisation, and so is the chain."""
+
+    def forward(self, tower) -> torch.Tensor:
+        for module in self.values():
+            features = module(tower)  # [B, N, C]
+            tower = tower.with_features(features)
+        return features
