@@ -40,17 +40,36 @@ from polyfocus.train.run import train
 
 def shared_backbones(out: Path, args) -> None:
     """Data, tokenizer and the towers, made once for every run under `out`; backbones.json records which vision tower
-    was used (DINOv2 falls back to the from-scratch one where it cannot be had), which decides the recipe."""
-    if (out / "backbones.json").is_file():
-        return
-    demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects, demo.VQA_FAMILIES,
-                   seed=0, render_size=args.render_size, sizes=tuple(args.sizes.split(",")))
+    was used (DINOv2 falls back to the from-scratch one where it cannot be had), which decides the recipe. MG-LLaVA's
+    ConvNeXt is added to the same directory when first asked for (hires_tower.json: its steps, stages, accuracy),
+    so its comparisons share the world and the baseline runs of the others."""
     model_config = demo.demo_model_config(args.image_size)
-    if args.hires_tower_steps:
-        demo.make_hires_tower(out, model_config, args.hires_tower_steps, args.batch_size, args.max_objects, seed=0)
-    used = demo.make_backbones(out, model_config, args.tower_steps, args.batch_size, args.max_objects, seed=0,
-                               tower=args.tower)
-    (out / "backbones.json").write_text(json.dumps(used))  # last: it marks the directory as complete
+    if not (out / "backbones.json").is_file():
+        demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects,
+                       demo.VQA_FAMILIES, seed=0, render_size=args.render_size, sizes=tuple(args.sizes.split(",")))
+        used = demo.make_backbones(out, model_config, args.tower_steps, args.batch_size, args.max_objects, seed=0,
+                                   tower=args.tower)
+        (out / "backbones.json").write_text(json.dumps(used))  # last: it marks the directory as complete
+    if not args.hires_tower_steps:
+        return
+    wanted = {"steps": args.hires_tower_steps, "stages": args.hires_stages}
+    marker = out / "hires_tower.json"
+    if marker.is_file():
+        had = json.loads(marker.read_text())
+        if {k: had[k] for k in wanted} != wanted:
+            raise SystemExit(f"{out}/hires_tower was trained with {({k: had[k] for k in wanted})}, not {wanted}: "
+                             "use another --out")
+        return
+    accuracy = demo.make_hires_tower(out, {**model_config, "hires_config": hires_config(args.hires_stages)},
+                                     args.hires_tower_steps, args.batch_size, args.max_objects, seed=0)
+    marker.write_text(json.dumps({**wanted, "accuracy": accuracy}))
+
+
+def hires_config(stages: int) -> dict:
+    """The demo's ConvNeXt with its first `stages` stages: its total stride, hence the high-resolution side, halves
+    with each stage dropped (5: 512 px, 4: 256 px for the 112 px tower's 8 x 8 grid)."""
+    return {"num_stages": stages, "depths": demo.DEMO_HIRES["depths"][:stages],
+            "hidden_sizes": demo.DEMO_HIRES["hidden_sizes"][:stages]}
 
 
 def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
@@ -68,21 +87,30 @@ def recipe_for(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> d
 
 
 def settings_of(args) -> dict:
-    """What besides the variant and seed decides a run's result (the render size and the ConvNeXt only when set)."""
+    """What besides the variant and seed decides a run's result (the render size only when set; MG-LLaVA's ConvNeXt
+    only for the variants that read it: `run_settings`)."""
     settings = {k: getattr(args, k) for k in ("tower", "pretrain_steps", "finetune_steps", "tower_steps",
                                               "train_scenes", "test_scenes", "image_size", "max_objects", "sizes",
                                               "batch_size")}
-    return {**settings, **{k: getattr(args, k) for k in ("render_size", "hires_tower_steps") if getattr(args, k)}}
+    return {**settings, **({"render_size": args.render_size} if args.render_size else {})}
+
+
+def run_settings(settings: dict, variant: dict, args) -> dict:
+    """A variant's settings: the ConvNeXt's steps and stages join them when the variant reads {shared}/hires_tower."""
+    if "{shared}/hires_tower" not in json.dumps(variant):
+        return settings
+    if not args.hires_tower_steps:
+        raise SystemExit("a variant reads {shared}/hires_tower: give --hires-tower-steps (e.g. 1500)")
+    return {**settings, "hires_tower_steps": args.hires_tower_steps, "hires_stages": args.hires_stages}
 
 
 def shared_dir(out: Path, settings: dict) -> Path:
-    """e.g. shared/112-dinov2-s-2000-100-3-medium,large, or shared/112r512-scratch3000h1500-2000-100-3-... with 512 px
-    scenes, the from-scratch tower and a ConvNeXt."""
+    """e.g. shared/112-dinov2-s-2000-100-3-medium,large, or shared/112r512-scratch3000-2000-100-3-... with 512 px
+    scenes and the from-scratch tower."""
     size = f"{settings['image_size']}" + (f"r{settings['render_size']}" if "render_size" in settings else "")
     tower = Path(settings["tower"]).name + (f"{settings['tower_steps']}" if settings["tower"] == "scratch" else "")
-    towers = tower + (f"h{settings['hires_tower_steps']}" if "hires_tower_steps" in settings else "")
-    return out / "shared" / "-".join([size, towers, *(f"{settings[k]}" for k in ("train_scenes", "test_scenes",
-                                                                                     "max_objects", "sizes"))])
+    return out / "shared" / "-".join([size, tower, *(f"{settings[k]}" for k in ("train_scenes", "test_scenes",
+                                                                                 "max_objects", "sizes"))])
 
 
 def with_shared(variant: dict, shared: Path) -> dict:
@@ -123,6 +151,9 @@ def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> 
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    walls = [[r["train_s"] for r in runs if r["variant"] == name] for name in variants]
+    lines.append("| training wall, s (min–max) | | " + " | ".join(f"{min(w)}–{max(w)}" if w else "–" for w in walls)
+                 + " |")  # compute per row; runs side by side on a shared machine: compare within one table
     return "\n".join(lines)
 
 
@@ -156,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--render-size", type=int, help="render the scenes at this size (default: --image-size)")
     p.add_argument("--hires-tower-steps", type=int, default=0, help="pretrain MG-LLaVA's ConvNeXt, {shared}/hires_tower")
+    p.add_argument("--hires-stages", type=int, default=len(demo.DEMO_HIRES["depths"]),
+                   help="the ConvNeXt's stages (default 5: it sees 512 px; 4: 256 px)")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for seed in args.seeds:
         for name, variant in args.variant:
-            key = {"spec": variant, "seed": seed, "settings": settings}
+            key = {"spec": variant, "seed": seed, "settings": run_settings(settings, variant, args)}
             result = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
             if result is None:
                 run_dir = out / "runs" / f"{args.name}-{name}-seed{seed}"

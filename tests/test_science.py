@@ -17,7 +17,7 @@ def science(monkeypatch):
     def fake_run(shared, run_dir, variant, seed, args):  # accuracy decided by the variant and seed alone
         calls.append((json.dumps(variant), seed))
         colour = 0.5 + 0.1 * seed + (0.2 if variant else 0.0)
-        return {"accuracy": {"colour": colour, "all": colour / 2}, "train_s": 0}
+        return {"accuracy": {"colour": colour, "all": colour / 2}, "train_s": 100 + seed + (50 if variant else 0)}
 
     monkeypatch.setattr(module, "shared_backbones", lambda shared, args: None)
     monkeypatch.setattr(module, "run_one", fake_run)
@@ -33,6 +33,7 @@ def test_table_is_mean_and_std_over_seeds(science, tmp_path, capsys):
     table = (tmp_path / "m.md").read_text()
     # baseline colour: 50, 60, 70 → 60.0 ± 10.0; new: 70, 80, 90 → 80.0 ± 10.0
     assert "| colour | 25.0 | 60.0 ± 10.0 | 80.0 ± 10.0 |" in table
+    assert "| training wall, s (min–max) | | 100–102 | 150–152 |" in table
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["all_mean"] == pytest.approx({"baseline": 0.3, "new": 0.4})
 
@@ -73,14 +74,43 @@ def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypa
 def test_shared_directory_names_its_settings_and_fills_variants(science, tmp_path):
     module, calls = science
     module.main(["--name", "mg", "--out", str(tmp_path), "--seeds", "0", "--render-size", "512",
-                 "--hires-tower-steps", "1500", "--variant", 'hires={"stage1": {"hires_tower": "{shared}/hires_tower"}}'])
-    shared = tmp_path / "shared" / "112r512-dinov2-sh1500-2000-100-3-medium,large"
-    assert calls == [(json.dumps({"stage1": {"hires_tower": f"{shared}/hires_tower"}}), 0)]
-    run = json.loads((tmp_path / "runs.jsonl").read_text())
-    assert run["spec"] == {"stage1": {"hires_tower": "{shared}/hires_tower"}}  # the key stays free of the path
-    assert run["settings"]["render_size"] == 512 and run["settings"]["hires_tower_steps"] == 1500
+                 "--hires-tower-steps", "1500", "--variant", "baseline={}",
+                 "--variant", 'hires={"stage1": {"hires_tower": "{shared}/hires_tower"}}'])
+    shared = tmp_path / "shared" / "112r512-dinov2-s-2000-100-3-medium,large"
+    assert calls == [("{}", 0), (json.dumps({"stage1": {"hires_tower": f"{shared}/hires_tower"}}), 0)]
+    baseline, hires = map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())
+    assert hires["spec"] == {"stage1": {"hires_tower": "{shared}/hires_tower"}}  # the key stays free of the path
+    assert hires["settings"]["render_size"] == 512
+    assert (hires["settings"]["hires_tower_steps"], hires["settings"]["hires_stages"]) == (1500, 5)
+    assert "hires_tower_steps" not in baseline["settings"]  # the ConvNeXt is not part of the plain model's run
+    module.main(["--name", "plain", "--out", str(tmp_path), "--seeds", "0", "--render-size", "512",
+                 "--variant", "baseline={}"])
+    assert len(calls) == 2  # the same world without the ConvNeXt: the baseline run is reused
     module.main(["--name", "plain", "--out", str(tmp_path), "--seeds", "0", "--variant", "baseline={}"])
-    assert "render_size" not in json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[1])["settings"]
+    assert "render_size" not in json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[2])["settings"]
+    with pytest.raises(SystemExit, match="give --hires-tower-steps"):
+        module.main(["--name", "mg", "--out", str(tmp_path), "--seeds", "0", "--render-size", "512",
+                     "--variant", 'hires={"stage1": {"hires_tower": "{shared}/hires_tower"}}'])
+
+
+def test_a_shared_convnext_of_other_settings_is_refused(tmp_path, monkeypatch):
+    """The ConvNeXt is added to a finished shared directory once; asking for another one there is an error, not a
+    silent reuse."""
+    module = load_bench_script("science")
+    made = []
+    monkeypatch.setattr(module.demo, "make_hires_tower", lambda out, config, steps, *a, **k: made.append(
+        (steps, config["hires_config"]["hidden_sizes"])) or {"shape": 0.9})
+    (tmp_path / "backbones.json").write_text(json.dumps({"pretrained": True}))
+    args = module.argparse.Namespace(image_size=112, hires_tower_steps=1500, hires_stages=4, batch_size=16,
+                                     max_objects=1)
+    module.shared_backbones(tmp_path, args)
+    module.shared_backbones(tmp_path, args)
+    assert made == [(1500, [16, 32, 64, 128])]  # made once, with the first 4 stages of the demo's ConvNeXt
+    assert json.loads((tmp_path / "hires_tower.json").read_text()) == {"steps": 1500, "stages": 4,
+                                                                         "accuracy": {"shape": 0.9}}
+    args.hires_stages = 5
+    with pytest.raises(SystemExit, match="trained with .*'stages': 4"):
+        module.shared_backbones(tmp_path, args)
 
 
 @pytest.mark.parametrize("pretrained", [True, False])
