@@ -506,8 +506,7 @@ def ask_server(base: str, png: bytes, **request):
 def test_the_server_counts_object_tokens_and_answers_as_the_pipeline(synth_data):
     """`polyfocus serve` with MG-LLaVA: the usage's prompt count holds one image id per detected box (as the prompt
     the model sees); the detector runs once per image (the batch reuses the job's detections) and the answer is the
-    pipeline's. DualFocus, whose scoring feeds images without boxes, is refused up front (also when streaming); a
-    model with object tokens and no detector is refused at start."""
+    pipeline's, with DualFocus too; a model with object tokens and no detector is refused at start."""
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from polyfocus.infer.server import ServeSettings, create_app
@@ -524,19 +523,50 @@ def test_the_server_counts_object_tokens_and_answers_as_the_pipeline(synth_data)
     settings = ServeSettings(model_name="mg", max_model_len=512)
     with running_server(create_app(pipe, settings)) as base:
         reply = ask_server(base, buffer.getvalue())
-        refused = [ask_server(base, buffer.getvalue(), strategy="dualfocus", stream=stream) for stream in (False, True)]
+        detections = len(calls)
+        dualfocus = ask_server(base, buffer.getvalue(), strategy="dualfocus")
     assert reply.status_code == 200, reply.text
-    assert len(calls) == 1
+    assert detections == 1
     image = Image.open(io.BytesIO(buffer.getvalue()))
     prompt = pipe.prepare([([image], "What colour?")])["input_ids"][0]
     assert reply.json()["usage"]["prompt_tokens"] == len(prompt) == len(pipe.encode(
         [{"role": "user", "content": "<image>\nWhat colour?"}], 1)) + len(scene.objects)
     assert reply.json()["choices"][0]["message"]["content"] == pipe.generate([([image], "What colour?")],
                                                                             max_new_tokens=3)[0]
-    assert [r.status_code for r in refused] == [400, 400]
-    assert all("object tokens" in r.json()["error"]["message"] for r in refused)
+    assert dualfocus.status_code == 200, dualfocus.text
+    assert dualfocus.json()["choices"][0]["message"]["content"] == pipe.generate(
+        [([image], "What colour?")], max_new_tokens=3, strategy="dualfocus")[0]
     with pytest.raises(ValueError, match="object tokens but no box_detector"):
         create_app(mg_pipeline(synth_data), settings)
+
+
+def test_dualfocus_scores_with_the_image_and_crop_object_tokens(synth_data):
+    """DualFocus on a model with object tokens: its perplexity pass feeds the image's and the crop's detected boxes,
+    one object token each (the mean NLL of a hand-built forward with them), and it takes the reference path."""
+    from polyfocus.config import IGNORE_INDEX
+    from polyfocus.data.boxes import indexed
+    from polyfocus.data.templates import encode
+    from polyfocus.infer.dualfocus import DualFocus, make_item, run_steps, steps
+    from polyfocus.synthworld.scenes import make_scene, render
+
+    pipe = mg_pipeline(synth_data, box_detector="synthworld")
+    df = DualFocus(pipe)
+    assert not df.cached
+    image = render(make_scene(5, 128, max_objects=3))
+    item = make_item([image], "What colour is it?", 0)
+    replies = iter([["red", "[0.10, 0.10, 0.60, 0.60]"], ["red"]])
+    run_steps(steps(item), lambda asks: next(replies), None)
+    boxes = [pipe.image_boxes(item.image, None), pipe.image_boxes(item.crop, None)]
+    config = pipe.model.config
+    enc = encode(item.score_messages(item.result.box_text, "dark blue"), pipe.tokenizer, pipe.template,
+                 config.image_token_id, [config.num_image_tokens + len(b) for b in boxes])
+    with torch.inference_mode():
+        logits = pipe.model(input_ids=torch.tensor([enc.input_ids]), pixel_values=pipe.image_processor(
+            [item.image, item.crop]), image_boxes=indexed(boxes)).logits[0]
+        labels = torch.tensor(enc.labels[1:])
+        nll = -torch.log_softmax(logits[:-1].float(), -1)[labels != IGNORE_INDEX].gather(
+            1, labels[labels != IGNORE_INDEX, None]).squeeze(1)
+        assert len(boxes[0]) == 3 and df.score(item, "dark blue") == pytest.approx(nll.mean().item(), rel=1e-5)
 
 
 def test_image_size_of_a_model_with_the_high_resolution_branch():

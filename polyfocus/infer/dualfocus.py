@@ -50,6 +50,7 @@ from PIL import Image
 from transformers import DynamicCache, LogitsProcessorList
 
 from polyfocus.config import IGNORE_INDEX
+from polyfocus.data.boxes import indexed
 from polyfocus.data.dualfocus import ZOOM_PROMPT, Question, box_turn, parse_box_text, split_prompt, zoom, zoom_turn
 from polyfocus.data.images import load_image
 from polyfocus.data.prompts import LETTERS, SHORT_ANSWER, mcq_letter
@@ -213,9 +214,11 @@ class DualFocus:
                  box_max_new_tokens: int = BOX_MAX_NEW_TOKENS, jump_forward: bool = True):
         if span not in SPANS:
             raise ValueError(f"span must be one of {SPANS}, got {span!r}")
-        if getattr(pipe.model.config, "object_tokens", False):  # its scoring and cache feed images without boxes
-            raise ValueError("dualfocus does not run on a model with MG-LLaVA's object tokens (config.object_tokens)")
-        self.pipe, self.span, self.cached, self.box_max_new_tokens = pipe, span, cached, box_max_new_tokens
+        # MG-LLaVA's object tokens (one per detected box) make an image's token count depend on the image, which the
+        # cached path's block plan takes as fixed: such a model takes the reference path, every step its own pass.
+        self.object_tokens = pipe.object_boxes is not None
+        self.pipe, self.span, self.box_max_new_tokens = pipe, span, box_max_new_tokens
+        self.cached = cached and not self.object_tokens
         self.jump_forward = jump_forward  # the box reply's fixed characters verified in passes with the digits
         self.last_results: list[DualFocusResult] = []
         self._drafter: BoxDrafter | None = None
@@ -281,19 +284,31 @@ class DualFocus:
         """Mean NLL of one scoring conversation, in one forward of its own (the reference's PPL pass)."""
         pipe, config = self.pipe, self.pipe.model.config
         messages = item.score_messages(item.result.box_text, candidate)
-        enc = encode(messages, pipe.tokenizer, pipe.template, config.image_token_id, [config.num_image_tokens] * 2)
+        boxes = self._object_boxes(item)
+        extra = [len(b) for b in boxes] if boxes is not None else [0, 0]
+        enc = encode(messages, pipe.tokenizer, pipe.template, config.image_token_id,
+                     [config.num_image_tokens + n for n in extra])
         labels = torch.tensor(enc.labels)
         if self.span == "answer":
-            labels[: self._reply_start(item, enc.input_ids)] = IGNORE_INDEX
+            labels[: self._reply_start(item, enc.input_ids, extra)] = IGNORE_INDEX
         ids = torch.tensor([enc.input_ids], device=pipe.model.device)
         pixel_values = pipe.image_processor([item.image, item.crop]).to(pipe.model.device)
-        logits = pipe.model(input_ids=ids, pixel_values=pixel_values).logits[0]
+        image_boxes = {"image_boxes": indexed(boxes).to(pipe.model.device)} if boxes is not None else {}
+        logits = pipe.model(input_ids=ids, pixel_values=pixel_values, **image_boxes).logits[0]
         nll = token_nll(logits[:-1], labels[1:].to(logits.device))
         return float(nll.sum() / len(nll))
 
-    def _reply_start(self, item: Item, ids: list[int]) -> int:
+    def _object_boxes(self, item: Item) -> list[torch.Tensor] | None:
+        """The image's and the crop's boxes for a model with object tokens ([N_i, 4] each, from the model's detector,
+        as `Pipeline.generate` gives them to the micro answer), else None."""
+        if not self.object_tokens:
+            return None
+        return [self.pipe.image_boxes(image, None, where=what) for image, what in ((item.image, "the image"),
+                                                                                   (item.crop, "the crop"))]
+
+    def _reply_start(self, item: Item, ids: list[int], object_tokens: list[int]) -> int:
         """Where the candidate's reply starts: the length of the context's ids (checked to be a prefix)."""
-        context = self.pipe.encode(item.score_messages(item.result.box_text, None), 2)
+        context = self.pipe.encode(item.score_messages(item.result.box_text, None), 2, object_tokens=object_tokens)
         if ids[: len(context)] != context:
             raise ValueError("the conversation template renders the scoring context differently when a reply "
                              "follows, so the candidate's tokens cannot be located; use a built-in template")

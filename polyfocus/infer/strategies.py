@@ -50,9 +50,6 @@ class DualFocusStrategy:
         return texts, [result.to_dict() for result in dualfocus.last_results]
 
     def refusal(self, config, images: list, messages: list[dict]) -> tuple[str, str] | None:
-        if getattr(config, "object_tokens", False):
-            return (f"strategy {self.name!r} does not run on this model: its scoring feeds images without MG-LLaVA's "
-                    "object tokens", "strategy")
         if make_item(images, messages, 0) is None:
             return (f"strategy {self.name!r} answers one user message with one image (after an optional system "
                     "message)", "messages")
