@@ -165,6 +165,27 @@ def test_feature_cache_serves_s2_tiles_too():
     assert (cache.hits, cache.misses) == (10, 10)
 
 
+def test_feature_cache_serves_mmfusers_hidden_states():
+    """MMFuser reads several hidden states, not the selected features: with a frozen tower they come from the cache
+    too (keyed apart from the features of the same pixels), the same fused features as without it, and a second
+    pass computes nothing."""
+    torch.manual_seed(0)
+    model = PolyfocusForConditionalGeneration(tiny_config(vision="dinov2", fusion="mmfuser", mmfuser_num_heads=4))
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.mm_fusion.parameters():  # not the identity it starts as
+            p.add_(0.1 * torch.randn_like(p))
+    pixels = torch.randn(2, 3, 56, 56)
+    plain = model.get_image_features(pixels)
+    model.vision_feature_cache = cache = FeatureCache()
+    torch.testing.assert_close(model.get_image_features(pixels), plain, rtol=0, atol=1e-6)
+    assert (cache.hits, cache.misses) == (0, 2)
+    torch.testing.assert_close(model.get_image_features(pixels), plain, rtol=0, atol=1e-6)
+    assert (cache.hits, cache.misses) == (2, 2)
+    (stored,) = {tuple(v.shape) for v in cache.entries.values()}
+    assert stored == (len(model.mm_fusion.kv_layers) + 1, 17, 32)  # the layers read, CLS + 4x4 patches, width
+
+
 # ---- training with them: standardised features, the cache, the truncated tower ------------------------------------
 
 

@@ -93,6 +93,19 @@ class TowerOutputs:
         with torch.no_grad():
             return part.features
 
+    def states(self, layers: list[int]) -> torch.Tensor:
+        """The tower's hidden states `layers`, stacked [B, len(layers), T, C]: through the cache as `features` when the
+        tower is frozen (MMFuser reads these: without the cache a frozen tower would run in full at every step)."""
+        def compute(index=None):
+            part = self if index is None else TowerOutputs(self.config, self.vision_tower, self.hires_tower,
+                                                           self.pixel_values[index])
+            return torch.stack([part.hidden_states[layer] for layer in layers], dim=1)
+
+        if not self.cached:
+            return compute()
+        with torch.no_grad():
+            return self.cache.features(self.pixel_values, compute, tag=f"hidden states {layers}")
+
     def select(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, s, s] tower-sized images → their selected features [n, N, C], through the cache as `features` (S2's
         tiles are the same pixels every epoch)."""
@@ -151,9 +164,11 @@ class FeatureCache(TensorLRU):
         header = f"{tuple(data.shape)}{data.dtype}".encode()
         return hashlib.blake2b(header + data.view(torch.uint8).numpy().tobytes(), digest_size=20).digest()
 
-    def features(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """[n, 3, S, S] → [n, N, C]: cached rows, and `compute(index of the missing images)` for the rest."""
-        keys = [self.key(image) for image in pixel_values]
+    def features(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+                 tag: str = "") -> torch.Tensor:
+        """[n, 3, S, S] → [n, N, C]: cached rows, and `compute(index of the missing images)` for the rest. tag: what
+        else than the selected features is kept (e.g. MMFuser's hidden states), part of the key."""
+        keys = [self.key(image) + tag.encode() for image in pixel_values]
         found = [self.get(k) for k in keys]
         missing = [i for i, value in enumerate(found) if value is None]
         if missing:

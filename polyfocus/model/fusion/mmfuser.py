@@ -59,12 +59,14 @@ class MMFuser(nn.Module):
         init.zeros_(self.gamma2)
 
     def forward(self, tower) -> torch.Tensor:
-        """The tower's hidden states (model/vision.py's TowerOutputs) → [B, N, C] (see `fuse`)."""
-        return self.fuse(tower.hidden_states)
+        """The tower's hidden states (model/vision.py's TowerOutputs; only the layers read, cached when the tower is
+        frozen) → [B, N, C] (see `fuse`)."""
+        layers = [self.query_layer, *self.kv_layers]
+        return self.fuse(dict(zip(layers, tower.states(layers).unbind(1))))
 
-    def fuse(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The tower's hidden states (embeddings, layer 1, ..., each [B, T, C]) → [B, N, C], N = H*W (+1 with CLS
-        kept): what the projector reads in place of hidden_states[query_layer]."""
+    def fuse(self, hidden_states: tuple[torch.Tensor, ...] | dict[int, torch.Tensor]) -> torch.Tensor:
+        """The tower's hidden states (embeddings, layer 1, ..., each [B, T, C]; or {layer: state} of the layers read)
+        → [B, N, C], N = H*W (+1 with CLS kept): what the projector reads in place of hidden_states[query_layer]."""
         height, width = self.grid
         first = 1 if self.has_cls else 0  # the patch map starts after the CLS token
         dtype = self.gamma1.dtype
