@@ -17,7 +17,8 @@ A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to
         --variant hires='{"stage1": {"fusion": "convgate", "hires_tower": "{shared}/hires_tower"}}'
 
 Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and settings is never
-repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs. The table
+repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs; --report
+tables the runs finished so far and trains nothing. The table
 (mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
 """
 
@@ -151,6 +152,8 @@ def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> 
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    seeds = [[str(r["seed"]) for r in runs if r["variant"] == name] for name in variants]
+    lines.append("| seeds | | " + " | ".join(", ".join(s) or "–" for s in seeds) + " |")
     walls = [[r["train_s"] for r in runs if r["variant"] == name] for name in variants]
     lines.append("| training wall, s (min–max) | | " + " | ".join(f"{min(w)}–{max(w)}" if w else "–" for w in walls)
                  + " |")  # compute per row; runs side by side on a shared machine: compare within one table
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--render-size", type=int, help="render the scenes at this size (default: --image-size)")
     p.add_argument("--hires-tower-steps", type=int, default=0, help="pretrain MG-LLaVA's ConvNeXt, {shared}/hires_tower")
+    p.add_argument("--report", action="store_true", help="train nothing: the table of the runs already finished")
     p.add_argument("--hires-stages", type=int, default=len(demo.DEMO_HIRES["depths"]),
                    help="the ConvNeXt's stages (default 5: it sees 512 px; 4: 256 px)")
     args = p.parse_args(argv)
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, variant in args.variant:
             key = {"spec": variant, "seed": seed, "settings": run_settings(settings, variant, args)}
             result = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+            if result is None and args.report:  # the table of what has run, e.g. while the rest still runs
+                continue
             if result is None:
                 run_dir = out / "runs" / f"{args.name}-{name}-seed{seed}"
                 result = {**key, **run_one(shared, run_dir, with_shared(variant, shared), seed, args)}
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     text = table(runs, names, majority_baseline(shared / "data"))
     (out / f"{args.name}.md").write_text(text + "\n")
     print(text)
-    means = {name: statistics.mean(r["accuracy"]["all"] for r in runs if r["variant"] == name) for name in names}
+    means = {name: statistics.mean(r["accuracy"]["all"] for r in runs if r["variant"] == name)
+             for name in names if any(r["variant"] == name for r in runs)}
     print(json.dumps({"bench": "science", "name": args.name, "seeds": args.seeds,
                       "steps": [args.pretrain_steps, args.finetune_steps], "all_mean": means}))
 

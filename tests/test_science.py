@@ -52,6 +52,16 @@ def test_finished_runs_are_reused_by_later_comparisons_and_resumes(science, tmp_
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 8
 
 
+def test_report_tables_the_finished_runs_and_trains_nothing(science, tmp_path):
+    module, calls = science
+    module.main(["--name", "a", "--out", str(tmp_path), "--seeds", "0", "1", "--variant", "baseline={}"])
+    module.main(["--name", "a", "--out", str(tmp_path), "--seeds", "0", "1", "2", "--variant", "baseline={}",
+                 "--variant", 'new={"visual_words": true}', "--report"])
+    assert len(calls) == 2  # nothing more trained
+    table = (tmp_path / "a.md").read_text()
+    assert "| colour | 25.0 | 55.0 ± 7.1 | – |" in table and "| seeds | | 0, 1 | – |" in table
+
+
 def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypatch):
     module = load_bench_script("science")
     trained, scored = [], []
