@@ -18,8 +18,8 @@ A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to
 
 Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and settings is never
 repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs; --report
-tables the runs finished so far and trains nothing. The table
-(mean ± std over seeds, accuracy %) goes to stdout and <out>/<name>.md.
+tables the runs finished so far and trains nothing. The table (mean ± std over seeds, accuracy %, each column's
+seeds and training wall) goes to stdout and <out>/<name>.md.
 """
 
 from __future__ import annotations
