@@ -149,8 +149,10 @@ def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> 
         cells = [f"{100 * baseline[family]:.1f}"]
         for name in variants:
             values = [100 * r["accuracy"][family] for r in runs if r["variant"] == name]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
+            if len(values) > 1:
+                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+            else:  # one run has no spread: its value alone, not "± 0.0"
+                cells.append(f"{values[0]:.1f}" if values else "–")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     seeds = [[str(r["seed"]) for r in runs if r["variant"] == name] for name in variants]
     lines.append("| seeds | | " + " | ".join(", ".join(s) or "–" for s in seeds) + " |")

@@ -60,6 +60,8 @@ def test_report_tables_the_finished_runs_and_trains_nothing(science, tmp_path):
     assert len(calls) == 2  # nothing more trained
     table = (tmp_path / "a.md").read_text()
     assert "| colour | 25.0 | 55.0 ± 7.1 | – |" in table and "| seeds | | 0, 1 | – |" in table
+    module.main(["--name", "b", "--out", str(tmp_path), "--seeds", "0", "--variant", "baseline={}", "--report"])
+    assert "| colour | 25.0 | 50.0 |" in (tmp_path / "b.md").read_text()  # one run: no "± 0.0"
 
 
 def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypatch):
