@@ -157,8 +157,9 @@ def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> 
     seeds = [[str(r["seed"]) for r in runs if r["variant"] == name] for name in variants]
     lines.append("| seeds | | " + " | ".join(", ".join(s) or "–" for s in seeds) + " |")
     walls = [[r["train_s"] for r in runs if r["variant"] == name] for name in variants]
-    lines.append("| training wall, s (min–max) | | " + " | ".join(f"{min(w)}–{max(w)}" if w else "–" for w in walls)
-                 + " |")  # compute per row; runs side by side on a shared machine: compare within one table
+    # compute per column; runs side by side on a shared machine: compare within one table
+    lines.append("| training wall, s (min–max) | | "
+                 + " | ".join(f"{min(w)}–{max(w)}" if w else "–" for w in walls) + " |")
     return "\n".join(lines)
 
 

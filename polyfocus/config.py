@@ -256,8 +256,8 @@ class PolyfocusConfig(PreTrainedConfig):
 
     def _check_fusion(self) -> None:
         fusions = self.fusions
-        if not fusions and self.fusion is not None or any(f not in FUSION_NAMES for f in fusions) or \
-                len(set(fusions)) != len(fusions):
+        unknown = any(f not in FUSION_NAMES for f in fusions)
+        if (self.fusion is not None and not fusions) or unknown or len(set(fusions)) != len(fusions):
             raise ValueError(f"fusion must be None, one of {' / '.join(map(repr, FUSION_NAMES))} or several of them in "
                              f"the order they apply (e.g. 'mmfuser,convgate'), got {self.fusion!r}")
         if "s2" in fusions and len(fusions) > 1:

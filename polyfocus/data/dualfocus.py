@@ -51,7 +51,8 @@ ZOOM_PROMPT = "Please combine the information from these two images and answer t
 MARGIN = 25  # pixels added around the squared box (the reference's enlarge_pixel)
 MIN_SIDE = 2  # a crop narrower than this is degenerate (spec §6: fall back to the macro answer)
 MAX_AREA = 0.7  # boxes covering more of the image are not worth zooming into (spec §2.2 recommends 50-70 %)
-NOT_VQA = ("grounding", "caption", "dense_caption", "chat", "facts")  # synthworld families not answered in a word or phrase
+# synthworld families whose answer is not a word or phrase
+NOT_VQA = ("grounding", "caption", "dense_caption", "chat", "facts")
 # A multi-turn record's per-question keys (synthworld's conversations) and the key each has on one question
 PER_TURN_KEYS = {"boxes": "boxes", "families": "family", "meta": "meta"}
 

@@ -91,6 +91,7 @@ class Item:
     parts: Question
     result: DualFocusResult | None = None
     crop: Image.Image | None = None
+    object_boxes: list | None = None  # the image's and the crop's detected boxes (object tokens), found once
 
     def box_messages(self) -> list[dict]:
         return [*self.system, {"role": "user", "content": box_turn(self.parts.question)}]
@@ -303,8 +304,10 @@ class DualFocus:
         as `Pipeline.generate` gives them to the micro answer), else None."""
         if not self.object_tokens:
             return None
-        return [self.pipe.image_boxes(image, None, where=what) for image, what in ((item.image, "the image"),
-                                                                                   (item.crop, "the crop"))]
+        if item.object_boxes is None:  # both candidates are scored on the same two images: detect once
+            item.object_boxes = [self.pipe.image_boxes(image, None, where=what)
+                                 for image, what in ((item.image, "the image"), (item.crop, "the crop"))]
+        return item.object_boxes
 
     def _reply_start(self, item: Item, ids: list[int], object_tokens: list[int]) -> int:
         """Where the candidate's reply starts: the length of the context's ids (checked to be a prefix)."""
