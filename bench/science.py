@@ -19,7 +19,7 @@ A variant is a JSON mapping of recipe keys (any `polyfocus train` flag) added to
 Every finished run is a line of <out>/runs.jsonl, and a run with the same recipe keys, seed and settings is never
 repeated: rerun the same command to resume, and comparisons under one --out share their baseline runs; --report
 tables the runs finished so far and trains nothing. The table (mean ± std over seeds, accuracy %, each column's
-seeds and training wall) goes to stdout and <out>/<name>.md.
+seeds, training wall, tokens and FLOPs) goes to stdout and <out>/<name>.md.
 """
 
 from __future__ import annotations
@@ -129,9 +129,18 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
         config_file.write_text(yaml.safe_dump(stage_args, sort_keys=False))
         with contextlib.redirect_stdout(io.StringIO()):
             train(str(config_file))
+    train_s = round(time.perf_counter() - t0)
     strategy = variant.get("strategy", "plain")
     _, results, _ = demo.evaluate_model(run_dir / "stage2", shared / "data", strategy=strategy)
-    return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": round(time.perf_counter() - t0)}
+    return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": train_s, **compute_of(run_dir)}
+
+
+def compute_of(run_dir: Path) -> dict:
+    """Both stages' training compute as transformers' Trainer counted it (trainer_state.json): the tokens the
+    model read, image tokens included, and its FLOPs estimate (6 × parameters × tokens, frozen towers' included)."""
+    last = [json.loads((run_dir / stage / "trainer_state.json").read_text())["log_history"][-1]
+            for stage in ("stage1", "stage2")]
+    return {"tokens": sum(s["num_input_tokens_seen"] for s in last), "flos": sum(s["total_flos"] for s in last)}
 
 
 def majority_baseline(data: Path) -> dict[str, float]:
@@ -160,6 +169,9 @@ def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> 
     # compute per column; runs side by side on a shared machine: compare within one table
     lines.append("| training wall, s (min–max) | | "
                  + " | ".join(f"{min(w)}–{max(w)}" if w else "–" for w in walls) + " |")
+    for key, row, unit in (("tokens", "tokens read, millions", 1e6), ("flos", "FLOPs (Trainer's estimate), 10^15", 1e15)):
+        means = [[r[key] for r in runs if r["variant"] == name and key in r] for name in variants]
+        lines.append(f"| {row} | | " + " | ".join(f"{statistics.mean(m) / unit:.2f}" if m else "–" for m in means) + " |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ def science(monkeypatch):
     def fake_run(shared, run_dir, variant, seed, args):  # accuracy decided by the variant and seed alone
         calls.append((json.dumps(variant), seed))
         colour = 0.5 + 0.1 * seed + (0.2 if variant else 0.0)
-        return {"accuracy": {"colour": colour, "all": colour / 2}, "train_s": 100 + seed + (50 if variant else 0)}
+        return {"accuracy": {"colour": colour, "all": colour / 2}, "train_s": 100 + seed + (50 if variant else 0),
+                "tokens": 1_000_000 * (1 + seed), "flos": 2e15 * (2 if variant else 1)}
 
     monkeypatch.setattr(module, "shared_backbones", lambda shared, args: None)
     monkeypatch.setattr(module, "run_one", fake_run)
@@ -34,6 +35,8 @@ def test_table_is_mean_and_std_over_seeds(science, tmp_path, capsys):
     # baseline colour: 50, 60, 70 → 60.0 ± 10.0; new: 70, 80, 90 → 80.0 ± 10.0
     assert "| colour | 25.0 | 60.0 ± 10.0 | 80.0 ± 10.0 |" in table
     assert "| training wall, s (min–max) | | 100–102 | 150–152 |" in table
+    assert "| tokens read, millions | | 2.00 | 2.00 |" in table  # 1, 2, 3 M over the seeds
+    assert "| FLOPs (Trainer's estimate), 10^15 | | 2.00 | 4.00 |" in table
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["all_mean"] == pytest.approx({"baseline": 0.3, "new": 0.4})
 
@@ -69,6 +72,7 @@ def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypa
     trained, scored = [], []
     monkeypatch.setattr(module.demo, "make_llm", lambda *a: None)
     monkeypatch.setattr(module, "train", lambda config: trained.append(Path(config).read_text()))
+    monkeypatch.setattr(module, "compute_of", lambda run_dir: {})  # no trainer_state.json without training
     monkeypatch.setattr(module.demo, "evaluate_model",
                         lambda model, data, strategy: scored.append(strategy) or ("", {"all": {"accuracy": 1}}, {}))
     args = module.argparse.Namespace(pretrain_steps=1, finetune_steps=1, batch_size=2, image_size=112, tower="scratch")
@@ -143,3 +147,12 @@ def test_recipe_follows_the_tower_the_shared_directory_got(tmp_path, pretrained)
     else:
         assert "mm_vision_select_layer" not in stage1 and "truncate_vision_tower" not in stage1
         assert stage2["unfreeze_vision_layers"] == -1
+
+
+def test_compute_is_both_stages_trainer_counts(tmp_path):
+    module = load_bench_script("science")
+    for stage, tokens, flos in (("stage1", 750, 5.0e13), ("stage2", 3236, 2.0e14)):
+        (tmp_path / stage).mkdir()
+        history = [{"loss": 1.0, "step": 1}, {"step": 2, "num_input_tokens_seen": tokens, "total_flos": flos}]
+        (tmp_path / stage / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert module.compute_of(tmp_path) == {"tokens": 3986, "flos": 2.5e14}
