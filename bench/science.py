@@ -129,17 +129,21 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
         config_file.write_text(yaml.safe_dump(stage_args, sort_keys=False))
         with contextlib.redirect_stdout(io.StringIO()):
             train(str(config_file))
-    train_s = round(time.perf_counter() - t0)
     strategy = variant.get("strategy", "plain")
     _, results, _ = demo.evaluate_model(run_dir / "stage2", shared / "data", strategy=strategy)
-    return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": train_s, **compute_of(run_dir)}
+    return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": round(time.perf_counter() - t0),
+            **compute_of(run_dir)}
 
 
 def compute_of(run_dir: Path) -> dict:
-    """Both stages' training compute as transformers' Trainer counted it (trainer_state.json): the tokens the
-    model read, image tokens included, and its FLOPs estimate (6 × parameters × tokens, frozen towers' included)."""
+    """Both stages' training compute as transformers' Trainer counted it (the last entry of trainer_state.json's log):
+    the non-padding tokens the model read, image tokens included, and the Trainer's FLOPs estimate (6 × the
+    non-embedding parameters, frozen towers' included, × the input ids, padding included). {} where a stage did not
+    record them: the run's accuracy is kept all the same."""
     last = [json.loads((run_dir / stage / "trainer_state.json").read_text())["log_history"][-1]
             for stage in ("stage1", "stage2")]
+    if not all("num_input_tokens_seen" in s and "total_flos" in s for s in last):
+        return {}
     return {"tokens": sum(s["num_input_tokens_seen"] for s in last), "flos": sum(s["total_flos"] for s in last)}
 
 

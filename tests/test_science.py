@@ -156,3 +156,5 @@ def test_compute_is_both_stages_trainer_counts(tmp_path):
         history = [{"loss": 1.0, "step": 1}, {"step": 2, "num_input_tokens_seen": tokens, "total_flos": flos}]
         (tmp_path / stage / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     assert module.compute_of(tmp_path) == {"tokens": 3986, "flos": 2.5e14}
+    (tmp_path / "stage2" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 2}]}))
+    assert module.compute_of(tmp_path) == {}  # not recorded: no row value, and the run is not lost
