@@ -3,7 +3,9 @@
 Per family: the macro (plain) answer's accuracy, the micro answer's, the chosen one's; how often the two differ and
 how often the micro answer is then chosen; the mean IoU between the predicted box and the question's evidence
 box (the best-matching one when a question has several); how often the crop holds a whole evidence box, and the
-crop's mean share of the image (a crop of the whole image holds everything and zooms into nothing). The figures behind docs/results.md's DualFocus section.
+crop's mean share of the image (a crop of the whole image holds everything and zooms into nothing); when the crop
+misses the evidence, how often that happened, how often the micro answer was still chosen, and how often the chosen
+answer was right. The figures behind docs/results.md's DualFocus section.
 
     python bench/dualfocus_breakdown.py --data runs/science/shared/112-3000-2000-100-3/data \
         --model runs/science/runs/dualfocus-dualfocus-seed0/stage2
@@ -53,7 +55,12 @@ def breakdown(samples, results, image_sizes) -> dict[str, dict]:
             c["boxes"] += 1
         if result.crop_box and evidence:
             c["crops"] += 1
-            c["held"] += any(holds(result.crop_box, e, width, height) for e in evidence)
+            held = any(holds(result.crop_box, e, width, height) for e in evidence)
+            c["held"] += held
+            if not held:  # where the answer comes from when the zoom misses the evidence
+                c["missed"] += 1
+                c["missed_micro_chosen"] += result.choice == "micro"
+                c["missed_right"] += score(sample, result.answer)
             x1, y1, x2, y2 = result.crop_box
             c["crop_area"] += (x2 - x1) * (y2 - y1) / (width * height)
     return {family: {"questions": c["questions"], "macro": round(c["macro"] / c["questions"], 4),
@@ -62,7 +69,9 @@ def breakdown(samples, results, image_sizes) -> dict[str, dict]:
                      "differ": c["differ"], "micro_chosen_when_differ": c["micro_chosen"],
                      "box_iou": round(c["iou"] / c["boxes"], 4) if c["boxes"] else None,
                      "evidence_in_crop": round(c["held"] / c["crops"], 4) if c["crops"] else None,
-                     "crop_area": round(c["crop_area"] / c["crops"], 4) if c["crops"] else None}
+                     "crop_area": round(c["crop_area"] / c["crops"], 4) if c["crops"] else None,
+                     "crop_missed": c["missed"], "micro_chosen_when_missed": c["missed_micro_chosen"],
+                     "chosen_right_when_missed": round(c["missed_right"] / c["missed"], 4) if c["missed"] else None}
             for family, c in counts.items()}
 
 

@@ -40,4 +40,6 @@ def test_breakdown_counts_by_hand(bench, tmp_path):
     assert colour == {"questions": 3, "macro": pytest.approx(1 / 3, abs=1e-4), "micro": 0.5,
                       "chosen": pytest.approx(2 / 3, abs=1e-4), "zoomed": 2, "differ": 2,
                       "micro_chosen_when_differ": 1, "box_iou": 0.625, "evidence_in_crop": 0.5,
-                      "crop_area": pytest.approx((0.36 + 0.36) / 2)}
+                      "crop_area": pytest.approx((0.36 + 0.36) / 2),
+                      # the second question's crop misses its evidence: the macro answer was kept, and it is right
+                      "crop_missed": 1, "micro_chosen_when_missed": 0, "chosen_right_when_missed": 1.0}
