@@ -136,15 +136,14 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
 
 
 def compute_of(run_dir: Path) -> dict:
-    """Both stages' training compute as transformers' Trainer counted it (the last entry of trainer_state.json's log):
-    the non-padding tokens the model read, image tokens included, and the Trainer's FLOPs estimate (6 × the
-    non-embedding parameters, frozen towers' included, × the input ids, padding included). {} where a stage did not
-    record them: the run's accuracy is kept all the same."""
-    last = [json.loads((run_dir / stage / "trainer_state.json").read_text())["log_history"][-1]
-            for stage in ("stage1", "stage2")]
-    if not all("num_input_tokens_seen" in s and "total_flos" in s for s in last):
+    """Both stages' training compute as transformers' Trainer counted it (its state, trainer_state.json): the
+    non-padding tokens the model read, image tokens included, and the Trainer's FLOPs estimate (6 × the non-embedding
+    parameters, frozen towers' included, × the input ids, padding included). {} where a stage did not record them:
+    the run's accuracy is kept all the same."""
+    states = [json.loads((run_dir / stage / "trainer_state.json").read_text()) for stage in ("stage1", "stage2")]
+    if not all(s.get("num_input_tokens_seen") and s.get("total_flos") for s in states):
         return {}
-    return {"tokens": sum(s["num_input_tokens_seen"] for s in last), "flos": sum(s["total_flos"] for s in last)}
+    return {"tokens": sum(s["num_input_tokens_seen"] for s in states), "flos": sum(s["total_flos"] for s in states)}
 
 
 def majority_baseline(data: Path) -> dict[str, float]:
@@ -155,27 +154,30 @@ def majority_baseline(data: Path) -> dict[str, float]:
 
 
 def table(runs: list[dict], variants: list[str], baseline: dict[str, float]) -> str:
-    """Family rows × variant columns, mean ± std (%) over seeds, next to the majority-answer baseline."""
+    """Family rows × variant columns, mean ± std (%) over seeds, next to the majority-answer baseline; then each
+    column's seeds and compute."""
+    columns = [[r for r in runs if r["variant"] == name] for name in variants]
     families = list(runs[0]["accuracy"])
     lines = ["| family | majority answer | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for family in families:
         cells = [f"{100 * baseline[family]:.1f}"]
-        for name in variants:
-            values = [100 * r["accuracy"][family] for r in runs if r["variant"] == name]
+        for column in columns:
+            values = [100 * r["accuracy"][family] for r in column]
             if len(values) > 1:
                 cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
             else:  # one run has no spread: its value alone, not "± 0.0"
                 cells.append(f"{values[0]:.1f}" if values else "–")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
-    seeds = [[str(r["seed"]) for r in runs if r["variant"] == name] for name in variants]
-    lines.append("| seeds | | " + " | ".join(", ".join(s) or "–" for s in seeds) + " |")
-    walls = [[r["train_s"] for r in runs if r["variant"] == name] for name in variants]
+    lines.append("| seeds | | " + " | ".join(", ".join(str(r["seed"]) for r in c) or "–" for c in columns) + " |")
     # compute per column; runs side by side on a shared machine: compare within one table
+    walls = [[r["train_s"] for r in c] for c in columns]
     lines.append("| training wall, s (min–max) | | "
                  + " | ".join(f"{min(w)}–{max(w)}" if w else "–" for w in walls) + " |")
-    for key, row, unit in (("tokens", "tokens read, millions", 1e6), ("flos", "FLOPs (Trainer's estimate), 10^15", 1e15)):
-        means = [[r[key] for r in runs if r["variant"] == name and key in r] for name in variants]
-        lines.append(f"| {row} | | " + " | ".join(f"{statistics.mean(m) / unit:.2f}" if m else "–" for m in means) + " |")
+    for key, row, unit in (("tokens", "tokens read, millions", 1e6),
+                           ("flos", "FLOPs (Trainer's estimate), 10^15", 1e15)):
+        means = [[r[key] for r in c if key in r] for c in columns]
+        lines.append(f"| {row} | | " + " | ".join(f"{statistics.mean(m) / unit:.2f}" if m else "–" for m in means)
+                     + " |")
     return "\n".join(lines)
 
 

@@ -153,8 +153,8 @@ def test_compute_is_both_stages_trainer_counts(tmp_path):
     module = load_bench_script("science")
     for stage, tokens, flos in (("stage1", 750, 5.0e13), ("stage2", 3236, 2.0e14)):
         (tmp_path / stage).mkdir()
-        history = [{"loss": 1.0, "step": 1}, {"step": 2, "num_input_tokens_seen": tokens, "total_flos": flos}]
-        (tmp_path / stage / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        state = {"global_step": 2, "num_input_tokens_seen": tokens, "total_flos": flos, "log_history": []}
+        (tmp_path / stage / "trainer_state.json").write_text(json.dumps(state))
     assert module.compute_of(tmp_path) == {"tokens": 3986, "flos": 2.5e14}
-    (tmp_path / "stage2" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 2}]}))
+    (tmp_path / "stage2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": []}))
     assert module.compute_of(tmp_path) == {}  # not recorded: no row value, and the run is not lost
