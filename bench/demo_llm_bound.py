@@ -1,7 +1,8 @@
 """What the demo's LLM can learn in the demo's steps when the scene reaches it perfectly: a bound on what any tower
 gives it. One JSON line.
 
-The demo's LLM (Llama 2 x 128 from random weights, `demo_model_config`) is trained as the demo's stage 2 trains it —
+The demo's LLM (2 x 128 from random weights, `demo_model_config`: Qwen3's layout; `--llm` sets another, e.g.
+`'{"model_type": "llama"}'`, the demo's earlier LLM) is trained as the demo's stage 2 trains it —
 the six VQA families at the demo's scene settings, answers balanced, one multi-turn conversation per scene, the
 vicuna_v1 template, AdamW at 1e-3 with 3 % warm-up and a cosine decay, batch 16, gradients clipped at 1 — with the
 image replaced by what no vision tower can beat:
@@ -15,7 +16,7 @@ Reported per input and run length: held-out accuracy per family (one question pe
 tokens all right under teacher forcing) and each family's majority answer. docs/benchmarks.md ("The demo's accuracy
 target") reads it.
 
-    python bench/demo_llm_bound.py [--steps 800,3000] [--inputs oracle,text]
+    python bench/demo_llm_bound.py [--steps 800,3000] [--inputs oracle,text] [--llm JSON] [--batch-size N]
 """
 
 from __future__ import annotations
@@ -69,15 +70,19 @@ def scene_text(scene) -> str:
 class SceneLLM(nn.Module):
     """The demo's LLM with the image's positions filled by the oracle's projected tokens or the scene's text."""
 
-    def __init__(self, tokenizer, inputs: str, oracle_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, tokenizer, inputs: str, oracle_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 llm: dict | None = None):
         super().__init__()
-        from transformers import LlamaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from polyfocus.demo import demo_model_config
         from polyfocus.model.presets import tiny_config
 
         config = tiny_config(vocab_size=len(tokenizer), **demo_model_config()).text_config
-        self.llm, self.tokenizer, self.inputs = LlamaForCausalLM(config), tokenizer, inputs
+        if llm:  # another architecture or setting of the same size: {"model_type": "qwen3", "initializer_range": ...}
+            fields = {**config.to_dict(), **llm}
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        self.llm, self.tokenizer, self.inputs = AutoModelForCausalLM.from_config(config), tokenizer, inputs
         self.oracle_mean, self.oracle_std = oracle_stats or (torch.zeros(len(ONE_HOT)), torch.ones(len(ONE_HOT)))
         self.projector = build_projector("mlp2x_gelu", len(ONE_HOT), config.hidden_size)
 
@@ -127,12 +132,13 @@ def evaluate(model: SceneLLM, test, batch_size: int = 64) -> dict:
     return {family: round(100 * right[family] / asked[family], 1) for family in VQA_FAMILIES}
 
 
-def train(inputs: str, tokenizer, train_split, test, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+def train(inputs: str, tokenizer, train_split, test, steps: int, batch_size: int, lr: float, seed: int,
+          llm: dict | None = None) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
     tokens = torch.cat([oracle_tokens(scene) for scene, _ in train_split[:256]])  # the demo calibrates on 256 images
-    model = SceneLLM(tokenizer, inputs, (tokens.mean(0), tokens.std(0).clamp(min=1e-6)))
+    model = SceneLLM(tokenizer, inputs, (tokens.mean(0), tokens.std(0).clamp(min=1e-6)), llm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)  # the demo's (train/args.py)
     rng = random.Random(seed)
@@ -156,6 +162,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--llm", type=json.loads, default=None,
+                        help='the LLM\'s config fields over the demo\'s, e.g. \'{"model_type": "qwen3"}\'')
     args = parser.parse_args()
     train_split, test = make_split(args.scenes, "train"), make_split(args.test_scenes, "test")
     answers = {f: Counter(t.answer for _, tasks in test for t in tasks if t.family == f) for f in VQA_FAMILIES}
@@ -167,7 +175,7 @@ def main() -> None:
         tokenizer = build_tokenizer(save_dir=Path(work) / "tokenizer")
     for inputs in args.inputs.split(","):
         record[inputs] = {steps: train(inputs, tokenizer, train_split, test, int(steps), args.batch_size, args.lr,
-                                       args.seed) for steps in args.steps.split(",")}
+                                       args.seed, args.llm) for steps in args.steps.split(",")}
     print(json.dumps(record))
 
 

@@ -38,6 +38,8 @@ import yaml
 from polyfocus import demo
 from polyfocus.train.run import train
 
+SCIENCE_LLM = "llama"  # the LLM every run of docs/results.md was trained with (the demo's was Llama then)
+
 
 def shared_backbones(out: Path, args) -> None:
     """Data, tokenizer and the towers, made once for every run under `out`; backbones.json records which vision tower
@@ -122,7 +124,7 @@ def with_shared(variant: dict, shared: Path) -> dict:
 def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
     """Both stages of one variant and seed, then per-family accuracy on the held-out scenes."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    demo.make_llm(run_dir, shared / "tokenizer", demo.demo_model_config(args.image_size), seed)
+    demo.make_llm(run_dir, shared / "tokenizer", demo.demo_model_config(args.image_size, {"text": SCIENCE_LLM}), seed)
     t0 = time.perf_counter()
     for stage, stage_args in recipe_for(shared, run_dir, variant, seed, args).items():
         config_file = run_dir / f"{stage}.yaml"

@@ -22,6 +22,7 @@ tune theirs).
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import sys
@@ -39,6 +40,9 @@ DEFAULT_TOWER = "dinov2-s"
 DEFAULT_TOWER_STEPS = 3000  # the from-scratch tower's pretraining
 DEFAULT_IMAGE_SIZE = 112
 DEMO_SIZES = ("medium", "large")  # at 112 px a small object is 8 px, under one 14 px patch: left out of the demo
+# Qwen3's layout (Llama's plus an RMSNorm on each head's queries and keys): at the same size and steps it answered
+# multiple choice and all families together better than Llama on each of 3 seeds (docs/benchmarks.md, "Qwen3's layout").
+DEMO_LLM = "qwen3"
 DINOV2_LAYER = 6  # the hidden state the projector reads: the middle of ViT-S's 12 (shape and colour read best there)
 # MG-LLaVA (docs/mg_llava.md): the demo's stand-in for CLIP-ConvNeXt, pretrained here like the low-resolution tower
 # Five stages (total stride 64) put its last stage on the tower's 8 x 8 grid at 512 px, where synthworld's codes are
@@ -118,7 +122,7 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
 def demo_model_config(image_size: int = DEFAULT_IMAGE_SIZE, overrides: dict | None = None) -> dict:
     """The demo model's `tiny_config` keywords (the LLM's; the vision ones for the from-scratch tower). The tower
     sees the scenes at their rendered size: 64 patches of 14 px at 112 px."""
-    return {"hidden_size": 128, "vision_hidden_size": 64, "image_size": image_size, "patch_size": 14,
+    return {"text": DEMO_LLM, "hidden_size": 128, "vision_hidden_size": 64, "image_size": image_size, "patch_size": 14,
             **(overrides or {})}
 
 
@@ -294,6 +298,8 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
         trainer = train(str(config_file))
         timings[f"{stage}_s"] = time.perf_counter() - t
         print(stage_line(stage, trainer, timings[f"{stage}_s"], config_file), flush=True)
+        del trainer  # its model, optimiser and feature cache: freed before the next stage (or the eval) loads its own
+        gc.collect()
     t = time.perf_counter()
     table, results, baseline = evaluate_model(out_dir / "stage2", out_dir / "data")
     timings["eval_s"] = time.perf_counter() - t

@@ -31,7 +31,8 @@ def padded_batch(n_image_tokens, side="left", seed=1):
     return torch.tensor(ids), torch.tensor(mask), torch.randn(2, 3, 56, 56, generator=g)
 
 
-@pytest.mark.parametrize("text,vision", [("llama", "clip"), ("mistral", "clip"), ("qwen2", "siglip"), ("llama", "dinov2")])
+@pytest.mark.parametrize("text,vision", [("llama", "clip"), ("mistral", "clip"), ("qwen2", "siglip"), ("qwen3", "clip"),
+                                       ("llama", "dinov2")])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_logits_and_loss_equal_transformers_llava(text, vision, side):
     model = make_model(text, vision)

@@ -165,7 +165,7 @@ def test_collator_budget_one_row_and_errors():
 
 @pytest.mark.parametrize("text,attn,one_row", [("llama", "sdpa", False), ("llama", "eager", False),
                                                 ("llama", "sdpa", True), ("mistral", "sdpa", False),
-                                                ("qwen2", "sdpa", False)])
+                                                ("qwen2", "sdpa", False), ("qwen3", "sdpa", False)])
 def test_each_packed_sample_has_its_own_loss_and_gradients(text, attn, one_row):
     """Per sample: its summed CE read off the packed batch's logits, and that CE's gradient with respect to every
     parameter, equal the sample's own forward and backward alone. Any attention across a boundary, a position that

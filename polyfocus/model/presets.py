@@ -9,6 +9,7 @@ TINY_TEXT = {
     "llama": {"model_type": "llama"},
     "mistral": {"model_type": "mistral", "sliding_window": None},
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen3": {"model_type": "qwen3"},  # Qwen3's per-head RMSNorm on queries and keys (QK-norm)
 }
 TINY_VISION = {
     "clip": {"model_type": "clip_vision_model"},
@@ -30,9 +31,11 @@ def tiny_config(
     **overrides,
 ) -> PolyfocusConfig:
     """A few-layer model that runs in milliseconds on a CPU; same code paths as the real sizes."""
+    heads = 4
     text_config = dict(
         TINY_TEXT[text], vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+        head_dim=hidden_size // heads,  # Llama's own default; Qwen3's is 128 whatever the width
     )
     vision_config = dict(
         TINY_VISION[vision], hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
