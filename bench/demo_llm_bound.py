@@ -2,7 +2,7 @@
 gives it. One JSON line.
 
 The demo's LLM (2 x 128 from random weights, `demo_model_config`: Qwen3's layout; `--llm` sets another, e.g.
-`'{"model_type": "llama"}'`, the demo's earlier LLM) is trained as the demo's stage 2 trains it —
+`'{"text": "llama"}'`, the demo's earlier LLM) is trained as the demo's stage 2 trains it —
 the six VQA families at the demo's scene settings, answers balanced, one multi-turn conversation per scene, the
 vicuna_v1 template, AdamW at 1e-3 with 3 % warm-up and a cosine decay, batch 16, gradients clipped at 1 — with the
 image replaced by what no vision tower can beat:
@@ -73,15 +73,16 @@ class SceneLLM(nn.Module):
     def __init__(self, tokenizer, inputs: str, oracle_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                  llm: dict | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from polyfocus.demo import demo_model_config
         from polyfocus.model.presets import tiny_config
 
-        config = tiny_config(vocab_size=len(tokenizer), **demo_model_config()).text_config
-        if llm:  # another architecture or setting of the same size: {"model_type": "qwen3", "initializer_range": ...}
-            fields = {**config.to_dict(), **llm}
-            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        llm = dict(llm or {})  # tiny_config's LLM keywords ({"text": "llama"}), then any other field of the config
+        shape = {k: llm.pop(k) for k in ("text", "hidden_size", "text_layers") if k in llm}
+        config = tiny_config(vocab_size=len(tokenizer), **demo_model_config(overrides=shape)).text_config
+        for name, value in llm.items():  # e.g. {"initializer_range": 0.088}
+            setattr(config, name, value)
         self.llm, self.tokenizer, self.inputs = AutoModelForCausalLM.from_config(config), tokenizer, inputs
         self.oracle_mean, self.oracle_std = oracle_stats or (torch.zeros(len(ONE_HOT)), torch.ones(len(ONE_HOT)))
         self.projector = build_projector("mlp2x_gelu", len(ONE_HOT), config.hidden_size)
@@ -163,7 +164,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--llm", type=json.loads, default=None,
-                        help='the LLM\'s config fields over the demo\'s, e.g. \'{"model_type": "qwen3"}\'')
+                        help='the LLM over the demo\'s: tiny_config\'s text, hidden_size, text_layers, then any '
+                             'config field, e.g. \'{"text": "llama"}\' or \'{"initializer_range": 0.088}\'')
     args = parser.parse_args()
     train_split, test = make_split(args.scenes, "train"), make_split(args.test_scenes, "test")
     answers = {f: Counter(t.answer for _, tasks in test for t in tasks if t.family == f) for f in VQA_FAMILIES}

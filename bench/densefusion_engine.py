@@ -39,7 +39,8 @@ def make_inputs(root: Path, n: int) -> tuple[Path, Path]:
     synthworld_inputs(root / "data", root / "inputs")
     tok = build_tokenizer(save_dir=root / "captioner")
     torch.manual_seed(0)
-    PolyfocusForConditionalGeneration(tiny_config(vocab_size=len(tok), **demo_model_config())).save_pretrained(
+    config = tiny_config(vocab_size=len(tok), **demo_model_config(overrides={"text": "llama"}))  # as when measured
+    PolyfocusForConditionalGeneration(config).save_pretrained(
         root / "captioner")
     ImageProcessor(image_size=112).save_pretrained(root / "captioner")
     return root / "inputs" / "images.jsonl", root / "data"

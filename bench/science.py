@@ -46,7 +46,7 @@ def shared_backbones(out: Path, args) -> None:
     was used (DINOv2 falls back to the from-scratch one where it cannot be had), which decides the recipe. MG-LLaVA's
     ConvNeXt is added to the same directory when first asked for (hires_tower.json: its steps, stages, accuracy),
     so its comparisons share the world and the baseline runs of the others."""
-    model_config = demo.demo_model_config(args.image_size)
+    model_config = demo.demo_model_config(args.image_size, {"text": SCIENCE_LLM})
     if not (out / "backbones.json").is_file():
         demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects,
                        demo.VQA_FAMILIES, seed=0, render_size=args.render_size, sizes=tuple(args.sizes.split(",")))

@@ -39,14 +39,16 @@ def test_the_scene_fills_the_image_positions_and_only_the_answers_are_supervised
 
 
 def test_llm_fields_change_the_architecture_not_the_size(tmp_path):
-    """--llm '{"model_type": "qwen3"}': the demo's width, depth, heads and vocabulary, plus QK-norm's per-head scales."""
+    """--llm '{"text": "llama"}': the demo's width, depth, heads and vocabulary without QK-norm's per-head scales; a
+    config field rides along."""
     tokenizer = build_tokenizer(save_dir=tmp_path / "tokenizer")
-    llama = bench.SceneLLM(tokenizer, "oracle", llm={"model_type": "llama"}).llm
-    qwen3 = bench.SceneLLM(tokenizer, "oracle", llm={"model_type": "qwen3"}).llm
+    llama = bench.SceneLLM(tokenizer, "oracle", llm={"text": "llama", "initializer_range": 0.088}).llm
+    qwen3 = bench.SceneLLM(tokenizer, "oracle").llm  # the demo's
     assert (type(llama).__name__, type(qwen3).__name__) == ("LlamaForCausalLM", "Qwen3ForCausalLM")
     a, b = llama.config, qwen3.config
     assert [getattr(b, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")] == \
         [getattr(a, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")]
     assert b.head_dim == a.hidden_size // a.num_attention_heads == 32
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (a.initializer_range, b.initializer_range) == (0.088, 0.02)
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(qwen3) - count(llama) == a.num_hidden_layers * 2 * 32  # q_norm and k_norm: 32 scales each, per layer
