@@ -4,6 +4,7 @@ Tests never reach the package index: the pretrained-tower path runs on a tiny DI
 (what `polyfocus backbones dinov2-s` would have cached), the from-scratch path on --tower scratch."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -80,6 +81,29 @@ def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(
     train = json.loads((out / "data" / "train.json").read_text())
     assert all("families" in s and "chat" in s["families"] for s in train if len(s["families"]) > 3)
     assert summary["tower"].startswith("local")
+
+
+def test_each_stage_frees_its_model_before_the_next_loads_its_own(tmp_path, tiny_tower, monkeypatch):
+    """Peak memory: stage 1's model (with its optimiser and feature cache) must be gone when stage 2 starts, and
+    stage 2's when the evaluation loads the saved model (held on, they took the demo's peak from 1.2 to 2.5 GB)."""
+    from polyfocus.train import run as train_run
+
+    real_train, real_evaluate, models, alive = train_run.train, demo.evaluate_model, [], []
+
+    def train(config_file):
+        alive.append([m() is not None for m in models])
+        trainer = real_train(config_file)
+        models.append(weakref.ref(trainer.model))
+        return trainer
+
+    def evaluate_model(*args, **kwargs):
+        alive.append([m() is not None for m in models])
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_run, "train", train)
+    monkeypatch.setattr(demo, "evaluate_model", evaluate_model)
+    main(["demo", "--out", str(tmp_path / "demo"), "--tower", str(tiny_tower), *TOY])
+    assert alive == [[], [False], [False, False]]
 
 
 def test_demo_falls_back_to_a_tower_pretrained_from_scratch(tmp_path, capsys):
