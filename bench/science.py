@@ -41,16 +41,20 @@ from polyfocus.train.run import train
 SCIENCE_LLM = "llama"  # the LLM every run of docs/results.md was trained with (the demo's was Llama then)
 
 
+def model_config(args) -> dict:
+    """The demo's model keywords at the instrument's image size, with the instrument's LLM."""
+    return demo.demo_model_config(args.image_size, {"text": SCIENCE_LLM})
+
+
 def shared_backbones(out: Path, args) -> None:
     """Data, tokenizer and the towers, made once for every run under `out`; backbones.json records which vision tower
     was used (DINOv2 falls back to the from-scratch one where it cannot be had), which decides the recipe. MG-LLaVA's
     ConvNeXt is added to the same directory when first asked for (hires_tower.json: its steps, stages, accuracy),
     so its comparisons share the world and the baseline runs of the others."""
-    model_config = demo.demo_model_config(args.image_size, {"text": SCIENCE_LLM})
     if not (out / "backbones.json").is_file():
         demo.make_data(out, args.train_scenes, args.test_scenes, args.image_size, args.max_objects,
                        demo.VQA_FAMILIES, seed=0, render_size=args.render_size, sizes=tuple(args.sizes.split(",")))
-        used = demo.make_backbones(out, model_config, args.tower_steps, args.batch_size, args.max_objects, seed=0,
+        used = demo.make_backbones(out, model_config(args), args.tower_steps, args.batch_size, args.max_objects, seed=0,
                                    tower=args.tower)
         (out / "backbones.json").write_text(json.dumps(used))  # last: it marks the directory as complete
     if not args.hires_tower_steps:
@@ -63,7 +67,7 @@ def shared_backbones(out: Path, args) -> None:
             raise SystemExit(f"{out}/hires_tower was trained with {({k: had[k] for k in wanted})}, not {wanted}: "
                              "use another --out")
         return
-    accuracy = demo.make_hires_tower(out, {**model_config, "hires_config": hires_config(args.hires_stages)},
+    accuracy = demo.make_hires_tower(out, {**model_config(args), "hires_config": hires_config(args.hires_stages)},
                                      args.hires_tower_steps, args.batch_size, args.max_objects, seed=0)
     marker.write_text(json.dumps({**wanted, "accuracy": accuracy}))
 
@@ -124,7 +128,7 @@ def with_shared(variant: dict, shared: Path) -> dict:
 def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict:
     """Both stages of one variant and seed, then per-family accuracy on the held-out scenes."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    demo.make_llm(run_dir, shared / "tokenizer", demo.demo_model_config(args.image_size, {"text": SCIENCE_LLM}), seed)
+    demo.make_llm(run_dir, shared / "tokenizer", model_config(args), seed)
     t0 = time.perf_counter()
     for stage, stage_args in recipe_for(shared, run_dir, variant, seed, args).items():
         config_file = run_dir / f"{stage}.yaml"
