@@ -33,7 +33,10 @@ import torch
 import yaml
 
 VQA_FAMILIES = ["colour", "shape", "count", "existence", "spatial", "mc"]
-CHAT_FAMILIES = ["chat"]  # trained on, not scored by the demo's table (free-form sentences)
+# Trained on, not scored by the demo's table (free-form sentences). Two chat questions per conversation: with one, a
+# chat's second question came after a sentence answer, which training never showed, and got "yes" or a word back
+# (bench/demo_chat.py; docs/benchmarks.md, "Two chat questions per conversation").
+CHAT_FAMILIES = ["chat", "chat"]
 PRETRAIN_FAMILIES = ["dense_caption"]  # stage 1's captions
 DEFAULT_STEPS = (500, 800)  # stage 1, stage 2 (800 / 1500 measured no better: docs/benchmarks.md)
 DEFAULT_TOWER = "dinov2-s"
@@ -103,7 +106,7 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
               seed: int, render_size: int | None = None, sizes: tuple[str, ...] = DEMO_SIZES) -> None:
     """render_size: the scenes' pixel size when not the tower's (MG-LLaVA's high-resolution branch needs more
     pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112). Stage 2 trains on
-    `families` plus the chat family; the test split holds `families` only."""
+    `families` plus two chat questions per scene; the test split holds `families` only."""
     from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.synthworld.scenes import export
 

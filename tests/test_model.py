@@ -114,6 +114,30 @@ def test_labels_at_image_positions_are_masked():
     assert torch.equal(loss_all, loss_text)
 
 
+@pytest.mark.parametrize("num_items", [None, 9])
+def test_training_scores_only_supervised_positions_with_the_same_loss_and_gradients(num_items):
+    """supervised_logits_only (PolyfocusTrainer's in training): the LM head runs only where some row's next token is
+    supervised; loss and gradients equal the full computation's, with and without the Trainer's token count."""
+    model = make_model("qwen3")
+    ids, mask, pixels = padded_batch(model.config.num_image_tokens, "right")
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -3:], labels[1, -6:-4] = ids[0, -3:], ids[1, -6:-4]  # answers: 3 tokens in row 0, 2 in row 1
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels,
+                  **({"num_items_in_batch": torch.tensor(num_items)} if num_items else {}))
+    results = []
+    for supervised_only in (False, True):
+        model.zero_grad()
+        out = model(**kwargs, supervised_logits_only=supervised_only)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (scored, scored_grads) = results
+    width = ids.shape[1]
+    assert full.logits.shape[1] == width and scored.logits.shape[1] == 5  # positions predicting a supervised token
+    assert torch.allclose(scored.loss, full.loss, atol=1e-6)
+    assert full_grads.keys() == scored_grads.keys()
+    assert all(torch.allclose(scored_grads[n], g, atol=1e-6) for n, g in full_grads.items())
+
+
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_batched_generate_equals_one_by_one(do_sample):
     model = make_model()

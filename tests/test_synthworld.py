@@ -306,6 +306,19 @@ def test_export_writes_a_valid_deterministic_llava_dataset(tmp_path):
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
+def test_a_family_listed_twice_asks_each_scene_a_second_different_question(tmp_path):
+    def chat_questions(families, name):
+        export(str(tmp_path / name), n=20, seed=3, families=families, max_objects=3, multi_turn=True)
+        samples = json.loads((tmp_path / name / "train.json").read_text())
+        return [[turn["value"].removeprefix("<image>\n") for turn, family in
+                 zip(s["conversations"][::2], s["families"]) if family == "chat"] for s in samples]
+
+    once, twice = chat_questions(["colour", "chat"], "once"), chat_questions(["colour", "chat", "chat"], "twice")
+    assert all(len(q) == 1 for q in once) and sum(len(q) == 2 for q in twice) >= 15  # a repeat draw is dropped
+    for first, both in zip(once, twice):
+        assert first[0] in both and len(set(both)) == len(both)  # the first draw as before; no question twice
+
+
 def test_export_rejects_unknown_families(tmp_path):
     with pytest.raises(ValueError, match="colours"):
         export(str(tmp_path), n=1, families=["colours"])

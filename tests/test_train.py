@@ -524,6 +524,24 @@ def test_packed_run_equals_unpacked_run(reference, packed_reference):
     assert_same_weights(weights(out), weights(reference[1]), atol=1e-6)
 
 
+def test_scoring_only_the_answers_trains_as_scoring_every_position(ws, reference, monkeypatch):
+    """PolyfocusTrainer's forward computes the LM head only where an answer token is predicted; the same run with
+    every position scored logs the same losses and ends on the same weights."""
+    from polyfocus import PolyfocusForConditionalGeneration
+
+    forward, flags = PolyfocusForConditionalGeneration.forward, []
+
+    def every_position(self, *args, supervised_logits_only=False, **kwargs):
+        flags.append(supervised_logits_only)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolyfocusForConditionalGeneration, "forward", every_position)
+    trainer = run.train(str(finetune_yaml(ws)), ["--output_dir", "every_position"])
+    assert flags and all(flags)  # the trainer asked for the answers only at every step
+    assert logged(trainer, "loss") == pytest.approx(logged(reference[0], "loss"), rel=1e-6)
+    assert_same_weights(weights(ws / "every_position"), weights(reference[1]), atol=1e-6)
+
+
 def test_packed_lora_with_gradient_accumulation_equals_unpacked(ws):
     """LoRA (adapters on the LLM, projector in full; dropout 0 so both runs draw nothing) with 2 micro-batches of 2
     per step: the loss of a step sums both micro-batches' token losses over the step's token count, packed or not."""

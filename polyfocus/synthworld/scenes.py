@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -365,7 +366,8 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     captions only (LLaVA's stage 1). The split name is part of every scene's seed, so train/val/
     test exported with one seed hold different scenes. Deterministic in (n, seed, split, ...).
     sizes: the object size classes (make_scene). balanced: existence, multiple choice and count answers kept
-    balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative. multi_turn: one
+    balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative. A family listed
+    twice asks two different questions of each scene (when it has two). multi_turn: one
     sample per scene, its families' questions as the turns of one conversation (in an order drawn per scene; the image
     in the first turn), as LLaVA-1.5's instruction data asks several questions of one image: every answer is then
     trained on at the cost of one pass over the image's tokens. Such a sample lists its turns' "families", "boxes"
@@ -389,10 +391,13 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     balance = AnswerBalance() if balanced else None
     for scene in scenes:
         write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)), fsync=False)
-        tasks = []
+        tasks, asked = [], Counter()
         for family in families:
-            task = make_task(scene, family, stats=stats, balance=balance)
-            if task is None:  # no unambiguous question of this family in this scene
+            # A family listed again asks again: its k-th question drawn with its own seed, never one already asked.
+            rng = random.Random(f"{scene.seed}/{family}/{asked[family]}") if asked[family] else None
+            asked[family] += 1
+            task = make_task(scene, family, rng=rng, stats=stats, balance=balance)
+            if task is None or any(t.prompt == task.prompt for t in tasks):  # none unambiguous, or a repeat
                 continue
             tasks.append(task)
             counts[family] += 1

@@ -65,6 +65,8 @@ class PolyfocusTrainer(Trainer):
     # ---- VW-LMM's visual-word loss ------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:  # the LM head only where an answer token is predicted: the same loss (model.forward)
+            inputs = {**inputs, "supervised_logits_only": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         vw_loss = getattr(outputs, "vw_loss", None)
         if vw_loss is not None:
