@@ -37,8 +37,8 @@ def conversations(n: int, image_dir: Path) -> list[tuple[str, list, object]]:
         image = str(image_dir / f"{i}.png")
         render(scene).save(image)
         rng, tasks = random.Random(f"chat/{i}"), []
-        while len(tasks) < 2:
-            if task := chat_task(scene, rng):
+        while len(tasks) < 2:  # two different questions: a repeat's truth would already be in the conversation
+            if (task := chat_task(scene, rng)) and all(task.question != t.question for t in tasks):
                 tasks.append(task)
         first = [{"role": "user", "content": "<image>\n" + tasks[0].question}]
         out.append((image, first, tasks[0]))

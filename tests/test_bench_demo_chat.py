@@ -27,11 +27,12 @@ def test_the_score_counts_exact_sentences_the_object_named_and_one_word_replies(
 
 
 def test_each_scene_asks_a_chat_question_alone_then_another_after_the_first_and_its_truth(tmp_path):
-    asked = bench.conversations(3, tmp_path)
-    assert len(asked) == 6 and len(list(tmp_path.glob("*.png"))) == 3
+    asked = bench.conversations(20, tmp_path)
+    assert len(asked) == 40 and len(list(tmp_path.glob("*.png"))) == 20
     for (image, first, task), (image2, second, task2) in zip(asked[::2], asked[1::2]):
         assert image == image2 and first == second[:1]
         assert first[0]["content"] == "<image>\n" + task.question
         assert second[1:] == [{"role": "assistant", "content": task.answer},
                               {"role": "user", "content": task2.question}]
         assert SHORT_ANSWER not in task.question + task2.question and task.family == task2.family == "chat"
+        assert task.question != task2.question  # the second turn's answer is never already in the conversation

@@ -319,6 +319,15 @@ def test_a_family_listed_twice_asks_each_scene_a_second_different_question(tmp_p
         assert first[0] in both and len(set(both)) == len(both)  # the first draw as before; no question twice
 
 
+def test_a_repeated_family_keeps_sample_ids_unique_and_its_answers_balanced(tmp_path):
+    export(str(tmp_path), n=100, seed=3, image_size=112, families=["mc", "mc"], max_objects=3)
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert len({s["id"] for s in data}) == len(data) and any(s["id"].endswith("_mc2") for s in data)
+    # The right letter cycles A-D over the questions kept: a dropped repeat does not count towards the balance.
+    letters = [s["conversations"][1]["value"] for s in data]
+    assert len(data) > 100 and letters == ["ABCD"[i % 4] for i in range(len(letters))]
+
+
 def test_export_rejects_unknown_families(tmp_path):
     with pytest.raises(ValueError, match="colours"):
         export(str(tmp_path), n=1, families=["colours"])

@@ -367,7 +367,8 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     test exported with one seed hold different scenes. Deterministic in (n, seed, split, ...).
     sizes: the object size classes (make_scene). balanced: existence, multiple choice and count answers kept
     balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative. A family listed
-    twice asks two different questions of each scene (when it has two). multi_turn: one
+    twice asks each scene a second question, drawn with its own seed (dropped when it repeats the first; a
+    single-turn sample's id then ends "_<family>2"). multi_turn: one
     sample per scene, its families' questions as the turns of one conversation (in an order drawn per scene; the image
     in the first turn), as LLaVA-1.5's instruction data asks several questions of one image: every answer is then
     trained on at the cost of one pass over the image's tokens. Such a sample lists its turns' "families", "boxes"
@@ -391,21 +392,25 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     balance = AnswerBalance() if balanced else None
     for scene in scenes:
         write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)), fsync=False)
-        tasks, asked = [], Counter()
+        tasks, ids, asked = [], [], Counter()
         for family in families:
             # A family listed again asks again: its k-th question drawn with its own seed, never one already asked.
-            rng = random.Random(f"{scene.seed}/{family}/{asked[family]}") if asked[family] else None
+            repeat = asked[family]
+            rng = random.Random(f"{scene.seed}/{family}/{repeat}") if repeat else None
             asked[family] += 1
-            task = make_task(scene, family, rng=rng, stats=stats, balance=balance)
+            task = make_task(scene, family, rng=rng, stats=stats, balance=balance, record=False)
             if task is None or any(t.prompt == task.prompt for t in tasks):  # none unambiguous, or a repeat
                 continue
+            if balance is not None:  # only the questions kept count towards the balance
+                balance.record(task)
             tasks.append(task)
+            ids.append(f"{scene.id}_{family}" + (f"{repeat + 1}" if repeat else ""))
             counts[family] += 1
         if multi_turn and tasks:
             random.Random(f"{scene.seed}/turns").shuffle(tasks)
             samples.append(conversation_sample(scene, tasks, include_scene))
         else:
-            samples += [llava_sample(scene, task, include_scene) for task in tasks]
+            samples += [{**llava_sample(scene, task, include_scene), "id": i} for task, i in zip(tasks, ids)]
 
     json_path = os.path.join(out_dir, f"{split}.json")
     write_atomic(json_path, json.dumps(samples, ensure_ascii=False))

@@ -60,10 +60,12 @@ class Task:
 
 
 def make_task(scene: Scene, family: str, rng: random.Random | None = None,
-              stats: WorldStats | None = None, balance: AnswerBalance | None = None) -> Task | None:
+              stats: WorldStats | None = None, balance: AnswerBalance | None = None,
+              record: bool = True) -> Task | None:
     """One question of `family` about `scene`, or None if the scene offers no unambiguous one.
     Without rng the choice is seeded by (scene.seed, family), so it is reproducible. balance: the dataset's
-    running answer balance (an export's), which picks the answer of the families whose answers are skewed."""
+    running answer balance (an export's), which picks the answer of the families whose answers are skewed; the task
+    is recorded in it unless record is False (the caller records the tasks it keeps)."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown synthworld family {family!r}; known: {list(FAMILIES)}")
     rng = rng or random.Random(f"{scene.seed}/{family}")
@@ -72,7 +74,7 @@ def make_task(scene: Scene, family: str, rng: random.Random | None = None,
         task = existence_task(scene, rng, stats, **wanted)
     else:
         task = _BUILDERS[family](scene, rng, **wanted)
-    if balance is not None and task is not None:
+    if balance is not None and task is not None and record:
         balance.record(task)
     return task
 
