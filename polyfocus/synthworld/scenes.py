@@ -392,25 +392,25 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     balance = AnswerBalance() if balanced else None
     for scene in scenes:
         write_atomic(os.path.join(out_dir, _image_path(scene)), _png_bytes(render(scene)), fsync=False)
-        tasks, ids, asked = [], [], Counter()
+        kept, asked = [], Counter()  # kept: (task, how many of its family were asked before it)
         for family in families:
             # A family listed again asks again: its k-th question drawn with its own seed, never one already asked.
             repeat = asked[family]
-            rng = random.Random(f"{scene.seed}/{family}/{repeat}") if repeat else None
             asked[family] += 1
+            rng = random.Random(f"{scene.seed}/{family}/{repeat}") if repeat else None
             task = make_task(scene, family, rng=rng, stats=stats, balance=balance, record=False)
-            if task is None or any(t.prompt == task.prompt for t in tasks):  # none unambiguous, or a repeat
+            if task is None or any(t.prompt == task.prompt for t, _ in kept):  # none unambiguous, or a repeat
                 continue
             if balance is not None:  # only the questions kept count towards the balance
                 balance.record(task)
-            tasks.append(task)
-            ids.append(f"{scene.id}_{family}" + (f"{repeat + 1}" if repeat else ""))
+            kept.append((task, repeat))
             counts[family] += 1
-        if multi_turn and tasks:
+        if multi_turn and kept:
+            tasks = [task for task, _ in kept]
             random.Random(f"{scene.seed}/turns").shuffle(tasks)
             samples.append(conversation_sample(scene, tasks, include_scene))
         else:
-            samples += [{**llava_sample(scene, task, include_scene), "id": i} for task, i in zip(tasks, ids)]
+            samples += [llava_sample(scene, task, include_scene, repeat) for task, repeat in kept]
 
     json_path = os.path.join(out_dir, f"{split}.json")
     write_atomic(json_path, json.dumps(samples, ensure_ascii=False))
@@ -432,10 +432,11 @@ def read_scenes(data_dir: str | os.PathLike, split: str) -> list[Scene]:
     return scenes
 
 
-def llava_sample(scene: Scene, task, include_scene: bool = False) -> dict:
-    """One LLaVA training record for a Task (see synthworld_tasks.Task)."""
+def llava_sample(scene: Scene, task, include_scene: bool = False, repeat: int = 0) -> dict:
+    """One LLaVA training record for a Task (see synthworld_tasks.Task); repeat: how many questions of its family the
+    scene was asked before it (its id then ends "_<family>2", "_<family>3", ...)."""
     sample = {
-        "id": f"{scene.id}_{task.family}",
+        "id": f"{scene.id}_{task.family}{repeat + 1 if repeat else ''}",
         "image": _image_path(scene),
         "conversations": [{"from": "human", "value": "<image>\n" + task.prompt},
                           {"from": "gpt", "value": task.answer}],

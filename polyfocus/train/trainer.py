@@ -62,7 +62,7 @@ class PolyfocusTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
-    # ---- VW-LMM's visual-word loss ------------------------------------------------------------------------------
+    # ---- the loss: the LM head at answer positions only; VW-LMM's visual-word loss ------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # the LM head only where an answer token is predicted: the same loss (model.forward)
