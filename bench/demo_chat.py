@@ -2,11 +2,12 @@
 fresh scenes at the demo's settings, as the first turn and as the second (after a first question answered with its
 truth). One JSON line.
 
-The questions are synthworld's chat family (`chat_task`: an object's colour or shape, the number of objects, a
-description, something no picture can tell), so each has one templated answer. Reported per turn: the share answered
-exactly, per kind of question and over all; for colour and shape questions, the share whose answer is about the object
-the question names ("What colour is the circle?" → "The circle is ..." — the phrase copied; a wrong colour still
-counts); and the number of one-word replies (the blind model's "yes").
+The questions are synthworld's chat family (`chat_task`: an object's colour or shape, the number of objects, whether
+a kind of object is there, a description, something no picture can tell), so each has one templated answer.
+Reported per turn: the share answered exactly, per kind of question and over all; for colour and shape questions, the
+share whose answer is about the object the question names ("What colour is the circle?" → "The circle is ..." — the
+phrase copied; a wrong colour still counts); for "Is there a square?", the share whose yes or no is right; and the
+number of one-word replies (the blind model's "yes").
 
     python bench/demo_chat.py --model polyfocus_demo/stage2 [--scenes 200]
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from common import emit
 
-ASKS = ("colour", "shape", "count", "describe", "unknowable")
+from polyfocus.synthworld.tasks import CHAT_ASKS
 
 
 def conversations(n: int, image_dir: Path) -> list[tuple[str, list, object]]:
@@ -36,7 +37,9 @@ def conversations(n: int, image_dir: Path) -> list[tuple[str, list, object]]:
         scene = make_scene(f"chat/{i}", DEFAULT_IMAGE_SIZE, 3, sizes=DEMO_SIZES)  # names no demo split uses
         image = str(image_dir / f"{i}.png")
         render(scene).save(image)
-        rng, tasks = random.Random(f"chat/{i}"), []
+        # The questions' own seed: one equal to the scene's would replay the draws that made the scene, and tie the
+        # kind of question to the number of objects (colour and shape only ever asked of one-object scenes).
+        rng, tasks = random.Random(f"chat/{i}/questions"), []
         while len(tasks) < 2:  # two different questions: a repeat's truth would already be in the conversation
             if (task := chat_task(scene, rng)) and all(task.question != t.question for t in tasks):
                 tasks.append(task)
@@ -54,10 +57,14 @@ def names_the_object(reply: str, truth: str) -> bool:
     return reply.strip().lower().startswith(subject + " is ")
 
 
+def first_word(text: str) -> str:
+    return text.strip().split(" ", 1)[0].strip(",.").lower()
+
+
 def score(turns: list[int], tasks: list, replies: list[str]) -> dict:
     """Per turn: exact-match % per kind of question and over all, % of colour/shape replies naming the object asked,
-    and the count of one-word replies."""
-    exact, asked, named, attribute, one_word = Counter(), Counter(), Counter(), Counter(), Counter()
+    % of "Is there ...?" replies whose yes or no is right, and the count of one-word replies."""
+    exact, asked, named, attribute, one_word, yes_no = Counter(), Counter(), Counter(), Counter(), Counter(), Counter()
     for turn, task, reply in zip(turns, tasks, replies):
         kind = task.meta["asks"]
         asked[turn, kind] += 1
@@ -65,14 +72,17 @@ def score(turns: list[int], tasks: list, replies: list[str]) -> dict:
         if kind in ("colour", "shape"):
             attribute[turn] += 1
             named[turn] += names_the_object(reply, task.answer)
+        if kind == "exists":
+            yes_no[turn] += first_word(reply) == first_word(task.answer)
         one_word[turn] += len(reply.split()) <= 1
     result = {}
     for turn in sorted({t for t, _ in asked}):
-        kinds = [k for k in ASKS if asked[turn, k]]
+        kinds = [k for k in CHAT_ASKS if asked[turn, k]]
         result[f"turn{turn}"] = {
             "exact": {k: round(100 * exact[turn, k] / asked[turn, k], 1) for k in kinds},
             "exact_all": round(100 * sum(exact[turn, k] for k in kinds) / sum(asked[turn, k] for k in kinds), 1),
             "names_the_object": round(100 * named[turn] / attribute[turn], 1) if attribute[turn] else None,
+            "exists_yes_no": round(100 * yes_no[turn] / asked[turn, "exists"], 1) if asked[turn, "exists"] else None,
             "one_word_replies": one_word[turn],
             "questions": sum(asked[turn, k] for k in kinds),
         }

@@ -139,10 +139,11 @@ def test_without_the_package_index_the_demo_says_so_in_one_line_and_falls_back(t
 
 def test_the_demo_world_is_balanced_so_a_majority_answer_tells_nothing():
     """1,000 scenes at the demo's settings (export's loop without the rendering): count's commonest answer <= 40 %,
-    existence yes/no 50/50, the right letter of mc uniform over A-D; every family asked of most scenes."""
+    existence yes/no 50/50, the right letter of mc uniform over A-D, colours and shapes levelled; every family asked
+    of most scenes."""
     from collections import Counter
 
-    from polyfocus.synthworld.scenes import make_scene
+    from polyfocus.synthworld.scenes import COLOURS, SHAPES, make_scene
     from polyfocus.synthworld.tasks import AnswerBalance, WorldStats, make_task
 
     scenes = [make_scene(f"0/test/{i}", demo.DEFAULT_IMAGE_SIZE, 3, sizes=demo.DEMO_SIZES) for i in range(1000)]
@@ -158,4 +159,9 @@ def test_the_demo_world_is_balanced_so_a_majority_answer_tells_nothing():
     assert abs(answers["existence"]["yes"] - answers["existence"]["no"]) <= 1, answers["existence"]
     assert sorted(answers["mc"]) == list("ABCD") and max(answers["mc"].values()) - min(answers["mc"].values()) <= 1
     assert share["colour"] <= 0.40 and share["shape"] <= 0.40 and share["spatial"] <= 0.40, share
+    # Colour and shape ask about the scene's rarest answer so far: every colour and shape at least half as often as
+    # the commonest (asked at random: rings a quarter as often as circles).
+    for family, values in (("colour", COLOURS), ("shape", SHAPES)):
+        assert set(answers[family]) == set(values)
+        assert min(answers[family].values()) >= 0.45 * max(answers[family].values()), answers[family]
     assert all(sum(c.values()) >= 500 for c in answers.values()), {f: sum(c.values()) for f, c in answers.items()}

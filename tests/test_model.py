@@ -116,7 +116,7 @@ def test_labels_at_image_positions_are_masked():
 
 @pytest.mark.parametrize("num_items", [None, 9])
 def test_training_scores_only_supervised_positions_with_the_same_loss_and_gradients(num_items):
-    """supervised_logits_only (PolyfocusTrainer's in training): the LM head runs only where some row's next token is
+    """supervised_logits_only (PolyfocusTrainer's in training): the LM head runs only where a row's next token is
     supervised; loss and gradients equal the full computation's, with and without the Trainer's token count."""
     model = make_model("qwen3")
     ids, mask, pixels = padded_batch(model.config.num_image_tokens, "right")
@@ -132,7 +132,7 @@ def test_training_scores_only_supervised_positions_with_the_same_loss_and_gradie
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (full, full_grads), (scored, scored_grads) = results
     width = ids.shape[1]
-    assert full.logits.shape[1] == width and scored.logits.shape[1] == 5  # positions predicting a supervised token
+    assert full.logits.shape[1] == width and scored.logits.shape[0] == 5  # the 5 positions predicting an answer token
     assert torch.allclose(scored.loss, full.loss, atol=1e-6)
     assert full_grads.keys() == scored_grads.keys()
     assert all(torch.allclose(scored_grads[n], g, atol=1e-6) for n, g in full_grads.items())

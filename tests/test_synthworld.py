@@ -331,3 +331,40 @@ def test_a_repeated_family_keeps_sample_ids_unique_and_its_answers_balanced(tmp_
 def test_export_rejects_unknown_families(tmp_path):
     with pytest.raises(ValueError, match="colours"):
         export(str(tmp_path), n=1, families=["colours"])
+
+
+def test_chat_answers_are_true_of_the_scene_and_half_the_is_there_questions_are_yes():
+    """Every chat answer read back against its scene: the attribute of the object the phrase names, the number of
+    objects, and for "Is there a (red) square?" a yes exactly when one is there, with the right count and colour."""
+    from polyfocus.synthworld.tasks import CANNOT_TELL, CHAT_ASKS, _count_words, chat_task
+
+    asked, yes = {k: 0 for k in CHAT_ASKS}, 0
+    for seed in range(400):
+        scene = make_scene(seed, 112, 3, sizes=("medium", "large"))
+        task = chat_task(scene, random.Random(seed))
+        if task is None:
+            continue
+        kind, q, a = task.meta["asks"], task.question, task.answer
+        asked[kind] += 1
+        if kind in ("colour", "shape"):
+            phrase = re.fullmatch(rf"What {kind} is (the [a-z ]+)\?", q).group(1)
+            (i,) = _referents(scene, phrase)
+            value = getattr(scene.objects[i], kind)
+            value = value if kind == "colour" else ("an " if value[0] in "aeiou" else "a ") + value
+            assert a == f"{phrase.capitalize()} is {value}."
+        elif kind == "count":
+            assert f" {_count_words(len(scene.objects))} object" in a
+        elif kind == "exists":
+            thing = re.fullmatch(r"Is there an? ([a-z ]+)\?", q).group(1)
+            matching = [o for o in scene.objects if thing in (o.kind, o.shape)]
+            yes += bool(matching)
+            if not matching:
+                assert a == f"No, there is no {thing} in the image."
+            elif len(matching) == 1:
+                assert a == f"Yes, there is {'an' if matching[0].colour[0] in 'aeiou' else 'a'} {matching[0].kind}."
+            else:
+                assert a.startswith(f"Yes, there are {_count_words(len(matching))} ") and a.endswith("s.")
+        elif kind == "unknowable":
+            assert a == CANNOT_TELL
+    assert all(asked.values()), asked
+    assert 0.35 <= yes / asked["exists"] <= 0.65, (yes, asked["exists"])

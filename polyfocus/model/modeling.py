@@ -262,13 +262,14 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
             if labels is not None:  # image positions are never supervised
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
         if supervised_logits_only and labels is not None and not visual_word_loss_applies:
-            # The LM head and the softmax over the vocabulary only where some row's next token is supervised (the
+            # The LM head and the softmax over the vocabulary only where a row's next token is supervised (the
             # answers: a fraction of a LLaVA sequence; the image and the prompts skipped, as Liger's fused loss skips
             # every logit): the same loss, less work. PolyfocusTrainer asks for it in training; the logits come back
-            # for those positions only. (VW-LMM's loss reads the image positions' logits: it keeps them all.)
+            # for those positions only, flattened: [N, V]. (VW-LMM's loss reads the image positions' logits: it keeps
+            # them all.)
             targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, L]: position i predicts i+1
-            logits_to_keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # [K]: supervised in some row
-            kwargs["shift_labels"] = targets[:, logits_to_keep]  # [B, K]: transformers' loss takes them unshifted
+            logits_to_keep = targets != IGNORE_INDEX  # [B, L] bool: transformers keeps the N True positions
+            kwargs["shift_labels"] = targets[logits_to_keep]  # [N]: transformers' loss takes them unshifted
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -82,9 +82,11 @@ def make_task(scene: Scene, family: str, rng: random.Random | None = None,
 class AnswerBalance:
     """An export's answers kept balanced where a scene's natural answer is skewed, so that a family's majority answer
     tells nothing: existence alternates yes and no (the negatives cycling through POPE's three strategies),
-    multiple choice cycles the right letter through A-D, and count asks, of the counts a scene can ask about, the
-    one the dataset holds fewest of so far (a scene of three objects can always be asked for 3: the objects in all;
-    for 2 only if two share a colour or a shape)."""
+    multiple choice cycles the right letter through A-D, count asks, of the counts a scene can ask about, the one
+    the dataset holds fewest of so far (a scene of three objects can always be asked for 3: the objects in all; for 2
+    only if two share a colour or a shape), and colour and shape ask about the object, of those a phrase can name,
+    whose answer the dataset holds fewest of so far (the world draws circles four times as often as rings, red four
+    times as often as cyan)."""
 
     def __init__(self):
         self.seen: Counter = Counter()  # (family, answer) -> samples so far
@@ -100,6 +102,10 @@ class AnswerBalance:
             options = count_filters(scene)
             if options:
                 return {"count": min(options, key=lambda k: (self.seen["count", str(k)], k))}
+        if family in ("colour", "shape"):
+            values = {getattr(scene.objects[i], family) for i, _ in _referable(scene, without=family)}
+            if values:
+                return {"answer": min(values, key=lambda v: (self.seen[family, v], v))}
         return {}
 
     def record(self, task: Task) -> None:
@@ -152,9 +158,11 @@ def _question(family, question, answer, boxes, prompt_suffix=SHORT_ANSWER, **met
 # ----------------------------------------------------------------------------- attribute questions
 
 
-def attribute_task(scene: Scene, rng: random.Random, attribute: str) -> Task | None:
-    """"What colour/shape is <phrase>?", where the phrase names one object without giving the answer away."""
-    named = _referable(scene, without=attribute)
+def attribute_task(scene: Scene, rng: random.Random, attribute: str, answer: str | None = None) -> Task | None:
+    """"What colour/shape is <phrase>?", where the phrase names one object without giving the answer away. answer:
+    ask about an object of that colour/shape (an export's balance); None: any."""
+    named = [(i, phrase) for i, phrase in _referable(scene, without=attribute)
+             if answer is None or getattr(scene.objects[i], attribute) == answer]
     if not named:
         return None
     i, phrase = rng.choice(named)
@@ -163,12 +171,12 @@ def attribute_task(scene: Scene, rng: random.Random, attribute: str) -> Task | N
                      targets=[i], refs=[phrase])
 
 
-def colour_task(scene: Scene, rng: random.Random) -> Task | None:
-    return attribute_task(scene, rng, "colour")
+def colour_task(scene: Scene, rng: random.Random, answer: str | None = None) -> Task | None:
+    return attribute_task(scene, rng, "colour", answer)
 
 
-def shape_task(scene: Scene, rng: random.Random) -> Task | None:
-    return attribute_task(scene, rng, "shape")
+def shape_task(scene: Scene, rng: random.Random, answer: str | None = None) -> Task | None:
+    return attribute_task(scene, rng, "shape", answer)
 
 
 def count_filters(scene: Scene) -> dict[int, list[tuple[str, str]]]:
@@ -466,16 +474,17 @@ CANNOT_TELL = "I cannot tell from the image."
 DESCRIBE_PROMPTS = ("Describe the image.", "What do you see?", "What is in this picture?")
 # Questions about an object that no picture of it can answer.
 UNKNOWABLE = ("What is behind {}?", "How heavy is {}?", "What is written on the back of {}?", "Who drew {}?",
-              "What is {} made of?")
+              "What is {} made of?", "How old is {}?", "What is {} used for?", "Where was {} made?",
+              "What does {} smell like?", "How much does {} cost?")
+CHAT_ASKS = ("colour", "shape", "count", "exists", "describe", "unknowable")
 
 
 def chat_task(scene: Scene, rng: random.Random) -> Task | None:
     """A question as a user asks it in a chat, without the answer-format instruction, answered in a sentence: an
-    attribute ("What colour is the star?" → "The star is red."), a count, a description, or something no picture can
-    tell ("How heavy is the star?" → "I cannot tell from the image."). Not asked: about an object the image does not
-    hold, whose answer looks like an attribute question's but turns on seeing that nothing matches (the existence
-    family asks that, where a yes/no answer is scored)."""
-    ask = rng.choice(("colour", "shape", "count", "describe", "unknowable"))
+    attribute ("What colour is the star?" → "The star is red."), a count, whether a kind of object is there ("Is
+    there a square?" → "Yes, there is a red square." or "No, there is no square in the image."; half of each), a
+    description, or something no picture can tell ("How heavy is the star?" → "I cannot tell from the image.")."""
+    ask = rng.choice(CHAT_ASKS)
     if ask in ("colour", "shape"):
         named = _referable(scene, without=ask)
         if not named:
@@ -488,6 +497,8 @@ def chat_task(scene: Scene, rng: random.Random) -> Task | None:
         n = len(scene.objects)
         answer = f"There {'is' if n == 1 else 'are'} {_count_words(n)} object{'s' if n != 1 else ''} in the image."
         return _chat("How many objects are there?", answer, [scene.norm(o.box) for o in scene.objects], asks=ask)
+    if ask == "exists":
+        return _exists_chat(scene, rng)
     if ask == "describe":
         return _chat(rng.choice(DESCRIBE_PROMPTS), short_caption(scene), [scene.norm(o.box) for o in scene.objects],
                      asks=ask)
@@ -496,6 +507,28 @@ def chat_task(scene: Scene, rng: random.Random) -> Task | None:
         return None
     i, phrase = rng.choice(named)
     return _chat(rng.choice(UNKNOWABLE).format(phrase), CANNOT_TELL, [scene.norm(scene.objects[i].box)], asks=ask)
+
+
+def _exists_chat(scene: Scene, rng: random.Random) -> Task:
+    """"Is there a square?" or "Is there a red square?": a kind present or absent, half each. A yes names what is
+    there ("Yes, there is a red square.", "Yes, there are two squares.")."""
+    by_colour = rng.random() < 0.5
+    present = sorted({o.kind if by_colour else o.shape for o in scene.objects})
+    if rng.random() < 0.5 and present:
+        thing = rng.choice(present)
+        matching = [o for o in scene.objects if (o.kind if by_colour else o.shape) == thing]
+        words = thing.split()  # ["square"] or ["red", "square"]
+        answer = (f"Yes, there is {_a(matching[0].kind)}." if len(matching) == 1 else
+                  f"Yes, there are {_count_words(len(matching))} {' '.join(words[:-1] + [_plural(words[-1])])}.")
+        return _chat(f"Is there {_a(thing)}?", answer, [scene.norm(o.box) for o in matching], asks="exists")
+    absent = [k for k in (KINDS if by_colour else SHAPES) if k not in present]
+    if by_colour:  # a near miss where there is one (a blue square beside a red square or a blue star): to answer
+        # it the model must see which colour goes with which shape
+        seen = {a for o in scene.objects for a in (o.colour, o.shape)}
+        absent = [k for k in absent if seen & set(k.split())] or absent
+    thing = rng.choice(absent)
+    return _chat(f"Is there {_a(thing)}?", f"No, there is no {thing} in the image.", [(0.0, 0.0, 1.0, 1.0)],
+                 asks="exists")
 
 
 def _chat(question: str, answer: str, boxes, **meta) -> Task:
