@@ -133,6 +133,8 @@ def test_training_scores_only_supervised_positions_with_the_same_loss_and_gradie
     (full, full_grads), (scored, scored_grads) = results
     width = ids.shape[1]
     assert full.logits.shape[1] == width and scored.logits.shape[0] == 5  # the 5 positions predicting an answer token
+    predicts_answer = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX
+    assert torch.allclose(scored.logits, full.logits[predicts_answer], atol=1e-5)  # those positions' logits
     assert torch.allclose(scored.loss, full.loss, atol=1e-6)
     assert full_grads.keys() == scored_grads.keys()
     assert all(torch.allclose(scored_grads[n], g, atol=1e-6) for n, g in full_grads.items())

@@ -336,12 +336,17 @@ def test_export_rejects_unknown_families(tmp_path):
 def test_chat_answers_are_true_of_the_scene_and_half_the_is_there_questions_are_yes():
     """Every chat answer read back against its scene: the attribute of the object the phrase names, the number of
     objects, and for "Is there a (red) square?" a yes exactly when one is there, with the right count and colour."""
-    from polyfocus.synthworld.tasks import CANNOT_TELL, CHAT_ASKS, _count_words, chat_task
+    from polyfocus.synthworld.tasks import (
+        CANNOT_TELL,
+        CHAT_ASKS,
+        _count_words,
+        chat_task,
+    )
 
     asked, yes = {k: 0 for k in CHAT_ASKS}, 0
     for seed in range(400):
         scene = make_scene(seed, 112, 3, sizes=("medium", "large"))
-        task = chat_task(scene, random.Random(seed))
+        task = chat_task(scene, random.Random(f"{seed}/questions"))  # not the scene's seed: its draws replayed
         if task is None:
             continue
         kind, q, a = task.meta["asks"], task.question, task.answer
@@ -368,3 +373,23 @@ def test_chat_answers_are_true_of_the_scene_and_half_the_is_there_questions_are_
             assert a == CANNOT_TELL
     assert all(asked.values()), asked
     assert 0.35 <= yes / asked["exists"] <= 0.65, (yes, asked["exists"])
+
+
+def test_is_there_on_a_scene_of_every_shape_asks_a_yes():
+    from polyfocus.synthworld.tasks import _exists_chat
+
+    scene = make_scene(0, 384, 1)
+    scene = replace(scene, objects=[replace(scene.objects[0], shape=s) for s in SHAPES])  # no shape left to miss
+    tasks = [_exists_chat(scene, random.Random(i)) for i in range(40)]  # before: IndexError on a shape's "no"
+    by_shape = [t.answer for t in tasks if t.question.removesuffix("?").split()[-2] in ("a", "an")]
+    assert by_shape and all(a.startswith("Yes, there is ") for a in by_shape)
+
+
+def test_a_balanced_family_listed_twice_asks_about_another_answer(tmp_path):
+    """The balance picks the rarest answer so far; a second question of the family must not pick the first one's
+    answer again, or it asks about the same object, repeats the question and is dropped (83 of 186 scenes keep a
+    second question; 32 when the balance repeated itself)."""
+    export(str(tmp_path), n=200, seed=3, image_size=112, families=["colour", "colour"], max_objects=3,
+           multi_turn=True)
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert sum(len(s["families"]) == 2 for s in data) >= 0.35 * len(data)

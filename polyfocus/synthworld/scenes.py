@@ -365,8 +365,8 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     line; lines of other splits already there are kept). split="pretrain" defaults to short
     captions only (LLaVA's stage 1). The split name is part of every scene's seed, so train/val/
     test exported with one seed hold different scenes. Deterministic in (n, seed, split, ...).
-    sizes: the object size classes (make_scene). balanced: existence, multiple choice and count answers kept
-    balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative. A family listed
+    sizes: the object size classes (make_scene). balanced: existence, multiple choice, count, colour and shape answers
+    kept balanced over the export (tasks.AnswerBalance), so that their majority answer is uninformative. A family listed
     twice asks each scene a second question, drawn with its own seed (dropped when it repeats the first; a
     single-turn sample's id then ends "_<family>2"). multi_turn: one
     sample per scene, its families' questions as the turns of one conversation (in an order drawn per scene; the image
@@ -398,7 +398,8 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
             repeat = asked[family]
             asked[family] += 1
             rng = random.Random(f"{scene.seed}/{family}/{repeat}") if repeat else None
-            task = make_task(scene, family, rng=rng, stats=stats, balance=balance, record=False)
+            task = make_task(scene, family, rng=rng, stats=stats, balance=balance, record=False,
+                             exclude=[t.answer for t, _ in kept if t.family == family])
             if task is None or any(t.prompt == task.prompt for t, _ in kept):  # none unambiguous, or a repeat
                 continue
             if balance is not None:  # only the questions kept count towards the balance

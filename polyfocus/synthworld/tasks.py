@@ -3,9 +3,9 @@ and the evidence boxes a model has to look at.
 
 Families (FAMILIES): colour, shape, count, existence (POPE), text (read the code), spatial,
 mc (multiple choice A-D), grounding (box answer), caption (short), dense_caption, and chat: free-form questions
-without the answer-format instruction, answered in a sentence, including questions the image cannot answer
-("I cannot tell from the image."), and facts (every object's colour and shape stated as the questions name it: a
-stage-1 caption for experiments).
+without the answer-format instruction, answered in a sentence, including "Is there a ...?" and questions the image
+cannot answer ("I cannot tell from the image."), and facts (every object's colour and shape stated as the questions
+name it: a stage-1 caption for experiments).
 
 Prompts follow LLaVA-1.5: short-answer VQA ends with SHORT_ANSWER, multiple choice with
 MC_ANSWER, grounding uses LLaVA's RefCOCO prompt and answers "[x1, y1, x2, y2]" normalised to
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import permutations
@@ -61,15 +62,16 @@ class Task:
 
 def make_task(scene: Scene, family: str, rng: random.Random | None = None,
               stats: WorldStats | None = None, balance: AnswerBalance | None = None,
-              record: bool = True) -> Task | None:
+              record: bool = True, exclude: Collection[str] = ()) -> Task | None:
     """One question of `family` about `scene`, or None if the scene offers no unambiguous one.
     Without rng the choice is seeded by (scene.seed, family), so it is reproducible. balance: the dataset's
     running answer balance (an export's), which picks the answer of the families whose answers are skewed; the task
-    is recorded in it unless record is False (the caller records the tasks it keeps)."""
+    is recorded in it unless record is False (the caller records the tasks it keeps). exclude: answers of this
+    family already asked of the scene (a family listed twice), which the balance does not pick again."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown synthworld family {family!r}; known: {list(FAMILIES)}")
     rng = rng or random.Random(f"{scene.seed}/{family}")
-    wanted = balance.wanted(scene, family) if balance is not None else {}
+    wanted = balance.wanted(scene, family, exclude) if balance is not None else {}
     if family == "existence":
         task = existence_task(scene, rng, stats, **wanted)
     else:
@@ -92,18 +94,20 @@ class AnswerBalance:
         self.seen: Counter = Counter()  # (family, answer) -> samples so far
         self.asked: Counter = Counter()  # family -> questions so far
 
-    def wanted(self, scene: Scene, family: str) -> dict:
+    def wanted(self, scene: Scene, family: str, exclude: Collection[str] = ()) -> dict:
+        """What the next question of `family` about `scene` should have: its answer, letter or POPE strategy.
+        exclude: answers not to pick (already asked of this scene)."""
         n = self.asked[family]
         if family == "existence":
             return {"strategy": "positive" if n % 2 == 0 else POPE_STRATEGIES[(n // 2) % len(POPE_STRATEGIES)]}
         if family == "mc":
             return {"letter": "ABCD"[n % 4]}
         if family == "count":
-            options = count_filters(scene)
+            options = [k for k in count_filters(scene) if str(k) not in exclude]
             if options:
                 return {"count": min(options, key=lambda k: (self.seen["count", str(k)], k))}
         if family in ("colour", "shape"):
-            values = {getattr(scene.objects[i], family) for i, _ in _referable(scene, without=family)}
+            values = {getattr(scene.objects[i], family) for i, _ in _referable(scene, without=family)} - set(exclude)
             if values:
                 return {"answer": min(values, key=lambda v: (self.seen[family, v], v))}
         return {}
@@ -288,13 +292,17 @@ def existence_task(scene: Scene, rng: random.Random, stats: WorldStats | None = 
             kind = _pick_top(absent, lambda k: stats.cooccurrence_with(k, present), rng)
         else:
             raise ValueError(f"unknown POPE strategy {strategy!r}; known: {POPE_STRATEGIES}")
-        # The evidence for "no" is the near misses: objects of the same colour or shape.
-        colour, shape = kind.split()
-        evidence = [o for o in scene.objects if o.colour == colour or o.shape == shape]
+        evidence = _near_misses(scene, kind)  # the evidence for "no"
 
     boxes = [scene.norm(o.box) for o in evidence] or [(0.0, 0.0, 1.0, 1.0)]  # else: look everywhere
     return _question("existence", f"Is there {_a(kind)} in the image?",
                      "yes" if strategy == "positive" else "no", boxes, strategy=strategy, kind=kind)
+
+
+def _near_misses(scene: Scene, kind: str) -> list[SceneObject]:
+    """The objects of the same colour or shape as `kind` ("red star" or "star"): where a model must look to say no."""
+    words = set(kind.split())
+    return [o for o in scene.objects if words & {o.colour, o.shape}]
 
 
 def _pick_top(candidates: list[str], score, rng: random.Random) -> str:
@@ -393,11 +401,16 @@ def _count_words(n: int) -> str:
     return _NUMBERS[n] if n < len(_NUMBERS) else str(n)
 
 
+def _several(n: int, kind: str) -> str:
+    """'two red stars', 'three circles'."""
+    *adjectives, noun = kind.split()
+    return " ".join([_count_words(n), *adjectives, _plural(noun)])
+
+
 def short_caption(scene: Scene) -> str:
     """'A red star, two blue circles and a green ring on a beige background.'"""
     groups = Counter(o.kind for o in _reading_order(scene))  # keeps first-seen order
-    parts = [_a(kind) if n == 1 else f"{_count_words(n)} {kind.rsplit(' ', 1)[0]} "
-             f"{_plural(kind.rsplit(' ', 1)[1])}" for kind, n in groups.items()]
+    parts = [_a(kind) if n == 1 else _several(n, kind) for kind, n in groups.items()]
     things = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     text = f"{things} on {_a(scene.background)} background." if parts else \
         f"An empty {scene.background} background."
@@ -514,21 +527,20 @@ def _exists_chat(scene: Scene, rng: random.Random) -> Task:
     there ("Yes, there is a red square.", "Yes, there are two squares.")."""
     by_colour = rng.random() < 0.5
     present = sorted({o.kind if by_colour else o.shape for o in scene.objects})
-    if rng.random() < 0.5 and present:
+    absent = [k for k in (KINDS if by_colour else SHAPES) if k not in present]
+    if present and (rng.random() < 0.5 or not absent):
         thing = rng.choice(present)
         matching = [o for o in scene.objects if (o.kind if by_colour else o.shape) == thing]
-        words = thing.split()  # ["square"] or ["red", "square"]
-        answer = (f"Yes, there is {_a(matching[0].kind)}." if len(matching) == 1 else
-                  f"Yes, there are {_count_words(len(matching))} {' '.join(words[:-1] + [_plural(words[-1])])}.")
+        answer = f"Yes, there is {_a(matching[0].kind)}." if len(matching) == 1 else \
+            f"Yes, there are {_several(len(matching), thing)}."
         return _chat(f"Is there {_a(thing)}?", answer, [scene.norm(o.box) for o in matching], asks="exists")
-    absent = [k for k in (KINDS if by_colour else SHAPES) if k not in present]
-    if by_colour:  # a near miss where there is one (a blue square beside a red square or a blue star): to answer
-        # it the model must see which colour goes with which shape
-        seen = {a for o in scene.objects for a in (o.colour, o.shape)}
-        absent = [k for k in absent if seen & set(k.split())] or absent
+    if by_colour:
+        # A near miss where there is one (a blue square beside a red square or a blue star): to say no, the model
+        # must see which colour goes with which shape.
+        absent = [k for k in absent if _near_misses(scene, k)] or absent
     thing = rng.choice(absent)
-    return _chat(f"Is there {_a(thing)}?", f"No, there is no {thing} in the image.", [(0.0, 0.0, 1.0, 1.0)],
-                 asks="exists")
+    boxes = [scene.norm(o.box) for o in _near_misses(scene, thing)] or [(0.0, 0.0, 1.0, 1.0)]  # else: everywhere
+    return _chat(f"Is there {_a(thing)}?", f"No, there is no {thing} in the image.", boxes, asks="exists")
 
 
 def _chat(question: str, answer: str, boxes, **meta) -> Task:
