@@ -39,6 +39,7 @@ from polyfocus import demo
 from polyfocus.train.run import train
 
 SCIENCE_LLM = "llama"  # the LLM every run of docs/results.md was trained with (the demo's was Llama then)
+SCIENCE_PRETRAIN_STEPS = 500  # the stage 1 of every run of docs/results.md (the demo's was 500 steps then)
 
 
 def model_config(args) -> dict:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", type=parse_variant, action="append", required=True, help="NAME=JSON (repeat)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/science")
-    p.add_argument("--pretrain-steps", type=int, default=demo.DEFAULT_STEPS[0])
+    p.add_argument("--pretrain-steps", type=int, default=SCIENCE_PRETRAIN_STEPS)
     p.add_argument("--finetune-steps", type=int, default=demo.DEFAULT_STEPS[1])
     p.add_argument("--tower", default=demo.DEFAULT_TOWER,
                    help="the vision tower, as `polyfocus demo --tower`: dinov2-s (default), scratch or a directory")
