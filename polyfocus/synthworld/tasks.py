@@ -498,14 +498,13 @@ def chat_task(scene: Scene, rng: random.Random) -> Task | None:
     there a square?" → "Yes, there is a red square." or "No, there is no square in the image."; half of each), a
     description, or something no picture can tell ("How heavy is the star?" → "I cannot tell from the image.")."""
     ask = rng.choice(CHAT_ASKS)
-    if ask in ("colour", "shape"):
-        named = _referable(scene, without=ask)
-        if not named:
+    if ask in ("colour", "shape"):  # the VQA family's question, answered in a sentence
+        base = attribute_task(scene, rng, ask)
+        if base is None:
             return None
-        i, phrase = rng.choice(named)
-        obj = scene.objects[i]
-        answer = f"{phrase} is {obj.colour}." if ask == "colour" else f"{phrase} is {_a(obj.shape)}."
-        return _chat(f"What {ask} is {phrase}?", answer, [scene.norm(obj.box)], asks=ask)
+        phrase = base.meta["refs"][0]
+        answer = f"{phrase} is {base.answer if ask == 'colour' else _a(base.answer)}."
+        return _chat(base.question, answer, base.boxes, asks=ask)
     if ask == "count":
         n = len(scene.objects)
         answer = f"There {'is' if n == 1 else 'are'} {_count_words(n)} object{'s' if n != 1 else ''} in the image."
@@ -526,11 +525,12 @@ def _exists_chat(scene: Scene, rng: random.Random) -> Task:
     """"Is there a square?" or "Is there a red square?": a kind present or absent, half each. A yes names what is
     there ("Yes, there is a red square.", "Yes, there are two squares.")."""
     by_colour = rng.random() < 0.5
-    present = sorted({o.kind if by_colour else o.shape for o in scene.objects})
+    named_by = "kind" if by_colour else "shape"  # "red square" or "square"
+    present = sorted({getattr(o, named_by) for o in scene.objects})
     absent = [k for k in (KINDS if by_colour else SHAPES) if k not in present]
     if present and (rng.random() < 0.5 or not absent):
         thing = rng.choice(present)
-        matching = [o for o in scene.objects if (o.kind if by_colour else o.shape) == thing]
+        matching = [o for o in scene.objects if getattr(o, named_by) == thing]
         answer = f"Yes, there is {_a(matching[0].kind)}." if len(matching) == 1 else \
             f"Yes, there are {_several(len(matching), thing)}."
         return _chat(f"Is there {_a(thing)}?", answer, [scene.norm(o.box) for o in matching], asks="exists")
