@@ -25,16 +25,17 @@ from common import emit
 from polyfocus.synthworld.tasks import CHAT_ASKS
 
 
-def conversations(n: int, image_dir: Path) -> list[tuple[str, list, object]]:
+def conversations(n: int, image_dir: Path, image_size: int | None = None) -> list[tuple[str, list, object]]:
     """Two chat questions per fresh scene: (image, messages, task) for the first asked alone and for the second asked
-    after the first and its true answer."""
+    after the first and its true answer. image_size: the scenes' pixels (default the demo's; a model that reads more
+    through S2, `polyfocus demo --render-size 224`, gets them at its input size)."""
     from polyfocus.demo import DEFAULT_IMAGE_SIZE, DEMO_SIZES
     from polyfocus.synthworld.scenes import make_scene, render
     from polyfocus.synthworld.tasks import chat_task
 
     out = []
     for i in range(n):
-        scene = make_scene(f"chat/{i}", DEFAULT_IMAGE_SIZE, 3, sizes=DEMO_SIZES)  # names no demo split uses
+        scene = make_scene(f"chat/{i}", image_size or DEFAULT_IMAGE_SIZE, 3, sizes=DEMO_SIZES)  # no demo split's names
         image = str(image_dir / f"{i}.png")
         render(scene).save(image)
         # The questions' own seed: one equal to the scene's would replay the draws that made the scene, and tie the
@@ -96,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from polyfocus.infer.pipeline import Pipeline
 
+    pipe = Pipeline.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        asked = conversations(args.scenes, Path(tmp))
-        replies = Pipeline.from_pretrained(args.model).generate(
+        asked = conversations(args.scenes, Path(tmp), pipe.model.config.image_input_size)
+        replies = pipe.generate(
             [([image], messages) for image, messages, _ in asked], max_new_tokens=32, batch_size=32)
     turns = [1 + i % 2 for i in range(len(asked))]
     emit({"bench": "demo_chat", "model": args.model, "scenes": args.scenes,

@@ -16,7 +16,7 @@ from polyfocus.checkpoints import save_llava_hf, to_llava_hf
 from polyfocus.checkpoints.dinov2 import BackboneError, dinov2_s, onnx_to_dinov2, resize_position_table
 from polyfocus.data.tokenizer import build_tokenizer
 from polyfocus.model.presets import tiny_config
-from polyfocus.model.vision import FeatureCache
+from polyfocus.model.vision import FeatureCache, tower_fingerprint
 from polyfocus.synthworld.scenes import export
 from polyfocus.train import run
 
@@ -150,9 +150,10 @@ def test_feature_cache_gives_the_same_features_and_stays_within_its_bytes():
     assert cache.misses == 5
 
 
-def test_feature_cache_serves_s2_tiles_too():
-    """S2 runs the tower on each image's tiles at every scale: with a frozen tower those come from the cache as well,
-    the same features as without it, and a second pass over the same images computes nothing."""
+def test_feature_cache_serves_s2s_fused_map_per_image():
+    """S2 runs the tower on each image's tiles at every scale: with a frozen tower its fused map (it has no
+    parameters) comes from the cache, one entry per image, the same features as without it, and a second pass over
+    the same images computes nothing."""
     torch.manual_seed(0)
     model = PolyfocusForConditionalGeneration(tiny_config(vision="dinov2", fusion="s2", s2_scales=[56, 112]))
     model.eval().requires_grad_(False)
@@ -160,9 +161,11 @@ def test_feature_cache_serves_s2_tiles_too():
     plain = model.get_image_features(pixels)
     model.vision_feature_cache = cache = FeatureCache()
     torch.testing.assert_close(model.get_image_features(pixels), plain, rtol=0, atol=1e-6)
-    assert (cache.hits, cache.misses) == (0, 2 + 2 * 4)  # the 56 px image and its four 56 px tiles at 112, each
+    assert (cache.hits, cache.misses) == (0, 2)
     torch.testing.assert_close(model.get_image_features(pixels), plain, rtol=0, atol=1e-6)
-    assert (cache.hits, cache.misses) == (10, 10)
+    assert (cache.hits, cache.misses) == (2, 2)
+    (stored,) = {tuple(v.shape) for v in cache.entries.values()}
+    assert stored == (16, 2 * 32)  # the 4 x 4 grid, both scales' channels
 
 
 def test_feature_cache_serves_mmfusers_hidden_states():
@@ -264,6 +267,25 @@ def test_cached_features_and_the_truncated_tower_train_exactly_as_without(backbo
     for name, value in plain.model.state_dict().items():
         if name in fast_state:  # the dropped tower layer is in the plain model only
             torch.testing.assert_close(fast_state[name], value, rtol=0, atol=1e-6)
+
+
+def test_a_later_run_on_the_same_frozen_tower_reuses_the_features(backbones):
+    """Two stages in one process (the demo) compute each image's features once: a second run on the same tower and
+    feature settings finds them all cached and trains as the first did; other settings (another layer read) or
+    another tower's weights get a cache of their own."""
+    first = train_tiny(backbones, "share1", cache_vision_features=True)
+    cache = first.model.vision_feature_cache
+    computed = cache.misses
+    second = train_tiny(backbones, "share2", cache_vision_features=True)
+    assert second.model.vision_feature_cache is cache and cache.misses == computed  # nothing computed again
+    torch.testing.assert_close(torch.tensor(losses(second)), torch.tensor(losses(first)), rtol=1e-6, atol=0)
+    other_layer = train_tiny(backbones, "share3", cache_vision_features=True, mm_vision_select_layer=0)
+    assert other_layer.model.vision_feature_cache is not cache
+    base = second.model
+    fingerprint = tower_fingerprint(base)
+    with torch.no_grad():
+        next(base.vision_tower.parameters()).add_(1e-3)
+    assert tower_fingerprint(base) != fingerprint
 
 
 def test_the_cache_needs_a_frozen_tower(backbones):

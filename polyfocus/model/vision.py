@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from functools import cached_property
@@ -30,6 +31,24 @@ def select_features(config: PolyfocusConfig, hidden_states: tuple[torch.Tensor, 
     drop_cls = config.vision_has_cls and config.mm_vision_select_feature == "patch"
     picked = [hidden_states[layer][:, 1:] if drop_cls else hidden_states[layer] for layer in config.select_layers]
     return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+
+def tower_fingerprint(model) -> str:
+    """A digest of what decides a frozen tower's cached outputs (TowerOutputs.per_image): its weights, its config and
+    the model's settings that read it (selected layers and feature, fusion, S2's scales, input size). Two models
+    with the same fingerprint give the same features for the same pixels (polyfocus train shares a cache between
+    them)."""
+    config = model.config
+    settings = {"vision": {k: v for k, v in config.vision_config.to_dict().items()
+                           if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")},
+                "select_layers": config.select_layers, "select_feature": config.mm_vision_select_feature,
+                "fusion": config.fusion, "s2_scales": config.s2_scales, "image_input_size": config.image_input_size}
+    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=20)
+    for name, tensor in model.vision_tower.state_dict().items():
+        data = tensor.detach().contiguous().cpu().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class TowerOutputs:
@@ -76,9 +95,7 @@ class TowerOutputs:
 
     @cached_property
     def features(self) -> torch.Tensor:
-        if not self.cached:
-            return select_features(self.config, self.hidden_states)
-        return self.cache.features(self.pixel_values, self._features_of)
+        return self.per_image("", lambda part: select_features(self.config, part.hidden_states))
 
     def with_features(self, features: torch.Tensor) -> TowerOutputs:
         """These outputs with `features` replaced (a fusion chain's next module reads what the one before it made);
@@ -87,36 +104,28 @@ class TowerOutputs:
         other.__dict__["features"] = features  # the cached_property's slot
         return other
 
-    def _features_of(self, index: torch.Tensor) -> torch.Tensor:
-        """The selected features of some of the images (the cache's misses), computed as `features` would."""
-        part = TowerOutputs(self.config, self.vision_tower, self.hires_tower, self.pixel_values[index])
-        with torch.no_grad():
-            return part.features
-
     def states(self, layers: list[int]) -> torch.Tensor:
         """The tower's hidden states `layers`, stacked [B, len(layers), T, C]: through the cache as `features` when the
         tower is frozen (MMFuser reads these: without the cache a frozen tower would run in full at every step)."""
-        def compute(index=None):
-            part = self if index is None else TowerOutputs(self.config, self.vision_tower, self.hires_tower,
-                                                           self.pixel_values[index])
-            return torch.stack([part.hidden_states[layer] for layer in layers], dim=1)
+        return self.per_image(f"hidden states {layers}", lambda part: torch.stack(
+            [part.hidden_states[layer] for layer in layers], dim=1))
 
+    def per_image(self, tag: str, compute: Callable[[TowerOutputs], torch.Tensor]) -> torch.Tensor:
+        """compute(outputs) -> [B, ...], something each image's pixels alone decide through the frozen tower (hidden
+        states, a parameter-free fusion's output), through the cache when there is one; tag names it in the cache."""
         if not self.cached:
-            return compute()
+            return compute(self)
+
+        def missing(index):
+            return compute(TowerOutputs(self.config, self.vision_tower, self.hires_tower, self.pixel_values[index]))
+
         with torch.no_grad():
-            return self.cache.features(self.pixel_values, compute, tag=f"hidden states {layers}")
+            return self.cache.features(self.pixel_values, missing, tag=tag)
 
     def select(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, s, s] tower-sized images → their selected features [n, N, C], through the cache as `features` (S2's
-        tiles are the same pixels every epoch)."""
-        def compute(index=None):
-            x = pixel_values if index is None else pixel_values[index]
-            return select_features(self.config, self.vision_tower(x, output_hidden_states=True).hidden_states)
-
-        if not self.cached:
-            return compute()
-        with torch.no_grad():
-            return self.cache.features(pixel_values, compute)
+        """[n, 3, s, s] tower-sized images → their selected features [n, N, C] (S2 runs the tower on tiles: it caches
+        its fused output per image instead, `per_image`)."""
+        return select_features(self.config, self.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
 
 
 class TensorLRU:
@@ -142,6 +151,11 @@ class TensorLRU:
             return
         self.entries[key] = value
         self.size += size
+        self.resize(self.capacity)
+
+    def resize(self, capacity_bytes: int) -> None:
+        """A new capacity; the least recently used entries over it dropped."""
+        self.capacity = capacity_bytes
         while self.size > self.capacity:
             _, old = self.entries.popitem(last=False)
             self.size -= old.numel() * old.element_size()

@@ -63,7 +63,9 @@ class S2MultiScale(nn.Module):
     def forward(self, tower) -> torch.Tensor:
         """The model's images, the tower run on each scale's tiles (model/vision.py's TowerOutputs) → [B, h*w, C * n]
         (see `fuse`)."""
-        return self.fuse(tower.pixel_values, tower.select)
+        # No parameters: with a frozen tower each image's fused map is cached whole (one entry instead of one per tile,
+        # 1 + 4 + 9 of them for LLaVA-S2's scales, and no resizing or tiling at every step).
+        return tower.per_image(f"s2 {self.scales}", lambda part: self.fuse(part.pixel_values, part.select))
 
     def fuse(self, pixel_values: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """pixel_values [B, 3, S, S] (S: the largest scale); features: tower tiles [N, 3, split, split] -> their
