@@ -18,7 +18,7 @@ computed once per stage (`cache_vision_features`), and the projector's input is 
 (`--render-size 224`) are read through S2 (LLaVA-S2, `fusion: s2`): at the tower's size and at the rendered size in
 tower-sized tiles pooled back to its grid, so the LLM gets as many tokens. At 112 px a medium object is about one
 patch: over 3 seeds the model read shape at 69.8 % (rings and hexagons mostly as circles), with S2 at 224 px 77.9 %,
-in about twice the time (docs/benchmarks.md, "S2"). Unlike LLaVA's stage 1, the LLM trains in
+in about 1.6 times the time (docs/benchmarks.md, "S2"). Unlike LLaVA's stage 1, the LLM trains in
 stage 1 too: a random LLM knows no language. The stage presets still set the templates, image handling and
 schedules. The from-scratch tower is tuned in stage 2 at a tenth of the LLM's rate (as ShareGPT4V and DenseFusion
 tune theirs).

@@ -116,7 +116,7 @@ def test_each_stage_frees_its_model_before_the_next_loads_its_own(tmp_path, tiny
 
 def test_demo_falls_back_to_a_tower_pretrained_from_scratch(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--tower", "scratch", "--tower-steps", "2", *TOY])
+    main(["demo", "--out", str(out), "--tower", "scratch", "--tower-steps", "2", "--render-size", "112", *TOY])
     captured = capsys.readouterr()
     summary, pipe = check_outputs(out, captured.out + captured.err)
     # The from-scratch tower is frozen in stage 1, as LLaVA's CLIP is, and tuned at its own rate in stage 2.

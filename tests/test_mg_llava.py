@@ -344,7 +344,10 @@ def test_fusion_chain_feeds_mmfusers_features_to_the_conv_gate(tmp_path):
     assert loaded.config.fusions == ["mmfuser", "convgate"]
     with torch.no_grad():
         again = loaded.projector_inputs(TowerOutputs(loaded.config, loaded.vision_tower, loaded.hires_tower, pixels))
-    torch.testing.assert_close(again, chained, rtol=0, atol=0)
+    # Equal to float noise, not bitwise: on some machines the reloaded model's fused features differ by 1.2e-7 on 33 of
+    # 1,024 values although every weight and both towers' outputs are bitwise equal (the kernels' choice: the thread
+    # count alone moves the same model's output by 4.8e-7 there).
+    torch.testing.assert_close(again, chained, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("fusion,message", [

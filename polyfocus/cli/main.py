@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
     p.add_argument("--render-size", type=int, help="pixel size of the rendered scenes (default: --image-size); "
                                                      "larger, a pretrained tower reads them at both sizes through S2 "
-                                                     "(e.g. 224: shape read better, about twice the time); "
+                                                     "(e.g. 224: shape read better, about 1.6 times the time); "
                                                      "MG-LLaVA's high-resolution branch needs more, e.g. 256")
     p.add_argument("--hires-tower-steps", type=int,
                    help="MG-LLaVA: pretraining steps of its ConvNeXt on object labels (default 1500 when the model "

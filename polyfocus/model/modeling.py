@@ -88,8 +88,8 @@ class PolyfocusForConditionalGeneration(PolyfocusPreTrainedModel, GenerationMixi
         self.hires_tower = build_hires_tower(config) if config.uses_hires else None
         self.mm_object_projector = build_projector(config.mm_projector_type, config.object_feature_size,
                                                    config.text_config.hidden_size) if config.object_tokens else None
-        # A FeatureCache of the tower's selected features by image, when the tower is frozen (`polyfocus train
-        # --cache_vision_features`, the server): set from outside, never saved.
+        # A FeatureCache of what the frozen tower gives each image (`polyfocus train --cache_vision_features`): set from
+        # outside, never saved.
         self.vision_feature_cache = None
         self.post_init()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from functools import cached_property
@@ -33,24 +32,6 @@ def select_features(config: PolyfocusConfig, hidden_states: tuple[torch.Tensor, 
     return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
 
 
-def tower_fingerprint(model) -> str:
-    """A digest of what decides a frozen tower's cached outputs (TowerOutputs.per_image): its weights, its config and
-    the model's settings that read it (selected layers and feature, fusion, S2's scales, input size). Two models
-    with the same fingerprint give the same features for the same pixels (polyfocus train shares a cache between
-    them)."""
-    config = model.config
-    settings = {"vision": {k: v for k, v in config.vision_config.to_dict().items()
-                           if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")},
-                "select_layers": config.select_layers, "select_feature": config.mm_vision_select_feature,
-                "fusion": config.fusion, "s2_scales": config.s2_scales, "image_input_size": config.image_input_size}
-    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=20)
-    for name, tensor in model.vision_tower.state_dict().items():
-        data = tensor.detach().contiguous().cpu().reshape(-1)
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class TowerOutputs:
     """A batch of images as the fusion modules see it (`fusion(tower) -> features`). Each part is computed on first
     use, so a module pays only for what it reads:
@@ -65,8 +46,8 @@ class TowerOutputs:
 
     def __init__(self, config: PolyfocusConfig, vision_tower: nn.Module, hires_tower: nn.Module | None,
                  pixel_values: torch.Tensor, cache: FeatureCache | None = None):
-        """cache: `features` are read from it, and the images it lacks computed and added, while the tower is
-        frozen (its features cannot change)."""
+        """cache: `features` (and whatever else goes through `per_image`) are read from it, and the images it lacks
+        computed and added, while the tower is frozen (its features cannot change)."""
         self.config, self.vision_tower, self.hires_tower, self.cache = config, vision_tower, hires_tower, cache
         self.pixel_values = pixel_values.to(next(vision_tower.parameters()).dtype)
 
@@ -111,8 +92,9 @@ class TowerOutputs:
             [part.hidden_states[layer] for layer in layers], dim=1))
 
     def per_image(self, tag: str, compute: Callable[[TowerOutputs], torch.Tensor]) -> torch.Tensor:
-        """compute(outputs) -> [B, ...], something each image's pixels alone decide through the frozen tower (hidden
-        states, a parameter-free fusion's output), through the cache when there is one; tag names it in the cache."""
+        """compute(outputs) -> [B, ...], through the cache when there is one (tag: what it is, part of the key). compute
+        must give each image a row that its pixels alone decide through the frozen tower, with nothing trainable
+        (hidden states, a parameter-free fusion's output): a cached row is computed once, without gradients."""
         if not self.cached:
             return compute(self)
 
@@ -151,20 +133,16 @@ class TensorLRU:
             return
         self.entries[key] = value
         self.size += size
-        self.resize(self.capacity)
-
-    def resize(self, capacity_bytes: int) -> None:
-        """A new capacity; the least recently used entries over it dropped."""
-        self.capacity = capacity_bytes
         while self.size > self.capacity:
             _, old = self.entries.popitem(last=False)
             self.size -= old.numel() * old.element_size()
 
 
 class FeatureCache(TensorLRU):
-    """The tower's selected features of recently seen images, keyed by the processed pixels (a hash of the tensor's
-    bytes, its shape and dtype). Exact: the same pixels through a frozen tower give the same features (up to the float
-    noise of another batch shape).
+    """What a frozen tower gives recently seen images (TowerOutputs.per_image: the selected features, S2's fused map,
+    the hidden states MMFuser reads), keyed by the processed pixels (a hash of the tensor's bytes, its shape and dtype)
+    and a tag. Exact: the same pixels through a frozen tower give the same features (up to the float noise of another
+    batch shape).
 
     Training with a frozen tower (`polyfocus train --cache_vision_features true`) computes each image's features
     once instead of once per epoch and step."""
@@ -175,8 +153,9 @@ class FeatureCache(TensorLRU):
     @staticmethod
     def key(image: torch.Tensor) -> bytes:
         data = image.detach().contiguous().cpu()
-        header = f"{tuple(data.shape)}{data.dtype}".encode()
-        return hashlib.blake2b(header + data.view(torch.uint8).numpy().tobytes(), digest_size=20).digest()
+        digest = hashlib.blake2b(f"{tuple(data.shape)}{data.dtype}".encode(), digest_size=20)
+        digest.update(memoryview(data.view(torch.uint8).numpy()))  # the bytes in place: no copy
+        return digest.digest()
 
     def features(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
                  tag: str = "") -> torch.Tensor:

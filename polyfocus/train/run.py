@@ -28,7 +28,7 @@ from polyfocus.data.images import CONFIG_NAME as IMAGE_PROCESSOR_FILE
 from polyfocus.data.images import ImageProcessor
 from polyfocus.data.packing import PackingCollator
 from polyfocus.data.templates import AUTO_NAMES, get_template
-from polyfocus.model.vision import FeatureCache, TowerOutputs, tower_fingerprint
+from polyfocus.model.vision import FeatureCache, TowerOutputs
 from polyfocus.train.args import parse_args, resolved_config
 from polyfocus.train.freeze import configure_trainable, parameter_summary, trainable_parts
 from polyfocus.train.trainer import PolyfocusTrainer
@@ -222,29 +222,15 @@ def calibrate_feature_norm(model, dataset, n_images: int = 256, batch_size: int 
               f"(channel std median {norm.std.median():.3g}, mean |mean| {norm.mean.abs().mean():.3g})")
 
 
-# The last run's feature cache and what decided its features (model/vision.py's tower_fingerprint): a process that
-# trains several stages on one frozen tower (polyfocus demo, a script calling train() per stage) computes each image's
-# features once in all, not once per stage. Only the last is kept: another tower's replaces it.
-_last_cache: tuple[str, FeatureCache] | None = None
-
-
 def cache_vision_features(model, max_gb: float) -> None:
     """Keep each training image's tower features after the first time it is seen (model/vision.py's FeatureCache):
-    exact while the tower is frozen, which is required. A cache left by an earlier run in this process on the same
-    tower and feature settings is reused."""
-    global _last_cache
+    exact while the tower is frozen, which is required."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad and "vision_tower." in name]
     if trainable:
         raise ValueError(f"cache_vision_features needs a frozen vision tower; {trainable[0]} trains "
                          "(unfreeze_vision_layers / freeze_modules)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fingerprint = tower_fingerprint(base)
-    if _last_cache is None or _last_cache[0] != fingerprint:
-        _last_cache = None  # freed before the new one fills
-        _last_cache = (fingerprint, FeatureCache())
-    cache = _last_cache[1]
-    cache.resize(int(max_gb * 2**30))
-    base.vision_feature_cache = cache
+    base.vision_feature_cache = FeatureCache(int(max_gb * 2**30))
 
 
 def _is_multimodal_checkpoint(path: str) -> bool:
