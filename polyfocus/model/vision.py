@@ -159,8 +159,8 @@ class FeatureCache(TensorLRU):
 
     def features(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
                  tag: str = "") -> torch.Tensor:
-        """[n, 3, S, S] → [n, N, C]: cached rows, and `compute(index of the missing images)` for the rest. tag: what
-        else than the selected features is kept (e.g. MMFuser's hidden states), part of the key."""
+        """[n, 3, S, S] → [n, ...]: cached rows, and `compute(index of the missing images)` for the rest. tag: which
+        per-image output it is ("" the selected features; S2's fused map, MMFuser's hidden states), part of the key."""
         keys = [self.key(image) + tag.encode() for image in pixel_values]
         found = [self.get(k) for k in keys]
         missing = [i for i, value in enumerate(found) if value is None]
