@@ -46,7 +46,8 @@ def build() -> Pipeline:
     config = bench_config()
     config.vision_config.image_size = 336  # 24 x 24 patches of 14: LLaVA-1.5's 576 image tokens
     model = PolyfocusForConditionalGeneration(config).eval()
-    return Pipeline(model, build_tokenizer(), ImageProcessor(image_size=336), "vicuna_v1")
+    # No tower cache in the pipeline: the uncached server must compute every image (its baseline).
+    return Pipeline(model, build_tokenizer(), ImageProcessor(image_size=336), "vicuna_v1", feature_cache_bytes=0)
 
 
 def image_url(seed: int) -> str:

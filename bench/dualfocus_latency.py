@@ -86,7 +86,8 @@ def build(size: str, device: str) -> Pipeline:
         image_size, dtype = 336, torch.bfloat16
     with torch.device(device):
         model = PolyfocusForConditionalGeneration(config).to(dtype).eval()
-    return Pipeline(model, tokenizer, ImageProcessor(image_size=image_size), "vicuna_v1")
+    # No tower cache: each timed repeat computes its images (the figures in docs/dualfocus.md were taken so).
+    return Pipeline(model, tokenizer, ImageProcessor(image_size=image_size), "vicuna_v1", feature_cache_bytes=0)
 
 
 def questions(n: int, image_size: int) -> list:

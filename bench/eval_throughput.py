@@ -43,7 +43,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     ckpt = save_checkpoint(work / "ckpt")
     export(str(work / "data"), SCENES, seed=0, image_size=112, split="test", families=FAMILIES)
-    pipe = Pipeline.from_pretrained(ckpt, device=device)
+    pipe = Pipeline.from_pretrained(ckpt, device=device, feature_cache_bytes=0)  # each run computes its features
     runs = itertools.count()
 
     def run(batch_size):

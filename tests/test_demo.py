@@ -65,7 +65,7 @@ def check_outputs(out, printed: str) -> tuple[dict, Pipeline]:
 
 def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(tmp_path, tiny_tower, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--tower", str(tiny_tower), "--render-size", "112", *TOY])
+    main(["demo", "--out", str(out), "--tower", str(tiny_tower), *TOY])
     captured = capsys.readouterr()
     summary, pipe = check_outputs(out, captured.out + captured.err)
     stage1, stage2 = (parse_args(str(out / f"stage{i}.yaml")) for i in (1, 2))
@@ -77,7 +77,8 @@ def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(
     assert pipe.model.config.vision_config.num_hidden_layers == 2 and kept.keys() < tower.keys()
     assert all(torch.equal(v, tower[k]) for k, v in kept.items())
     assert int(pipe.model.mm_feature_norm.images) > 0  # statistics measured on stage 1's images, kept in stage 2
-    # Scenes rendered at twice the tower's size are read through S2 at both sizes (the fresh image too); 4 x 4 tokens.
+    # By default the scenes are rendered at twice the tower's size and read through S2 at both sizes (the fresh image
+    # too); 4 x 4 tokens.
     assert (pipe.model.config.fusion, pipe.model.config.s2_scales) == ("s2", [56, 112])
     assert pipe.model.config.num_image_tokens == 16
     from PIL import Image
@@ -92,16 +93,19 @@ def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(
 
 
 def test_each_stage_frees_its_model_before_the_next_loads_its_own(tmp_path, tiny_tower, monkeypatch):
-    """Peak memory: stage 1's model (with its optimiser and feature cache) must be gone when stage 2 starts, and
-    stage 2's when the evaluation loads the saved model (held on, they took the demo's peak from 1.2 to 2.5 GB)."""
+    """Peak memory: stage 1's model (with its optimiser) must be gone when stage 2 starts, and stage 2's when the
+    evaluation loads the saved model (held on, they took the demo's peak from 1.2 to 2.5 GB). Stage 1's feature cache
+    goes on to stage 2, which trains on the same images: the tower runs on none of them again."""
     from polyfocus.train import run as train_run
 
-    real_train, real_evaluate, models, alive = train_run.train, demo.evaluate_model, [], []
+    real_train, real_evaluate, models, alive, caches = train_run.train, demo.evaluate_model, [], [], []
 
-    def train(config_file):
+    def train(config_file, feature_cache=None):
         alive.append([m() is not None for m in models])
-        trainer = real_train(config_file)
+        trainer = real_train(config_file, feature_cache=feature_cache)
         models.append(weakref.ref(trainer.model))
+        cache = trainer.model.vision_feature_cache
+        caches.append((feature_cache, cache, cache.misses, cache.hits))
         return trainer
 
     def evaluate_model(*args, **kwargs):
@@ -112,6 +116,23 @@ def test_each_stage_frees_its_model_before_the_next_loads_its_own(tmp_path, tiny
     monkeypatch.setattr(demo, "evaluate_model", evaluate_model)
     main(["demo", "--out", str(tmp_path / "demo"), "--tower", str(tiny_tower), *TOY])
     assert alive == [[], [False], [False, False]]
+    (given1, cache1, misses1, hits1), (given2, cache2, misses2, hits2) = caches
+    assert given1 is None and given2 is cache1 is cache2
+    n_images = len(list((tmp_path / "demo" / "data" / "images").glob("train_*.png")))
+    # Stage 1's calibration computes every image (8 < its 256) into the cache; its one epoch (2 steps x 4) then reads
+    # them all from it, and so does stage 2.
+    assert misses1 == misses2 == len(cache1.entries) == n_images == hits1 and hits2 > hits1
+
+
+def test_with_mg_llavas_convnext_made_the_plain_demo_model_stays_plain(tmp_path, tiny_tower):
+    """`polyfocus demo --render-size 512 --hires-tower-steps 1500` makes MG-LLaVA's baseline (docs/mg_llava.md): the
+    scenes are larger than the tower's input, but the model reads them without S2."""
+    out = tmp_path / "demo"
+    main(["demo", "--out", str(out), "--tower", str(tiny_tower), "--render-size", "112", "--hires-tower-steps", "1",
+          *TOY])
+    assert (out / "hires_tower" / "config.json").is_file()
+    config = Pipeline.from_pretrained(out / "stage2", device="cpu").model.config
+    assert (config.fusion, config.s2_scales, config.uses_hires) == (None, None, False)
 
 
 def test_demo_falls_back_to_a_tower_pretrained_from_scratch(tmp_path, capsys):

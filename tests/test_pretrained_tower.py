@@ -189,6 +189,30 @@ def test_feature_cache_serves_mmfusers_hidden_states():
     assert stored == (len(model.mm_fusion.kv_layers) + 1, 17, 32)  # the layers read, CLS + 4x4 patches, width
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_feature_cache_rows_from_another_device_come_back_on_the_pixels_device():
+    """A training run's calibration fills the cache on the CPU before the Trainer moves the model to the GPU: the rows
+    then mix devices within a batch, and come back stacked on the pixels' device."""
+    cache, pixels = FeatureCache(), torch.randn(2, 3, 8, 8)
+    cache.features(pixels[:1], lambda index: pixels[index].mean(dim=1))  # computed on the CPU
+    out = cache.features(pixels.cuda(), lambda index: pixels.cuda()[index].mean(dim=1))
+    assert out.device.type == "cuda" and (cache.hits, cache.misses) == (1, 2)
+    torch.testing.assert_close(out.cpu(), pixels.mean(dim=1))
+
+
+def test_a_feature_cache_handed_on_is_refused_by_a_model_with_other_feature_settings():
+    """train(feature_cache=...) binds the cache to the model's feature settings: the same settings (stage 2 from the
+    stage-1 checkpoint) go on; another selected layer, S2's scales or another tower would read the wrong rows."""
+    cache, config = FeatureCache(), tiny_config(vision="dinov2", fusion="s2", s2_scales=[56, 112])
+    cache.bind(config)
+    cache.bind(tiny_config(vision="dinov2", fusion="s2", s2_scales=[56, 112]))
+    for other in ({"s2_scales": [56, 168]}, {"mm_vision_select_layer": -1}, {"fusion": None, "s2_scales": None},
+                  {"vision_hidden_size": 64}):
+        with pytest.raises(ValueError, match="another model's features"):
+            cache.bind(tiny_config(vision="dinov2", **{"fusion": "s2", "s2_scales": [56, 112], **other}))
+
+
 # ---- training with them: standardised features, the cache, the truncated tower ------------------------------------
 
 

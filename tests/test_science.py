@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -71,7 +72,8 @@ def test_strategy_is_how_the_variant_answers_not_a_recipe_key(tmp_path, monkeypa
     module = load_bench_script("science")
     trained, scored = [], []
     monkeypatch.setattr(module.demo, "make_llm", lambda *a: None)
-    monkeypatch.setattr(module, "train", lambda config: trained.append(Path(config).read_text()))
+    monkeypatch.setattr(module, "train", lambda config, feature_cache: trained.append(Path(config).read_text())
+                        or SimpleNamespace(model=SimpleNamespace(vision_feature_cache=None)))
     monkeypatch.setattr(module, "compute_of", lambda run_dir: {})  # no trainer_state.json without training
     monkeypatch.setattr(module.demo, "evaluate_model",
                         lambda model, data, strategy: scored.append(strategy) or ("", {"all": {"accuracy": 1}}, {}))
@@ -92,7 +94,7 @@ def test_shared_directory_names_its_settings_and_fills_variants(science, tmp_pat
     module.main(["--name", "mg", "--out", str(tmp_path), "--seeds", "0", "--render-size", "512",
                  "--hires-tower-steps", "1500", "--variant", "baseline={}",
                  "--variant", 'hires={"stage1": {"hires_tower": "{shared}/hires_tower"}}'])
-    shared = tmp_path / "shared" / "112r512-dinov2-s-2000-100-3-medium,large"
+    shared = tmp_path / "shared" / "112r512-dinov2-s-2000-100-3-medium,large-s1train"
     assert calls == [("{}", 0), (json.dumps({"stage1": {"hires_tower": f"{shared}/hires_tower"}}), 0)]
     baseline, hires = map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())
     assert hires["spec"] == {"stage1": {"hires_tower": "{shared}/hires_tower"}}  # the key stays free of the path

@@ -305,6 +305,15 @@ def test_export_writes_a_valid_deterministic_llava_dataset(tmp_path):
     assert sorted(splits) == ["pretrain"] * 3 + ["train"] * 5  # other splits' scenes are kept
     assert not list(tmp_path.rglob("*.tmp*"))
 
+    # Stage-1 captions of the train split's images (the demo's stages share their images): same scenes, same files.
+    export(str(tmp_path / "a"), n=5, seed=1, split="pretrain", scenes_of="train")
+    pretrain = json.loads((tmp_path / "a" / "pretrain.json").read_text())
+    assert [s["image"] for s in pretrain] == [f"images/{s.id}.png" for s in scenes]
+    assert [s["scene_id"] for s in pretrain] == [s.id for s in scenes]
+    for s in scenes:
+        name = f"images/{s.id}.png"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
 
 def test_a_family_listed_twice_asks_each_scene_a_second_different_question(tmp_path):
     def chat_questions(families, name):

@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous: prompt + max_tokens of the running requests, at most (their KV cache)")
     p.add_argument("--prefix-cache-mb", type=float, default=1024.0,
                    help="continuous: KV of recent prompts and answers, reused by later requests that start the "
-                        "same way (0: off); recent images' visual tokens get a quarter of this more")
+                        "same way (0: off); recent images' visual tokens and tower features get a quarter of this "
+                        "more each")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for a batch beyond which new ones get 503 (retry later)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -409,12 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-scenes", type=int, default=100)
     p.add_argument("--pretrain-steps", type=int, help="stage 1 (dense captions, which name every object's shape)")
     p.add_argument("--finetune-steps", type=int, help="stage 2 (the VQA families)")
-    p.add_argument("--image-size", type=int, help="size of the rendered scenes and of the tower's input")
+    p.add_argument("--image-size", type=int, help="the tower's input size (112)")
     p.add_argument("--max-objects", type=int, default=3, help="objects per scene, at most")
-    p.add_argument("--render-size", type=int, help="pixel size of the rendered scenes (default: --image-size); "
-                                                     "larger, a pretrained tower reads them at both sizes through S2 "
-                                                     "(e.g. 224: shape read better, about 1.6 times the time); "
-                                                     "MG-LLaVA's high-resolution branch needs more, e.g. 256")
+    p.add_argument("--render-size", type=int, help="pixel size of the rendered scenes; larger than --image-size, "
+                                                     "a pretrained tower reads them at both sizes through S2 (default: "
+                                                     "twice --image-size with a pretrained tower, unless the model "
+                                                     "config names a fusion or MG-LLaVA's branch is made; else "
+                                                     "--image-size; --render-size 112: the tower's size alone, faster, "
+                                                     "shape read worse); MG-LLaVA's high-resolution branch needs more, "
+                                                     "e.g. 256")
     p.add_argument("--hires-tower-steps", type=int,
                    help="MG-LLaVA: pretraining steps of its ConvNeXt on object labels (default 1500 when the model "
                         "config has fusion convgate or object_tokens, else none)")

@@ -42,6 +42,7 @@ from polyfocus.experts.detectors import model_detector
 from polyfocus.infer.requests import ImageInput, Request, normalize_request
 from polyfocus.infer.stops import answer_text, until_stop
 from polyfocus.infer.strategies import get_strategy
+from polyfocus.model.vision import FeatureCache
 
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
 
@@ -50,8 +51,16 @@ class Pipeline:
     """Model + tokenizer + image processor + conversation template; `generate` (batched) and `chat`."""
 
     def __init__(self, model, tokenizer, image_processor: ImageProcessor,
-                 template: str | Template | TokenizerTemplate | None = None, object_boxes: ObjectBoxes | None = None):
+                 template: str | Template | TokenizerTemplate | None = None, object_boxes: ObjectBoxes | None = None,
+                 feature_cache_bytes: int = 2**30):
+        """feature_cache_bytes: the tower's features of recently seen images are kept (up to this size; 0: no cache
+        added, a model's own is kept), so an image asked several questions (a benchmark's, a chat's turns) goes
+        through the tower once, as vLLM's encoder cache does. The model's weights must not change while the Pipeline
+        is used (gradients are never taken through it); `pipe.model.vision_feature_cache.entries.clear()` after
+        changing them."""
         self.model = model  # from_pretrained gives it in eval mode
+        if feature_cache_bytes and getattr(model, "vision_feature_cache", False) is None:
+            model.vision_feature_cache = FeatureCache(feature_cache_bytes)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.template = resolve_template(template, tokenizer)
@@ -64,7 +73,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, template: str | None = None, device: str | None = None,
-                        dtype: torch.dtype | str | None = None) -> "Pipeline":
+                        dtype: torch.dtype | str | None = None, feature_cache_bytes: int = 2**30) -> Pipeline:
         """Model (any checkpoint `load_model` reads), tokenizer and image processor from one directory.
 
         template: a built-in template name; default "auto" = the tokenizer's chat_template (a training run
@@ -75,7 +84,8 @@ class Pipeline:
         model = load_model(path, **({"dtype": dtype} if dtype is not None else {}))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = load_tokenizer(path)
-        return cls(model.to(device), tokenizer, load_image_processor(path, model.config), template)
+        return cls(model.to(device), tokenizer, load_image_processor(path, model.config), template,
+                   feature_cache_bytes=feature_cache_bytes)
 
     # ---- batched generation ---------------------------------------------------------------------------
 

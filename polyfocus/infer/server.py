@@ -79,7 +79,7 @@ class ServeSettings:
     batch_window_ms: float = 10.0  # how long the scheduler waits for more requests after the first (when idle)
     scheduler: str = "continuous"  # or "window" (infer/continuous.py's make_scheduler)
     max_tokens_in_flight: int = 65536  # continuous: prompt + max_tokens of the running requests, at most
-    prefix_cache_mb: float = 1024.0  # continuous: KV of recent prompts and answers (0: off); image features: 1/4
+    prefix_cache_mb: float = 1024.0  # KV of recent prompts, answers (0: off); visual tokens, tower features: 1/4 each
     max_model_len: int | None = None  # prompt + completion tokens; default: the LLM's max_position_embeddings
     default_max_tokens: int = 512  # when a request names none (capped by what the context has left)
     max_body_bytes: int = 32 * 2**20
@@ -673,6 +673,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, template: str |
 
     from polyfocus.infer.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(model, template=template, device=device)
     settings = settings or ServeSettings(model_name=Path(model).resolve().name)
+    # The tower's features per image (Pipeline) within the server's cache budget, as the batcher's visual tokens.
+    pipe = Pipeline.from_pretrained(model, template=template, device=device,
+                                    feature_cache_bytes=int(settings.prefix_cache_mb * 2**20) // 4)
     uvicorn.run(create_app(pipe, settings), host=host, port=port, log_level=log_level)

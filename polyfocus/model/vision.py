@@ -71,8 +71,11 @@ class TowerOutputs:
 
     @cached_property
     def cached(self) -> bool:
-        """Features come from the cache: there is one and the tower is frozen (its features cannot change)."""
-        return self.cache is not None and not any(p.requires_grad for p in self.vision_tower.parameters())
+        """Features come from the cache: there is one, and no gradient can reach the tower (it is frozen, as training
+        with the cache requires, or gradients are off, as in a Pipeline); whoever sets the cache keeps the tower's
+        weights unchanged while it lives."""
+        return self.cache is not None and (not torch.is_grad_enabled()
+                                           or not any(p.requires_grad for p in self.vision_tower.parameters()))
 
     @cached_property
     def features(self) -> torch.Tensor:
@@ -149,6 +152,21 @@ class FeatureCache(TensorLRU):
 
     def __init__(self, capacity_bytes: int = 2 * 2**30):
         super().__init__(capacity_bytes)
+        self.settings: str | None = None  # what decides a row besides the pixels (`bind`)
+
+    def bind(self, config: PolyfocusConfig) -> None:
+        """Tie the cache to the model's feature settings (the tower's config, the selected layers, the input and S2's
+        sizes): a cache handed on to another run (the demo's stage 2, on stage 1's images) is refused there when they
+        differ. The tower's weights are the caller's to keep the same: a stage-2 run from the stage-1 checkpoint."""
+        fields = ("mm_vision_select_layer", "mm_vision_select_feature", "image_input_size", "s2_scales",
+                  "hires_image_size")
+        tower = {k: v for k, v in config.vision_config.to_dict().items()  # not where it was read from, nor its dtype
+                 if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}  # (the keys hold it)
+        settings = repr([tower, *(getattr(config, f, None) for f in fields)])
+        if self.settings is not None and settings != self.settings:
+            raise ValueError("this feature cache holds another model's features (the tower, the selected layers or "
+                             "the image sizes differ): use a new one")
+        self.settings = settings
 
     @staticmethod
     def key(image: torch.Tensor) -> bytes:
@@ -163,10 +181,16 @@ class FeatureCache(TensorLRU):
         per-image output it is ("" the selected features; S2's fused map, MMFuser's hidden states), part of the key."""
         keys = [self.key(image) + tag.encode() for image in pixel_values]
         found = [self.get(k) for k in keys]
-        missing = [i for i, value in enumerate(found) if value is None]
+        missing = {}  # key -> the first index with it: an image twice in the batch is computed once
+        for i, value in enumerate(found):
+            if value is None:
+                missing.setdefault(keys[i], i)
         if missing:
-            computed = compute(torch.tensor(missing, device=pixel_values.device))
-            for i, row in zip(missing, computed):
-                found[i] = row.detach().clone()
-                self.put(keys[i], found[i])
-        return torch.stack(found).to(pixel_values.device)
+            computed = compute(torch.tensor(list(missing.values()), device=pixel_values.device))
+            rows = {key: row.detach().clone() for key, row in zip(missing, computed)}
+            for key, row in rows.items():
+                self.put(key, row)
+            found = [rows[k] if value is None else value for k, value in zip(keys, found)]
+        # Rows stay where they were computed: a training run's calibration fills the cache before the Trainer moves
+        # the model to the GPU, a Pipeline's model may be moved after.
+        return torch.stack([row.to(pixel_values.device) for row in found])

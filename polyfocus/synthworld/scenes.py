@@ -356,7 +356,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
            families: list[str] | None = None, split: str = "train",
            include_scene: bool = False, max_objects: int = 6, sizes: tuple[str, ...] = tuple(SIZES),
-           balanced: bool = True, multi_turn: bool = False) -> dict:
+           balanced: bool = True, multi_turn: bool = False, scenes_of: str | None = None) -> dict:
     """Write n scenes as a LLaVA dataset and return a summary.
 
     Files: out_dir/images/<scene id>.png, out_dir/<split>.json (a LLaVA conversation list, one
@@ -372,7 +372,8 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
     sample per scene, its families' questions as the turns of one conversation (in an order drawn per scene; the image
     in the first turn), as LLaVA-1.5's instruction data asks several questions of one image: every answer is then
     trained on at the cost of one pass over the image's tokens. Such a sample lists its turns' "families", "boxes"
-    and "meta".
+    and "meta". scenes_of: the split whose scenes (and images) these questions are about, when not `split` (LLaVA's
+    stage-1 captions of the stage-2 images: `export(..., split="pretrain", scenes_of="train")`).
     """
     # Tasks are built on top of scenes; importing them here keeps the module graph acyclic.
     from polyfocus.synthworld.tasks import FAMILIES, AnswerBalance, WorldStats, make_task
@@ -384,8 +385,9 @@ def export(out_dir: str, n: int, seed: int = 0, image_size: int = 384,
         raise ValueError(f"unknown synthworld families {unknown}; known: {list(FAMILIES)}")
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    scenes = [make_scene(f"{seed}/{split}/{i}", image_size, max_objects, scene_id=f"{split}_{i:06d}", sizes=sizes)
-              for i in range(n)]
+    scenes_of = scenes_of or split
+    scenes = [make_scene(f"{seed}/{scenes_of}/{i}", image_size, max_objects, scene_id=f"{scenes_of}_{i:06d}",
+                         sizes=sizes) for i in range(n)]
     stats = WorldStats.from_scenes(scenes)  # POPE's "popular" and "adversarial" are per dataset
 
     samples, counts = [], {f: 0 for f in families}

@@ -45,7 +45,11 @@ PACKING_MASKED = ("sdpa", "eager")
 PACKING_VARLEN = ("flash_attention_2", "flash_attention_3")
 
 
-def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PolyfocusTrainer:
+def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+          feature_cache: FeatureCache | None = None) -> PolyfocusTrainer:
+    """One run of `polyfocus train`. feature_cache: with cache_vision_features, the cache of an earlier run on the
+    same frozen tower to go on filling (the demo hands stage 1's to stage 2, which trains on the same images; the
+    trainer's model holds it after the run: `trainer.model.vision_feature_cache`)."""
     model_args, data_args, training_args = parse_args(config, overrides)
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the YAML or --output_dir)")
@@ -55,11 +59,17 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
     image_processor = build_image_processor(model_args, model, data_args.image_aspect_ratio)
     template = get_template(model_args.version, tokenizer)
     dataset = build_dataset(data_args, training_args, model, tokenizer, template, image_processor)
-    calibrate_feature_norm(model, dataset, training_args.calibration_images, quiet=training_args.quiet)
+    if training_args.cache_vision_features:
+        feature_cache = feature_cache or FeatureCache(int(training_args.vision_feature_cache_gb * 2**30))
+        feature_cache.bind(model.config)
+    else:
+        feature_cache = None
+    calibrate_feature_norm(model, dataset, training_args.calibration_images, quiet=training_args.quiet,
+                           cache=feature_cache)
 
     model = set_trainable(model, model_args, training_args.output_dir)
-    if training_args.cache_vision_features:
-        cache_vision_features(model, training_args.vision_feature_cache_gb)
+    if feature_cache is not None:
+        cache_vision_features(model, feature_cache)
     if training_args.activation_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input (LLaVA does this)
     collator = build_collator(training_args, tokenizer, model)
@@ -195,9 +205,11 @@ def apply_settings(model, model_args) -> None:
 
 
 @torch.no_grad()
-def calibrate_feature_norm(model, dataset, n_images: int = 256, batch_size: int = 32, quiet: bool = False) -> None:
+def calibrate_feature_norm(model, dataset, n_images: int = 256, batch_size: int = 32, quiet: bool = False,
+                           cache: FeatureCache | None = None) -> None:
     """mm_standardize_features: the per-channel statistics of what the projector reads, measured on the first
-    `n_images` images of the training data (once: a model that has them, e.g. a stage-1 output, keeps them)."""
+    `n_images` images of the training data (once: a model that has them, e.g. a stage-1 output, keeps them). cache:
+    the run's feature cache, so that training does not compute these images' features again."""
     norm = model.mm_feature_norm
     if norm is None or int(norm.images) > 0:
         return
@@ -215,14 +227,14 @@ def calibrate_feature_norm(model, dataset, n_images: int = 256, batch_size: int 
     for start in range(0, len(pixels), batch_size):
         batch = pixels[start:start + batch_size].to(model.device)
         features.append(model.projector_inputs(TowerOutputs(model.config, model.vision_tower, model.hires_tower,
-                                                            batch)).float().cpu())
+                                                            batch, cache)).float().cpu())
     norm.calibrate(torch.cat(features), len(pixels))
     if not quiet:
         print(f"projector input standardised: statistics of {len(pixels)} training images "
               f"(channel std median {norm.std.median():.3g}, mean |mean| {norm.mean.abs().mean():.3g})")
 
 
-def cache_vision_features(model, max_gb: float) -> None:
+def cache_vision_features(model, cache: FeatureCache) -> None:
     """Keep each training image's tower features after the first time it is seen (model/vision.py's FeatureCache):
     exact while the tower is frozen, which is required."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad and "vision_tower." in name]
@@ -230,7 +242,7 @@ def cache_vision_features(model, max_gb: float) -> None:
         raise ValueError(f"cache_vision_features needs a frozen vision tower; {trainable[0]} trains "
                          "(unfreeze_vision_layers / freeze_modules)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.vision_feature_cache = FeatureCache(int(max_gb * 2**30))
+    base.vision_feature_cache = cache
 
 
 def _is_multimodal_checkpoint(path: str) -> bool:
