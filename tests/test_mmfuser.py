@@ -479,8 +479,9 @@ def test_demo_model_config_switches_fusion_on_in_stage_1(tmp_path, monkeypatch):
     from polyfocus.train.args import parse_args
 
     seen = []
-    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[], global_step=1))  # what the stage line reads
-    monkeypatch.setattr(run, "train", lambda config, overrides=(): seen.append(config) or trainer)
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[], global_step=1),  # what the stage line reads
+                              model=SimpleNamespace(vision_feature_cache=None))  # and what the next stage is handed
+    monkeypatch.setattr(run, "train", lambda config, overrides=(), feature_cache=None: seen.append(config) or trainer)
     monkeypatch.setattr(demo, "evaluate_model", lambda *a, **k: ("", {}, {}))
     monkeypatch.setattr(demo, "ask_fresh_image", lambda *a, **k: "")
     demo.run(str(tmp_path / "demo"), train_scenes=2, test_scenes=1, steps=(1, 1), image_size=56, batch_size=2,
