@@ -7,9 +7,8 @@ No same-process reference exists for a whole pipeline, so the times are absolute
 load average at the start and at the end, since other jobs share it. Targets (issue: a demo model that sees), on the
 2-core machine: total <= 360 s with the conversion, <= 300 s without it; peak <= 2 GB; held-out accuracy >= 95 %
 colour, >= 90 % shape, >= 85 % on count, existence, spatial and mc, every family >= 30 points above its majority
-answer. `--tower scratch` measures the from-scratch fallback instead (the same figures, no target); `--render-size 112`
-the demo with its scenes at the tower's own size, without S2 (the default renders them at 224 px and reads them
-through S2).
+answer. `--tower scratch` measures the from-scratch fallback instead (the same figures, no target); `--render-size 224`
+the demo with its scenes at 224 px, read through S2.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cached", action="store_true", help="the converted tower already in the cache")
     p.add_argument("--tower", default="dinov2-s", help="dinov2-s (default) or scratch")
     p.add_argument("--out", help="keep the demo's directory here (default: a temporary one, removed)")
-    p.add_argument("--render-size", type=int, help="polyfocus demo --render-size (112: no S2)")
+    p.add_argument("--render-size", type=int, help="polyfocus demo --render-size (224: the tower reads S2)")
     args = p.parse_args(argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):

@@ -5,8 +5,8 @@
    objects of fresh scenes) and a randomly initialised tiny LLM with its tokenizer (trained on the built-in
    corpus), each a transformers checkpoint directory;
 2. data: synthworld scenes (every object large enough to see at the tower's 112 px; answers balanced per family, so
-   a family's majority answer tells nothing; rendered at 224 px for a pretrained tower, below): dense captions for
-   stage 1 and the VQA families and free-form chat questions for stage 2, on the same images; held-out test scenes;
+   a family's majority answer tells nothing): dense captions for stage 1 and the VQA families and free-form chat
+   questions for stage 2, on the same images; held-out test scenes;
 3. stage 1 (pretrain) and stage 2 (finetune) from those two directories, through `polyfocus train` with YAML
    recipes written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
 4. evaluation on the held-out scenes: per-family accuracy next to the majority-answer baseline;
@@ -15,12 +15,12 @@
 A pretrained tower stays frozen, as LLaVA's CLIP does, and the recipes use what makes that cheap and effective:
 the tower runs only up to the layer the projector reads (`truncate_vision_tower`), each image's features are
 computed once for both stages (`cache_vision_features`; stage 1 captions stage 2's images), and the projector's
-input is standardised per channel (`mm_standardize_features`: DINOv2's middle layers are tiny and offset). It reads
-the scenes, rendered at twice its input (224 px), through S2 (LLaVA-S2, `fusion: s2`): at its own size and in tiles
-of its size at the rendered one, pooled back to its grid, so the LLM gets as many tokens. At 112 px alone
-(`--render-size 112`) a medium object is about one patch: over 3 seeds the model read shape at 69.8 % (rings and
-hexagons mostly as circles), through S2 at 80.2 %, for about 1.35 times the wall (docs/benchmarks.md, "S2 is the
-default"). Unlike LLaVA's stage 1, the LLM trains in
+input is standardised per channel (`mm_standardize_features`: DINOv2's middle layers are tiny and offset). Scenes
+rendered larger than the tower's input (`--render-size 224`) are read through S2 (LLaVA-S2, `fusion: s2`): at the
+tower's size and at the rendered size in tower-sized tiles pooled back to its grid, so the LLM gets as many tokens.
+At 112 px a medium object is about one patch: over 3 seeds the model read shape at 75.5 % (one seed's hexagons mostly
+as circles), through S2 at 224 px at 80.2 %, in about 1.35 times the time (docs/benchmarks.md, "Stage 1 on stage
+2's images"). Unlike LLaVA's stage 1, the LLM trains in
 stage 1 too: a random LLM knows no language. The stage presets still set the templates, image handling and
 schedules. The from-scratch tower is tuned in stage 2 at a tenth of the LLM's rate (as ShareGPT4V and DenseFusion
 tune theirs).
@@ -50,7 +50,6 @@ DEFAULT_STEPS = (800, 800)
 DEFAULT_TOWER = "dinov2-s"
 DEFAULT_TOWER_STEPS = 3000  # the from-scratch tower's pretraining
 DEFAULT_IMAGE_SIZE = 112
-S2_RENDER_SCALE = 2  # a pretrained tower's scenes: rendered at twice its input, read at both sizes through S2
 DEMO_SIZES = ("medium", "large")  # at 112 px a small object is 8 px, under one 14 px patch: left out of the demo
 # Qwen3's layout (Llama's plus an RMSNorm on each head's queries and keys): at the same size and steps it answered
 # multiple choice and all families together better than Llama on each of 3 seeds (docs/benchmarks.md, "Qwen3's layout").
@@ -123,8 +122,8 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
     # Stage 2 asks each training image all its questions in one conversation (as LLaVA-1.5's data does): every answer
     # is trained on for one pass over the image's tokens. Stage 1 captions the same images, so that the frozen tower
     # runs on each of them once for both stages (run's feature cache, handed from stage 1 to stage 2); with stage 1 on
-    # scenes of its own the tower ran on twice the images, for no accuracy measured (docs/benchmarks.md). The test
-    # split keeps one question per sample.
+    # scenes of its own the tower ran on twice the images, and every family's 3-seed mean was level or lower
+    # (docs/benchmarks.md, "Stage 1 on stage 2's images"). The test split keeps one question per sample.
     for split, n, split_families, multi_turn in (("pretrain", train_scenes, PRETRAIN_FAMILIES, False),
                                                  ("train", train_scenes, train_families, True),
                                                  ("test", test_scenes, families, False)):
@@ -157,9 +156,9 @@ def make_llm(out: Path, tokenizer_dir: Path, model_config: dict, seed: int) -> N
 
 def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: int, max_objects: int,
                    seed: int, tower: str = "scratch") -> dict:
-    """out/tokenizer, and out/llm: a random LLM for it; out/tower: the vision tower. tower: "dinov2-s" (the pretrained DINOv2, converted once
-    and cached; falls back to "scratch" when it cannot be had), a local tower directory, or "scratch" (pretrained
-    here on the objects of fresh scenes for `tower_steps`; 0: left random). Returns what was used:
+    """out/tokenizer, and out/llm: a random LLM for it; out/tower: the vision tower. tower: "dinov2-s" (the pretrained
+    DINOv2, converted once and cached; falls back to "scratch" when it cannot be had), a local tower directory, or
+    "scratch" (pretrained here on the objects of fresh scenes for `tower_steps`; 0: left random). Returns what was used:
     {"tower": description, "pretrained": bool, "accuracy": the from-scratch tower's held-out object accuracy}."""
     import shutil
 
@@ -283,10 +282,11 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
           f"a random LLM; in {timings['backbones_s']:.0f} s", flush=True)
     if hires_tower_steps is None:
         hires_tower_steps = DEFAULT_HIRES_TOWER_STEPS if mg_llava else 0
-    # A pretrained tower reads scenes at twice its size through S2 (the docstring), unless another fusion is asked for
-    # or MG-LLaVA's ConvNeXt is made (the plain model is then MG-LLaVA's baseline: docs/mg_llava.md).
-    s2 = backbones["pretrained"] and "fusion" not in model_config and not mg_llava and not hires_tower_steps
-    render_size = render_size or (S2_RENDER_SCALE * image_size if s2 else image_size)
+    # A pretrained tower reads scenes rendered larger than its input through S2 (the docstring), unless another fusion
+    # is asked for or MG-LLaVA's ConvNeXt is made (the plain model is then MG-LLaVA's baseline: docs/mg_llava.md).
+    render_size = render_size or image_size
+    s2 = (backbones["pretrained"] and render_size > image_size and "fusion" not in model_config and not mg_llava
+          and not hires_tower_steps)
     t = time.perf_counter()
     families = families or VQA_FAMILIES
     make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families, seed, render_size, sizes)
@@ -305,7 +305,7 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     # model; the settings among them (box_*, vw_*: any checkpoint takes them) to stage 2 too.
     recipe["stage1"].update({k: v for k, v in model_config.items() if k in METHOD_FIELDS})
     recipe["stage2"].update({k: v for k, v in model_config.items() if k in SETTING_FIELDS})
-    if s2 and render_size > image_size:
+    if s2:
         recipe["stage1"].update({"fusion": "s2", "s2_scales": [image_size, render_size]})
     if mg_llava:  # MG-LLaVA: its ConvNeXt; object tokens take synthworld's detector unless told otherwise
         recipe["stage1"]["hires_tower"] = str(out_dir / "hires_tower")

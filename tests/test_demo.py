@@ -65,7 +65,7 @@ def check_outputs(out, printed: str) -> tuple[dict, Pipeline]:
 
 def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(tmp_path, tiny_tower, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--tower", str(tiny_tower), *TOY])
+    main(["demo", "--out", str(out), "--tower", str(tiny_tower), "--render-size", "112", *TOY])
     captured = capsys.readouterr()
     summary, pipe = check_outputs(out, captured.out + captured.err)
     stage1, stage2 = (parse_args(str(out / f"stage{i}.yaml")) for i in (1, 2))
@@ -77,8 +77,7 @@ def test_demo_on_a_pretrained_tower_keeps_it_frozen_cut_cached_and_standardised(
     assert pipe.model.config.vision_config.num_hidden_layers == 2 and kept.keys() < tower.keys()
     assert all(torch.equal(v, tower[k]) for k, v in kept.items())
     assert int(pipe.model.mm_feature_norm.images) > 0  # statistics measured on stage 1's images, kept in stage 2
-    # By default the scenes are rendered at twice the tower's size and read through S2 at both sizes (the fresh image
-    # too); 4 x 4 tokens.
+    # Scenes rendered at twice the tower's size are read through S2 at both sizes (the fresh image too); 4 x 4 tokens.
     assert (pipe.model.config.fusion, pipe.model.config.s2_scales) == ("s2", [56, 112])
     assert pipe.model.config.num_image_tokens == 16
     from PIL import Image

@@ -60,7 +60,8 @@ def train(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
     template = get_template(model_args.version, tokenizer)
     dataset = build_dataset(data_args, training_args, model, tokenizer, template, image_processor)
     if training_args.cache_vision_features:
-        feature_cache = feature_cache or FeatureCache(int(training_args.vision_feature_cache_gb * 2**30))
+        if feature_cache is None:
+            feature_cache = FeatureCache(int(training_args.vision_feature_cache_gb * 2**30))
         feature_cache.bind(model.config)
     else:
         feature_cache = None
